@@ -1,0 +1,73 @@
+"""Engine configuration: one dataclass with validated defaults, and its command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+__all__ = ["DTYPES", "EngineConfig", "add_engine_args"]
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class EngineConfig:
+    """Knobs of the engine, named as vLLM names them.
+
+    ``kv_cache_memory_bytes`` sizes the paged KV cache directly; when it is None the cache takes
+    ``kv_cache_fraction`` of the memory that is free after the weights load, capped so that it
+    never holds more than ``max_num_seqs`` full-length sequences.
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    kv_cache_fraction: float = 0.5
+    enable_prefix_caching: bool = True
+    allow_pickle: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in DTYPES, "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        _require(self.block_size >= 1, "block_size", self.block_size, "an integer >= 1")
+        _require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "an integer >= 1")
+        _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
+                 self.max_num_batched_tokens, "an integer >= 1")
+        _require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len",
+                 self.max_model_len, "an integer >= 1")
+        _require(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
+                 "kv_cache_memory_bytes", self.kv_cache_memory_bytes, "a positive integer")
+        _require(0 < self.kv_cache_fraction <= 1, "kv_cache_fraction", self.kv_cache_fraction,
+                 "(0, 1]")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EngineConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in known})
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    parser.add_argument("--model", default=None,
+                        help="checkpoint directory (HF layout); default: the built-in demo model")
+    parser.add_argument("--dtype", default=d.dtype, choices=DTYPES)
+    parser.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--block-size", type=int, default=d.block_size)
+    parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching",
+                        action="store_false")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="allow loading pickle (.bin) weights; they can run arbitrary code")
+
+
+def _require(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: allowed is {allowed}")
