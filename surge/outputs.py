@@ -24,6 +24,9 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop", "length" or "abort"; None while running
     stop_reason: int | str | None = None  # the stop string or token id that ended it
     logprobs: list[TokenLogprobs] | None = None
+    # What this update added, for streaming: text is cumulative, these are the increment.
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:

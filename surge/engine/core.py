@@ -1,0 +1,117 @@
+"""Engine core: scheduler + KV cache + model runner, stepping token ids forward.
+
+It knows nothing of text. ``step()`` runs one scheduled batch and reports, per request, the
+tokens it gained and whether it finished. The same object serves the offline ``LLM`` in
+process and, later, the engine process behind the HTTP server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from surge.config import EngineConfig
+from surge.engine.kv_cache import BlockManager
+from surge.engine.request import FinishReason, Request
+from surge.engine.runner import ModelRunner
+from surge.engine.scheduler import Scheduler
+from surge.models.loader import LoadedModel, load_model
+from surge.outputs import TokenLogprobs
+
+__all__ = ["EngineCore", "EngineCoreOutput", "plan_num_blocks"]
+
+logger = logging.getLogger(__name__)
+
+# On CPU the cache competes with everything else in RAM; like vLLM's CPU backend, cap the
+# default at 4 GiB unless the user sizes it explicitly.
+_CPU_DEFAULT_CAP_BYTES = 4 << 30
+
+
+@dataclass
+class EngineCoreOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None
+    finish_reason: FinishReason | None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, model_dir: str):
+        self.config = config
+        self.loaded: LoadedModel = load_model(
+            model_dir, config.dtype, config.device, config.allow_pickle, config.max_model_len)
+        model_config = self.loaded.config
+        self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
+                                 model_config.max_position_embeddings)
+        num_blocks = plan_num_blocks(config, self.loaded, self.max_model_len)
+        self.block_manager = BlockManager(num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.loaded, num_blocks, config.block_size)
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB) on %s", num_blocks,
+                    config.block_size, self.runner.kv_cache_bytes / 2**20, self.loaded.device)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.loaded.config.vocab_size
+
+    def add_request(self, request: Request) -> None:
+        request.max_model_len = self.max_model_len
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
+        aborted = self.scheduler.finish_requests(request_ids, FinishReason.ABORT)
+        return [EngineCoreOutput(r.request_id, [], None, FinishReason.ABORT) for r in aborted]
+
+    def finish_request(self, request_id: str, reason: FinishReason,
+                       stop_reason: int | str | None) -> None:
+        self.scheduler.finish_requests([request_id], reason, stop_reason)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[EngineCoreOutput]:
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return []
+        results = self.runner.execute(scheduled)
+        self.scheduler.update_from_output(
+            scheduled, {rid: result.token_id for rid, result in results.items()})
+        outputs = []
+        for chunk in scheduled.chunks:
+            request = chunk.request
+            result = results.get(request.request_id)
+            if result is None:
+                continue
+            logprobs = [result.logprobs] if result.logprobs is not None else None
+            outputs.append(EngineCoreOutput(
+                request.request_id, [result.token_id], logprobs, request.finish_reason,
+                request.stop_reason, request.num_cached_tokens))
+        return outputs
+
+
+def plan_num_blocks(config: EngineConfig, loaded: LoadedModel, max_model_len: int) -> int:
+    """Blocks that fit the KV budget, never more than max_num_seqs full-length sequences."""
+    bytes_per_block = config.block_size * loaded.config.kv_bytes_per_token(
+        loaded.dtype.itemsize)
+    budget = config.kv_cache_memory_bytes or _default_kv_budget(config, loaded.device)
+    useful = config.max_num_seqs * (-(-max_model_len // config.block_size))
+    num_blocks = min(budget // bytes_per_block, useful)
+    if num_blocks < 1:
+        raise ValueError(f"the KV-cache budget of {budget} bytes holds no block of "
+                         f"{bytes_per_block} bytes; raise kv_cache_memory_bytes")
+    return int(num_blocks)
+
+
+def _default_kv_budget(config: EngineConfig, device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * config.kv_cache_fraction)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(min(available * config.kv_cache_fraction, _CPU_DEFAULT_CAP_BYTES))

@@ -1,0 +1,118 @@
+"""In-process engine client: text in, text out, on top of the token-level EngineCore.
+
+It validates and tokenizes requests, runs the core one step at a time, detokenizes
+incrementally and applies stop strings (ending the request in the core at once, so its
+blocks are freed in the same step).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from surge.config import EngineConfig
+from surge.engine.core import EngineCore, EngineCoreOutput
+from surge.engine.detokenize import IncrementalDetokenizer
+from surge.engine.request import FinishReason, Request
+from surge.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from surge.sampling_params import SamplingParams
+from surge.tokenizer import ChatTokenizer, load_tokenizer
+
+__all__ = ["LLMEngine", "PromptInput"]
+
+PromptInput = str | Sequence[int]
+
+
+@dataclass
+class _Tracked:
+    """What the client keeps per request between steps."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    detokenizer: IncrementalDetokenizer
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model_dir: str):
+        self.tokenizer: ChatTokenizer = load_tokenizer(model_dir)
+        self.core = EngineCore(config, model_dir)
+        self._tracked: dict[str, _Tracked] = {}
+        self._ids = itertools.count()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    def add_request(self, prompt: PromptInput, params: SamplingParams,
+                    request_id: str | None = None, priority: int = 0) -> str:
+        """Validate, tokenize and queue a request; bad input raises ValueError naming the field."""
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        text, token_ids = self._tokenize(prompt)
+        self._validate_prompt(token_ids)
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority={priority!r} is invalid: allowed is an integer")
+        request = Request(request_id, token_ids, params, self.tokenizer.eos_token_ids
+                          | set(self.core.loaded.config.eos_token_ids), priority=priority)
+        self.core.add_request(request)
+        detokenizer = IncrementalDetokenizer(self.tokenizer.tokenizer, token_ids, params)
+        self._tracked[request_id] = _Tracked(text, token_ids, detokenizer, [],
+                                             [] if params.logprobs is not None else None)
+        return request_id
+
+    def abort_request(self, request_ids: list[str]) -> list[RequestOutput]:
+        return [self._emit(out) for out in self.core.abort_requests(request_ids)]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        return [self._emit(out) for out in self.core.step()]
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, Sequence) and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return None, list(prompt)
+        raise ValueError("prompt must be a string or a list of token ids (integers)")
+
+    def _validate_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("prompt is empty: allowed is at least 1 token")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens but the model's context is "
+                f"{self.max_model_len}: allowed is at most {self.max_model_len - 1} prompt "
+                "tokens, leaving room for at least one output token")
+        vocab = self.core.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are unknown: allowed is "
+                             f"[0, {vocab - 1}]")
+
+    def _emit(self, out: EngineCoreOutput) -> RequestOutput:
+        tracked = self._tracked[out.request_id]
+        detok = tracked.detokenizer
+        finish, stop_reason = out.finish_reason, out.stop_reason
+        tracked.token_ids.extend(out.new_token_ids)
+        if tracked.logprobs is not None and out.new_logprobs:
+            tracked.logprobs.extend(out.new_logprobs)
+        stop = detok.add_tokens(out.new_token_ids) if out.new_token_ids else None
+        if stop is not None and finish is None:
+            finish, stop_reason = FinishReason.STOP, stop
+            self.core.finish_request(out.request_id, finish, stop)
+        finished = finish is not None
+        delta = detok.take_delta(finished)
+        if finished:
+            del self._tracked[out.request_id]
+        completion = CompletionOutput(
+            0, detok.output_text, list(tracked.token_ids),
+            finish.value if finish else None, stop_reason, tracked.logprobs,
+            delta_text=delta, delta_token_ids=list(out.new_token_ids))
+        return RequestOutput(out.request_id, tracked.prompt, tracked.prompt_token_ids,
+                             [completion], finished, out.num_cached_tokens)

@@ -1,0 +1,94 @@
+"""A generation request as the engine tracks it between steps."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from surge.sampling_params import SamplingParams
+
+__all__ = ["FinishReason", "Request", "RequestStatus"]
+
+_arrival_counter = itertools.count()
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass(eq=False)
+class Request:
+    """Prompt and output token ids, the KV blocks that hold them, and how far the model got.
+
+    ``num_computed_tokens`` counts tokens whose KV is in the cache. The scheduler advances it
+    toward ``num_tokens``; when it gets there the step's logits yield the next token.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    max_model_len: int = 2**31
+    priority: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    # Breaks ties between equal arrival times, so ordering is total and deterministic.
+    arrival_seq: int = field(default_factory=lambda: next(_arrival_counter))
+
+    token_ids: list[int] = field(init=False)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    # Hash chain of this request's full blocks, extended as blocks fill (prefix caching).
+    block_hashes: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+    # A seeded request's own random stream, created at its first sampled token.
+    generator: Any = None
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def max_output_tokens(self) -> int:
+        room = self.max_model_len - self.num_prompt_tokens
+        limit = self.sampling_params.max_tokens
+        return room if limit is None else min(limit, room)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def sort_key(self) -> tuple[int, float, int]:
+        """Lower priority values run first, then earlier arrivals."""
+        return (self.priority, self.arrival_time, self.arrival_seq)

@@ -1,0 +1,132 @@
+"""Model runner: owns the model and the KV-cache tensors, runs one scheduled step.
+
+It turns a ``SchedulerOutput`` into flat tensors (input ids, positions, slot mapping, block
+tables as slot lists, masks), sets them as the forward context, runs the model, computes
+logits only at positions that sample, and samples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from surge.engine.scheduler import ScheduledChunk, SchedulerOutput
+from surge.models.attention import AttentionMetadata, PrefillChunk, forward_context
+from surge.models.loader import LoadedModel
+from surge.models.sampler import SampleResult, sample
+
+__all__ = ["ModelRunner"]
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int):
+        self.model = loaded.model
+        self.config = loaded.config
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self._allocate_kv_cache()
+
+    def _allocate_kv_cache(self) -> None:
+        # Zeroed, not empty: padded decode rows read stale slots, and 0 * NaN would leak NaN.
+        shape = (self.num_blocks * self.block_size, self.config.num_kv_heads,
+                 self.config.head_dim)
+        for layer in self.model.attention_layers():
+            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(layer.k_cache.nbytes + layer.v_cache.nbytes
+                   for layer in self.model.attention_layers())
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> dict[str, SampleResult]:
+        """Run one step; returns the sampled token of every request whose chunk completes."""
+        chunks = sorted(output.chunks, key=lambda c: c.num_tokens != 1)  # decodes first
+        input_ids, positions, metadata = self._prepare(chunks)
+        with forward_context(metadata):
+            hidden = self.model(input_ids, positions)
+        sampling = [(end - 1, chunk.request) for chunk, end in zip(
+            chunks, _cumulative_ends(chunks), strict=True) if chunk.samples]
+        if not sampling:
+            return {}
+        rows = torch.tensor([row for row, _ in sampling], device=self.device)
+        logits = self.model.compute_logits(hidden[rows]).float()
+        requests = [request for _, request in sampling]
+        results = sample(logits, requests)
+        return {r.request_id: res for r, res in zip(requests, results, strict=True)}
+
+    def _prepare(self, chunks: list[ScheduledChunk]
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for chunk in chunks:
+            span = range(chunk.start, chunk.start + chunk.num_tokens)
+            input_ids.extend(chunk.request.token_ids[span.start:span.stop])
+            positions.extend(span)
+            slots.extend(self._slot(chunk.request.block_ids, p) for p in span)
+        to_tensor = self._tensor
+        metadata = AttentionMetadata(slot_mapping=to_tensor(slots))
+        decodes = [c for c in chunks if c.num_tokens == 1]
+        if decodes:
+            self._prepare_decodes(decodes, metadata)
+        token_start = len(decodes)
+        for chunk in chunks[len(decodes):]:
+            metadata.prefills.append(self._prefill_chunk(chunk, token_start))
+            token_start += chunk.num_tokens
+        return to_tensor(input_ids), to_tensor(positions), metadata
+
+    def _slot(self, block_ids: list[int], position: int) -> int:
+        return block_ids[position // self.block_size] * self.block_size + (
+            position % self.block_size)
+
+    def _context_slots(self, block_ids: list[int], length: int) -> torch.Tensor:
+        """Cache slots of positions [0, length) of one sequence."""
+        num_blocks = -(-length // self.block_size)
+        blocks = self._tensor(block_ids[:num_blocks])
+        offsets = torch.arange(self.block_size, device=self.device)
+        return (blocks.unsqueeze(1) * self.block_size + offsets).view(-1)[:length]
+
+    def _prepare_decodes(self, decodes: list[ScheduledChunk], meta: AttentionMetadata) -> None:
+        lengths = [c.start + 1 for c in decodes]
+        max_len = max(lengths)
+        table = torch.zeros(len(decodes), max_len, dtype=torch.long, device=self.device)
+        for row, (chunk, length) in enumerate(zip(decodes, lengths, strict=True)):
+            table[row, :length] = self._context_slots(chunk.request.block_ids, length)
+        key_pos = torch.arange(max_len, device=self.device).unsqueeze(0)
+        lengths_t = self._tensor(lengths).unsqueeze(1)
+        allowed = key_pos < lengths_t
+        window = self.config.sliding_window
+        if window:
+            allowed &= key_pos > lengths_t - 1 - window
+        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=self.device)
+        bias.masked_fill_(~allowed, float("-inf"))
+        meta.num_decodes = len(decodes)
+        meta.decode_slots = table
+        meta.decode_bias = bias.view(len(decodes), 1, 1, max_len)
+
+    def _prefill_chunk(self, chunk: ScheduledChunk, token_start: int) -> PrefillChunk:
+        end = chunk.start + chunk.num_tokens
+        window = self.config.sliding_window
+        if chunk.start == 0 and not (window and end > window):
+            return PrefillChunk(token_start, chunk.num_tokens, 0, None, None)
+        query_pos = torch.arange(chunk.start, end, device=self.device).unsqueeze(1)
+        key_pos = torch.arange(end, device=self.device).unsqueeze(0)
+        mask = key_pos <= query_pos
+        if window:
+            mask &= key_pos > query_pos - window
+        context = self._context_slots(chunk.request.block_ids, end) if chunk.start else None
+        return PrefillChunk(token_start, chunk.num_tokens, chunk.start, context, mask)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+
+def _cumulative_ends(chunks: list[ScheduledChunk]) -> list[int]:
+    ends, total = [], 0
+    for chunk in chunks:
+        total += chunk.num_tokens
+        ends.append(total)
+    return ends

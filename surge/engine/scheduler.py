@@ -1,0 +1,232 @@
+"""Token-budget scheduler: which requests advance, and by how many tokens, in the next step.
+
+There is no prefill or decode phase. Each step has a token budget and a seat limit; every
+running request advances ``num_computed_tokens`` toward its length, so a long prompt is chunked
+over several steps and prompts share steps with decoding requests. Running requests are served
+first, then waiting ones by (priority, arrival). When KV blocks run out, the lowest-priority,
+latest running request is preempted: its blocks are freed and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from surge.engine.kv_cache import BlockManager
+from surge.engine.request import FinishReason, Request, RequestStatus
+
+__all__ = ["ScheduledChunk", "Scheduler", "SchedulerOutput"]
+
+
+@dataclass
+class ScheduledChunk:
+    """``num_tokens`` tokens of ``request`` starting at position ``start`` run this step."""
+
+    request: Request
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the request, so its logits are sampled."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(chunk.num_tokens for chunk in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int,
+                 max_num_batched_tokens: int):
+        self.kv = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.running: list[Request] = []  # sorted by sort_key
+        self._waiting: list[tuple[tuple, Request]] = []  # heap by sort_key
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # -- requests in and out -----------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        if self.kv.blocks_needed(request.num_prompt_tokens + 1) > self.kv.num_blocks:
+            raise ValueError(
+                f"prompt of {request.num_prompt_tokens} tokens cannot fit the KV cache "
+                f"({self.kv.num_blocks} blocks of {self.kv.block_size} tokens); "
+                "give the cache more memory or send a shorter prompt")
+        self.requests[request.request_id] = request
+        self._push_waiting(request)
+
+    def finish_requests(self, request_ids: Iterable[str], reason: FinishReason,
+                        stop_reason: int | str | None = None) -> list[Request]:
+        """End requests (abort, stop string): free their blocks now. Unknown ids are ignored."""
+        finished = []
+        for request_id in request_ids:
+            request = self.requests.pop(request_id, None)
+            if request is None:
+                continue
+            if request.status is RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self._waiting = [e for e in self._waiting if e[1] is not request]
+                heapq.heapify(self._waiting)
+            self._finish(request, reason, stop_reason)
+            finished.append(request)
+        return finished
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        output = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        budget = self._schedule_running(output, budget)
+        if not output.preempted:
+            self._schedule_waiting(output, budget)
+        return output
+
+    def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(request, num_new, output):
+                break  # the request itself was preempted; everyone after it already was
+            output.chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
+            budget -= num_new
+            index += 1
+        return budget
+
+    def _allocate_or_preempt(self, request: Request, num_new: int,
+                             output: SchedulerOutput) -> bool:
+        while not self.kv.allocate_slots(request, num_new):
+            victim = self.running[-1]
+            self._preempt(victim, output)
+            if victim is request:
+                return False
+        return True
+
+    def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
+        while self._waiting and budget > 0:
+            request = self._waiting[0][1]
+            if len(self.running) >= self.max_num_seqs:
+                if not self._outranks_last_running(request):
+                    break
+                budget += self._preempt_last_running(output)
+                continue
+            cached = self.kv.find_cached_prefix(request)
+            num_cached = len(cached) * self.kv.block_size
+            num_new = min(request.num_tokens - num_cached, budget)
+            if not self.kv.allocate_slots(request, num_new, cached):
+                # Undo the lookup's counters: the same request is looked up again next step.
+                self.kv.prefix_cache_queries -= request.num_tokens
+                self.kv.prefix_cache_hits -= num_cached
+                if not self._outranks_last_running(request):
+                    break
+                budget += self._preempt_last_running(output)
+                continue
+            heapq.heappop(self._waiting)
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_cached
+            request.num_cached_tokens = max(request.num_cached_tokens, num_cached)
+            bisect.insort(self.running, request, key=lambda r: r.sort_key)
+            output.chunks.append(ScheduledChunk(request, num_cached, num_new))
+            budget -= num_new
+
+    def _outranks_last_running(self, request: Request) -> bool:
+        """A waiting request of strictly higher priority may displace the last running one."""
+        return bool(self.running) and request.priority < self.running[-1].priority
+
+    def _preempt_last_running(self, output: SchedulerOutput) -> int:
+        """Preempt the lowest-ranked running request; return the budget its chunk held."""
+        victim = self.running[-1]
+        freed = sum(c.num_tokens for c in output.chunks if c.request is victim)
+        output.chunks = [c for c in output.chunks if c.request is not victim]
+        self._preempt(victim, output)
+        return freed
+
+    def _preempt(self, request: Request, output: SchedulerOutput) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        output.preempted.append(request)
+        self._push_waiting(request)
+
+    # -- after the model ran -----------------------------------------------------------------
+
+    def update_from_output(self, output: SchedulerOutput,
+                           sampled: dict[str, int]) -> list[Request]:
+        """Advance computed tokens, append sampled tokens, finish what is done.
+
+        Returns the requests that finished in this step (blocks already freed).
+        """
+        finished = []
+        for chunk in output.chunks:
+            request = chunk.request
+            if request.is_finished or request.status is not RequestStatus.RUNNING:
+                continue  # aborted between schedule() and now
+            request.num_computed_tokens += chunk.num_tokens
+            self.kv.cache_full_blocks(request)
+            token = sampled.get(request.request_id)
+            if token is None:
+                continue  # a prompt chunk that does not reach the end yet
+            request.token_ids.append(token)
+            reason, stop_reason = self._check_stop(request, token)
+            if reason is not None:
+                self.finish_requests([request.request_id], reason, stop_reason)
+                finished.append(request)
+        return finished
+
+    @staticmethod
+    def _check_stop(request: Request, token: int) -> tuple[FinishReason | None, int | None]:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if token in params.stop_token_ids:
+                return FinishReason.STOP, token
+            if not params.ignore_eos and token in request.eos_token_ids:
+                return FinishReason.STOP, None
+        if request.num_output_tokens >= request.max_output_tokens:
+            return FinishReason.LENGTH, None
+        return None, None
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _push_waiting(self, request: Request) -> None:
+        if request.status is not RequestStatus.PREEMPTED:
+            request.status = RequestStatus.WAITING
+        heapq.heappush(self._waiting, (request.sort_key, request))
+
+    def _finish(self, request: Request, reason: FinishReason,
+                stop_reason: int | str | None) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.stop_reason = stop_reason

@@ -1,0 +1,103 @@
+"""GPT-2: learned positions, LayerNorm, GELU (tanh), fused c_attn, tied LM head."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surge.models.attention import paged_attention
+from surge.models.config import ModelConfig
+
+__all__ = ["GPT2LMHeadModel"]
+
+# GPT-2 checkpoints use Conv1D, which stores weights as [in, out]; nn.Linear wants [out, in].
+_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                   "mlp.c_proj.weight")
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.c_attn = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.c_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.scale = self.head_dim ** -0.5
+        self.k_cache = self.v_cache = torch.empty(0)  # set by the runner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (x.shape[0], self.num_heads, self.head_dim)
+        q, k, v = (t.reshape(shape) for t in self.c_attn(x).chunk(3, dim=-1))
+        return self.c_proj(paged_attention(q, k, v, self.k_cache, self.v_cache, self.scale))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn = GPT2Attention(config)
+        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = GPT2MLP(config)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.attn(self.ln_1(hidden))
+        return hidden + self.mlp(self.ln_2(hidden))
+
+
+class GPT2Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.h = nn.ModuleList(GPT2Block(config) for _ in range(config.num_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.wte(input_ids) + self.wpe(positions)
+        for block in self.h:
+            hidden = block(hidden)
+        return self.ln_f(hidden)
+
+
+class GPT2LMHeadModel(nn.Module):
+    packed_modules: ClassVar[dict[str, tuple[str, int]]] = {}
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = GPT2Model(config)
+
+    def finish_loading(self, device: torch.device, max_positions: int) -> None:
+        """GPT-2 always ties its LM head to the token embedding; nothing else is derived."""
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.transformer(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.transformer.wte.weight)
+
+    def attention_layers(self) -> list[GPT2Attention]:
+        return [block.attn for block in self.transformer.h]
+
+    @staticmethod
+    def checkpoint_name(name: str) -> str | None:
+        """Map a checkpoint tensor name to ours; None for tensors to skip."""
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            return None  # causal-mask buffers, and the head tied to wte
+        return name if name.startswith("transformer.") else f"transformer.{name}"
+
+    @staticmethod
+    def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.t() if name.endswith(_CONV1D_WEIGHTS) else tensor
