@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"surge: error: {exc}", file=sys.stderr)
         return 2
 
@@ -73,9 +73,16 @@ def _run_generate(args: argparse.Namespace) -> int:
     return run_generate(args)
 
 
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    from surge.bench.cli import add_parser
+
+    add_parser(subparsers)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_make_model,
     _add_generate,
+    _add_bench,
 ]
 
 

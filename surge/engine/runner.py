@@ -29,7 +29,7 @@ class ModelRunner:
 
     def _allocate_kv_cache(self) -> None:
         # Zeroed, not empty: padded decode rows read stale slots, and 0 * NaN would leak NaN.
-        shape = (self.num_blocks * self.block_size, self.config.num_kv_heads,
+        shape = (self.config.num_kv_heads, self.num_blocks, self.block_size,
                  self.config.head_dim)
         for layer in self.model.attention_layers():
             layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -82,20 +82,17 @@ class ModelRunner:
         return block_ids[position // self.block_size] * self.block_size + (
             position % self.block_size)
 
-    def _context_slots(self, block_ids: list[int], length: int) -> torch.Tensor:
-        """Cache slots of positions [0, length) of one sequence."""
-        num_blocks = -(-length // self.block_size)
-        blocks = self._tensor(block_ids[:num_blocks])
-        offsets = torch.arange(self.block_size, device=self.device)
-        return (blocks.unsqueeze(1) * self.block_size + offsets).view(-1)[:length]
+    def _block_table(self, block_ids: list[int], length: int) -> list[int]:
+        """Blocks holding positions [0, length) of one sequence."""
+        return block_ids[:-(-length // self.block_size)]
 
     def _prepare_decodes(self, decodes: list[ScheduledChunk], meta: AttentionMetadata) -> None:
         lengths = [c.start + 1 for c in decodes]
-        max_len = max(lengths)
-        table = torch.zeros(len(decodes), max_len, dtype=torch.long, device=self.device)
-        for row, (chunk, length) in enumerate(zip(decodes, lengths, strict=True)):
-            table[row, :length] = self._context_slots(chunk.request.block_ids, length)
-        key_pos = torch.arange(max_len, device=self.device).unsqueeze(0)
+        tables = [self._block_table(c.request.block_ids, n)
+                  for c, n in zip(decodes, lengths, strict=True)]
+        max_blocks = max(len(t) for t in tables)
+        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+        key_pos = torch.arange(max_blocks * self.block_size, device=self.device).unsqueeze(0)
         lengths_t = self._tensor(lengths).unsqueeze(1)
         allowed = key_pos < lengths_t
         window = self.config.sliding_window
@@ -104,8 +101,8 @@ class ModelRunner:
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=self.device)
         bias.masked_fill_(~allowed, float("-inf"))
         meta.num_decodes = len(decodes)
-        meta.decode_slots = table
-        meta.decode_bias = bias.view(len(decodes), 1, 1, max_len)
+        meta.decode_block_table = self._tensor(padded)
+        meta.decode_bias = bias.view(1, len(decodes), 1, -1)
 
     def _prefill_chunk(self, chunk: ScheduledChunk, token_start: int) -> PrefillChunk:
         end = chunk.start + chunk.num_tokens
@@ -117,8 +114,9 @@ class ModelRunner:
         mask = key_pos <= query_pos
         if window:
             mask &= key_pos > query_pos - window
-        context = self._context_slots(chunk.request.block_ids, end) if chunk.start else None
-        return PrefillChunk(token_start, chunk.num_tokens, chunk.start, context, mask)
+        blocks = (self._tensor(self._block_table(chunk.request.block_ids, end))
+                  if chunk.start else None)
+        return PrefillChunk(token_start, chunk.num_tokens, chunk.start, blocks, mask)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -10,6 +10,11 @@ The runner orders each step's tokens as [decode tokens..., prefill chunks...] an
   per-call overhead dominates such tiny problems;
 - each prefill chunk with ``scaled_dot_product_attention`` (causal, offset by what is cached).
 
+The cache of one layer is ``[num_kv_heads, num_blocks, block_size, head_dim]``. Gathering
+whole blocks copies long contiguous rows (several times faster than gathering token slots),
+and with KV heads outermost the gathered ``[Hkv, B, L, D]`` is already the batched-matmul
+layout: no transposing copy of K or V per layer.
+
 This portable path runs on CPU and CUDA alike.
 """
 
@@ -22,8 +27,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AttentionMetadata", "PrefillChunk", "forward_context", "get_forward_context",
-           "paged_attention"]
+__all__ = ["AttentionMetadata", "PrefillChunk", "forward_context", "gather_blocks",
+           "get_forward_context", "paged_attention"]
 
 
 @dataclass
@@ -31,16 +36,16 @@ class PrefillChunk:
     token_start: int  # first row of this chunk in the step's flat token stream
     num_tokens: int
     start: int  # position of its first token in the sequence (tokens before it are cached)
-    context_slots: torch.Tensor | None  # cache slots of positions [0, start + num_tokens)
+    context_blocks: torch.Tensor | None  # blocks holding positions [0, start + num_tokens)
     mask: torch.Tensor | None  # bool [num_tokens, context], None when plain causal from 0
 
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
+    slot_mapping: torch.Tensor  # [T] cache slot (block * block_size + offset) of each token
     num_decodes: int = 0
-    decode_slots: torch.Tensor | None = None  # [B, L] cache slots, padded
-    decode_bias: torch.Tensor | None = None  # [B, 1, 1, L] additive float32 mask
+    decode_block_table: torch.Tensor | None = None  # [B, max_blocks], padded with block 0
+    decode_bias: torch.Tensor | None = None  # [1, B, 1, max_blocks * block_size] float32 mask
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -65,10 +70,11 @@ def get_forward_context() -> AttentionMetadata:
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [T, H, D], k/v [T, Hkv, D]; caches [slots, Hkv, D]. Returns [T, H*D]."""
+    """q [T, H, D], k/v [T, Hkv, D]; caches [Hkv, blocks, block_size, D]. Returns [T, H*D]."""
     meta = get_forward_context()
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    num_kv_heads, head_dim = k_cache.shape[0], k_cache.shape[-1]
+    k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+    v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     out = torch.empty_like(q)
     if meta.num_decodes:
         n = meta.num_decodes
@@ -79,32 +85,42 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.flatten(1)
 
 
+def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """[Hkv, blocks, block_size, D] at ``block_ids`` (any shape) -> [Hkv, n * block_size, D]."""
+    num_kv_heads, _, block_size, head_dim = cache.shape
+    rows = cache.view(num_kv_heads, cache.shape[1], block_size * head_dim)
+    return rows.index_select(1, block_ids.reshape(-1)).view(num_kv_heads, -1, head_dim)
+
+
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       meta: AttentionMetadata, scale: float) -> torch.Tensor:
     batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[1]
-    slots = meta.decode_slots
-    length = slots.shape[1]
-    # [B, L, Hkv, D] -> [B, Hkv, L, D]; query heads grouped per KV head: [B, Hkv, G, D].
-    keys = k_cache[slots.view(-1)].view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
-    values = v_cache[slots.view(-1)].view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
-    grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scale
-    probs = torch.softmax(scores + meta.decode_bias, dim=-1).to(values.dtype)
-    return torch.matmul(probs, values).view(batch, num_heads, head_dim)
+    num_kv_heads = k_cache.shape[0]
+    table = meta.decode_block_table
+    keys = gather_blocks(k_cache, table).view(num_kv_heads, batch, -1, head_dim)
+    values = gather_blocks(v_cache, table).view(num_kv_heads, batch, -1, head_dim)
+    # Query heads grouped under their KV head: [Hkv, B, G, D].
+    grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1)
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float()
+    scores.mul_(scale).add_(meta.decode_bias)
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    return torch.matmul(probs, values).transpose(0, 1).reshape(batch, num_heads, head_dim)
 
 
 def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        k_cache: torch.Tensor, v_cache: torch.Tensor, chunk: PrefillChunk,
                        scale: float) -> torch.Tensor:
-    if chunk.context_slots is not None:  # earlier tokens are cached: attend over the cache
-        k, v = k_cache[chunk.context_slots], v_cache[chunk.context_slots]
-    num_heads, num_kv_heads = q.shape[1], k.shape[1]
+    end = chunk.start + chunk.num_tokens
+    if chunk.context_blocks is not None:  # earlier tokens are cached: attend over the cache
+        k = gather_blocks(k_cache, chunk.context_blocks)[:, :end]
+        v = gather_blocks(v_cache, chunk.context_blocks)[:, :end]
+    else:
+        k, v = k.transpose(0, 1), v.transpose(0, 1)
+    num_heads, num_kv_heads = q.shape[1], k.shape[0]
     if num_kv_heads != num_heads:
-        k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
-        v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        k = k.repeat_interleave(num_heads // num_kv_heads, dim=0)
+        v = v.repeat_interleave(num_heads // num_kv_heads, dim=0)
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-        v.transpose(0, 1).unsqueeze(0), attn_mask=chunk.mask,
+        q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=chunk.mask,
         is_causal=chunk.mask is None, scale=scale)
     return out.squeeze(0).transpose(0, 1)

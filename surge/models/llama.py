@@ -15,9 +15,11 @@ from torch import nn
 from surge.models.attention import paged_attention
 from surge.models.config import ModelConfig
 from surge.models.layers import MergedLinear, RMSNorm
-from surge.models.rope import RotaryEmbedding
+from surge.models.rope import RotaryEmbedding, apply_rotary
 
 __all__ = ["LlamaForCausalLM"]
+
+RopeTables = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) of this step's positions
 
 
 class LlamaAttention(nn.Module):
@@ -34,10 +36,9 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
         self.qk_norm = config.qk_norm
         self.scale = self.head_dim ** -0.5
-        self.rotary: RotaryEmbedding | None = None  # set by the model after loading
         self.k_cache = self.v_cache = torch.empty(0)  # set by the runner
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, rope: RopeTables, x: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
@@ -45,7 +46,7 @@ class LlamaAttention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = apply_rotary(q, k, rope)
         out = paged_attention(q, k, v, self.k_cache, self.v_cache, self.scale)
         return self.o_proj(out)
 
@@ -70,8 +71,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden))
+    def forward(self, rope: RopeTables, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden))
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -81,11 +82,13 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.rotary: RotaryEmbedding | None = None  # derived, built after loading
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
+        rope = self.rotary.lookup(positions, hidden.dtype)
         for layer in self.layers:
-            hidden = layer(positions, hidden)
+            hidden = layer(rope, hidden)
         return self.norm(hidden)
 
 
@@ -106,10 +109,9 @@ class LlamaForCausalLM(nn.Module):
         """Tie embeddings and build the rope tables once real weights are in place."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        rotary = RotaryEmbedding(self.config.head_dim, max_positions, self.config.rope_theta,
-                                 self.config.rope_scaling, device)
-        for layer in self.model.layers:
-            layer.self_attn.rotary = rotary
+        self.model.rotary = RotaryEmbedding(self.config.head_dim, max_positions,
+                                            self.config.rope_theta, self.config.rope_scaling,
+                                            device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
