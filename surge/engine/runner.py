@@ -7,6 +7,7 @@ logits only at positions that sample, and samples.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from surge.engine.scheduler import ScheduledChunk, SchedulerOutput
@@ -28,12 +29,11 @@ class ModelRunner:
         self._allocate_kv_cache()
 
     def _allocate_kv_cache(self) -> None:
-        # Zeroed, not empty: padded decode rows read stale slots, and 0 * NaN would leak NaN.
         shape = (self.config.num_kv_heads, self.num_blocks, self.block_size,
                  self.config.head_dim)
         for layer in self.model.attention_layers():
-            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.k_cache = _zeros(shape, self.dtype, self.device)
+            layer.v_cache = _zeros(shape, self.dtype, self.device)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -120,6 +120,18 @@ class ModelRunner:
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeroed, not empty: padded decode rows read stale slots, and 0 * NaN would leak NaN.
+
+    On CPU the zeros come from calloc (through NumPy), so the OS maps zero pages lazily: the
+    cache costs RAM only as blocks are first written, and start-up does not touch gigabytes.
+    """
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    same_size_int = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[dtype.itemsize]
+    return torch.from_numpy(np.zeros(shape, dtype=same_size_int)).view(dtype)
 
 
 def _cumulative_ends(chunks: list[ScheduledChunk]) -> list[int]:

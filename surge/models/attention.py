@@ -75,14 +75,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     num_kv_heads, head_dim = k_cache.shape[0], k_cache.shape[-1]
     k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
     v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
-    out = torch.empty_like(q)
+    parts = []
     if meta.num_decodes:
         n = meta.num_decodes
-        out[:n] = _decode_attention(q[:n], k_cache, v_cache, meta, scale)
+        parts.append(_decode_attention(q[:n], k_cache, v_cache, meta, scale))
     for chunk in meta.prefills:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
-        out[rows] = _prefill_attention(q[rows], k[rows], v[rows], k_cache, v_cache, chunk, scale)
-    return out.flatten(1)
+        parts.append(_prefill_attention(q[rows], k[rows], v[rows], k_cache, v_cache, chunk,
+                                        scale))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out.reshape(q.shape[0], -1)
 
 
 def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:

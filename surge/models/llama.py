@@ -39,14 +39,17 @@ class LlamaAttention(nn.Module):
         self.k_cache = self.v_cache = torch.empty(0)  # set by the runner
 
     def forward(self, rope: RopeTables, x: torch.Tensor) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        num_tokens, q_size = x.shape[0], self.qkv_proj.output_sizes[0]
+        qkv = self.qkv_proj(x)
+        qk = qkv[:, :q_size + self.qkv_proj.output_sizes[1]]
+        qk = qk.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+        v = qkv[:, qk.shape[1] * self.head_dim:].view(num_tokens, self.num_kv_heads, -1)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, rope)
+            qk = torch.cat((self.q_norm(qk[:, :self.num_heads]),
+                            self.k_norm(qk[:, self.num_heads:])), dim=1)
+        # q and k heads sit side by side in the fused output: rotate them in one pass.
+        qk = apply_rotary(qk, rope)
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         out = paged_attention(q, k, v, self.k_cache, self.v_cache, self.scale)
         return self.o_proj(out)
 

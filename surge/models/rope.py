@@ -35,11 +35,10 @@ class RotaryEmbedding:
                 self.sin[positions].to(dtype).unsqueeze(1))
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor,
-                 cos_sin: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q [T, H, D] and k [T, Hkv, D] by their tokens' positions."""
+def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate x [T, heads, D] by its tokens' positions (q and k heads may come stacked)."""
     cos, sin = cos_sin
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
