@@ -45,7 +45,7 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        _check(self.max_tokens is None or _is_int(self.max_tokens) and self.max_tokens >= 1,
+        _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
                "max_tokens", self.max_tokens, "an integer >= 1 (or None for up to the context)")
         _check(_is_int(self.min_tokens) and self.min_tokens >= 0,
                "min_tokens", self.min_tokens, "an integer >= 0")
@@ -68,8 +68,8 @@ class SamplingParams:
                "a non-empty string or a list of non-empty strings")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                self.stop_token_ids, "a list of integers >= 0")
-        _check(self.logprobs is None or _is_int(self.logprobs) and 0 <= self.logprobs
-               <= MAX_LOGPROBS, "logprobs", self.logprobs, f"an integer in [0, {MAX_LOGPROBS}]")
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs
+               <= MAX_LOGPROBS), "logprobs", self.logprobs, f"an integer in [0, {MAX_LOGPROBS}]")
 
     @property
     def is_greedy(self) -> bool:
