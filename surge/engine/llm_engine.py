@@ -103,9 +103,12 @@ class LLMEngine:
         if tracked.logprobs is not None and out.new_logprobs:
             tracked.logprobs.extend(out.new_logprobs)
         stop = detok.add_tokens(out.new_token_ids) if out.new_token_ids else None
-        if stop is not None and finish is None:
+        if stop is not None:
+            # The text was cut at a stop string, so "stop" is the honest reason even when
+            # the same token also reached max_tokens.
+            if finish is None:
+                self.core.finish_request(out.request_id, FinishReason.STOP, stop)
             finish, stop_reason = FinishReason.STOP, stop
-            self.core.finish_request(out.request_id, finish, stop)
         finished = finish is not None
         delta = detok.take_delta(finished)
         if finished:

@@ -64,11 +64,15 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
-        if self.kv.blocks_needed(request.num_prompt_tokens + 1) > self.kv.num_blocks:
+        # Refuse what could never finish: alone in the cache it would preempt itself forever.
+        # The last sampled token is never fed back, so it needs no KV slot.
+        max_kv_tokens = request.num_prompt_tokens + max(request.max_output_tokens, 1) - 1
+        if self.kv.blocks_needed(max_kv_tokens) > self.kv.num_blocks:
             raise ValueError(
-                f"prompt of {request.num_prompt_tokens} tokens cannot fit the KV cache "
+                f"prompt of {request.num_prompt_tokens} tokens plus up to "
+                f"{request.max_output_tokens} output tokens cannot fit the KV cache "
                 f"({self.kv.num_blocks} blocks of {self.kv.block_size} tokens); "
-                "give the cache more memory or send a shorter prompt")
+                "lower max_tokens, send a shorter prompt, or give the cache more memory")
         self.requests[request.request_id] = request
         self._push_waiting(request)
 
