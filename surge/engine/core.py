@@ -53,7 +53,7 @@ class EngineCore:
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.loaded, num_blocks, config.block_size)
+        self.runner = ModelRunner(self.loaded, num_blocks, config.block_size, config.seed)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB) on %s", num_blocks,
                     config.block_size, self.runner.kv_cache_bytes / 2**20, self.loaded.device)
 

@@ -58,6 +58,9 @@ class IncrementalDetokenizer:
         self._skip_special_tokens = params.skip_special_tokens
         self._stops = list(params.stop)
         self._include_stop = params.include_stop_str_in_output
+        # As in vLLM, stop strings are not looked for until min_tokens ids were generated.
+        self._min_tokens = params.min_tokens
+        self._num_output_ids = 0
         # Any text this close to the end may be the start of a stop string still to complete.
         self._holdback = max((len(s) for s in self._stops), default=1) - 1
 
@@ -92,8 +95,11 @@ class IncrementalDetokenizer:
         for token_id in token_ids:
             old_len = len(self._text)
             self._ids.append(token_id)
+            self._num_output_ids += 1
             self._text += self._read_new_text()
-            if self._stops and len(self._text) > old_len and self._check_stop(old_len):
+            if (self._stops and len(self._text) > old_len
+                    and self._num_output_ids >= self._min_tokens
+                    and self._check_stop(old_len)):
                 return self._matched_stop
         return None
 

@@ -33,6 +33,7 @@ class _Tracked:
     detokenizer: IncrementalDetokenizer
     token_ids: list[int]
     logprobs: list[TokenLogprobs] | None
+    include_stop_str: bool = False
 
 
 class LLMEngine:
@@ -59,7 +60,8 @@ class LLMEngine:
         self.core.add_request(request)
         detokenizer = IncrementalDetokenizer(self.tokenizer.tokenizer, token_ids, params)
         self._tracked[request_id] = _Tracked(text, token_ids, detokenizer, [],
-                                             [] if params.logprobs is not None else None)
+                                             [] if params.logprobs is not None else None,
+                                             params.include_stop_str_in_output)
         return request_id
 
     def abort_request(self, request_ids: list[str]) -> list[RequestOutput]:
@@ -102,7 +104,11 @@ class LLMEngine:
         tracked.token_ids.extend(out.new_token_ids)
         if tracked.logprobs is not None and out.new_logprobs:
             tracked.logprobs.extend(out.new_logprobs)
-        stop = detok.add_tokens(out.new_token_ids) if out.new_token_ids else None
+        text_ids = out.new_token_ids
+        if finish is FinishReason.STOP and not tracked.include_stop_str:
+            # As in vLLM: the EOS or stop token id ends the output but is not part of its text.
+            text_ids = text_ids[:-1]
+        stop = detok.add_tokens(text_ids) if text_ids else None
         if stop is not None:
             # The text was cut at a stop string, so "stop" is the honest reason even when
             # the same token also reached max_tokens.

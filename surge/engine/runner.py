@@ -19,13 +19,15 @@ __all__ = ["ModelRunner"]
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int):
+    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, seed: int = 0):
         self.model = loaded.model
         self.config = loaded.config
         self.device = loaded.device
         self.dtype = loaded.dtype
         self.block_size = block_size
         self.num_blocks = num_blocks
+        # Unseeded requests sample from this, so a whole run repeats for the same engine seed.
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._allocate_kv_cache()
 
     def _allocate_kv_cache(self) -> None:
@@ -54,7 +56,7 @@ class ModelRunner:
         rows = torch.tensor([row for row, _ in sampling], device=self.device)
         logits = self.model.compute_logits(hidden[rows]).float()
         requests = [request for _, request in sampling]
-        results = sample(logits, requests)
+        results = sample(logits, requests, self.generator)
         return {r.request_id: res for r, res in zip(requests, results, strict=True)}
 
     def _prepare(self, chunks: list[ScheduledChunk]

@@ -40,6 +40,9 @@ class LLM:
         self.model_dir = str(model)
         self.config = EngineConfig(model=self.model_dir, **engine_args)
         self.engine = LLMEngine(self.config, self.model_dir)
+        # Outputs of requests owned by a stream() the caller is not iterating right now: a
+        # step run for one caller advances every request, and no one else's output may be lost.
+        self._outbox: dict[str, list[RequestOutput]] = {}
 
     def get_tokenizer(self) -> ChatTokenizer:
         return self.engine.tokenizer
@@ -52,6 +55,9 @@ class LLM:
         prompt_list = _normalize_prompts(prompts)
         params = _broadcast(sampling_params, len(prompt_list))
         priorities = list(priority) if priority is not None else [0] * len(prompt_list)
+        if len(priorities) != len(prompt_list):
+            raise ValueError(f"got {len(priorities)} priorities for {len(prompt_list)} prompts: "
+                             "allowed is one integer per prompt")
         ids = self._add_all(prompt_list, params, priorities)
         finished = self._run(ids, use_tqdm)
         return [finished[request_id] for request_id in ids]
@@ -73,14 +79,20 @@ class LLM:
         the new part); closing the iterator early aborts the request and frees its blocks."""
         request_id = self.engine.add_request(prompt, sampling_params or SamplingParams(),
                                              priority=priority)
+        self._outbox[request_id] = []
         done = False
         try:
             while not done:
-                for output in self.engine.step():
-                    if output.request_id == request_id:
-                        done = output.finished
-                        yield output
+                if not self._outbox[request_id]:
+                    if not self.engine.has_unfinished_requests():
+                        return  # aborted through the engine: nothing more will come
+                    self._step()
+                    continue
+                output = self._outbox[request_id].pop(0)
+                done = output.finished
+                yield output
         finally:
+            del self._outbox[request_id]
             if not done:
                 self.engine.abort_request([request_id])
 
@@ -112,8 +124,8 @@ class LLM:
         bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm)
         start, num_tokens = time.perf_counter(), 0
         with bar:
-            while self.engine.has_unfinished_requests():
-                for output in self.engine.step():
+            while len(finished) < len(wanted) and self.engine.has_unfinished_requests():
+                for output in self._step():
                     num_tokens += len(output.outputs[0].delta_token_ids)
                     if output.finished and output.request_id in wanted:
                         finished[output.request_id] = output
@@ -121,6 +133,14 @@ class LLM:
                 elapsed = time.perf_counter() - start
                 bar.set_postfix_str(f"{num_tokens / max(elapsed, 1e-9):.0f} tok/s output")
         return finished
+
+    def _step(self) -> list[RequestOutput]:
+        """One engine step; outputs of open streams go to their outbox."""
+        outputs = self.engine.step()
+        for output in outputs:
+            if output.request_id in self._outbox:
+                self._outbox[output.request_id].append(output)
+        return outputs
 
 
 def _normalize_prompts(prompts: Any) -> list[PromptInput]:

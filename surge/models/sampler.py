@@ -23,8 +23,10 @@ class SampleResult:
     logprobs: TokenLogprobs | None = None
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
-    """logits: float32 [N, V], one row per request, in order."""
+def sample(logits: torch.Tensor, requests: list[Request],
+           generator: torch.Generator | None = None) -> list[SampleResult]:
+    """logits: float32 [N, V], one row per request, in order. Unseeded requests draw from
+    ``generator`` (the engine's, seeded by ``EngineConfig.seed``)."""
     want_logprobs = [r.sampling_params.logprobs is not None for r in requests]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
     if _needs_processing(requests):
@@ -34,7 +36,8 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
     token_ids = _greedy(logits)
     random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.is_greedy]
     if random_rows:
-        sampled = _sample_random(logits[random_rows], [requests[i] for i in random_rows])
+        sampled = _sample_random(logits[random_rows], [requests[i] for i in random_rows],
+                                 generator)
         token_ids[random_rows] = sampled
     ids = token_ids.tolist()
     return [SampleResult(token_id, _logprobs_of(raw_logprobs, row, token_id, request)
@@ -84,14 +87,15 @@ def _mask_early_stops(logits: torch.Tensor, requests: list[Request]) -> None:
                 logits[row, sorted(banned)] = float("-inf")
 
 
-def _sample_random(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+def _sample_random(logits: torch.Tensor, requests: list[Request],
+                   generator: torch.Generator | None) -> torch.Tensor:
     temperatures = torch.tensor([r.sampling_params.temperature for r in requests],
                                 device=logits.device, dtype=logits.dtype)
     logits = logits / temperatures.unsqueeze(1)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     sorted_logits = _filter_sorted(sorted_logits, requests)
     probs = torch.softmax(sorted_logits, dim=-1)
-    choices = _exponential_race(probs, requests)
+    choices = _exponential_race(probs, requests, generator)
     return order.gather(1, choices.unsqueeze(1)).squeeze(1)
 
 
@@ -111,12 +115,13 @@ def _filter_sorted(sorted_logits: torch.Tensor, requests: list[Request]) -> torc
     return sorted_logits.masked_fill(remove, float("-inf"))
 
 
-def _exponential_race(probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+def _exponential_race(probs: torch.Tensor, requests: list[Request],
+                      generator: torch.Generator | None) -> torch.Tensor:
     """argmax(p / E) with E ~ Exp(1) draws index i with probability p_i (Gumbel-max in
     disguise); each row draws its noise from its own generator when seeded."""
     noise = torch.empty_like(probs)
     for row, request in enumerate(requests):
-        noise[row].exponential_(generator=_generator_of(request, probs.device))
+        noise[row].exponential_(generator=_generator_of(request, probs.device) or generator)
     return (probs / noise).argmax(dim=-1)
 
 

@@ -1,0 +1,67 @@
+"""The same engine on a CUDA GPU: fp32 greedy equals the CPU, bf16 runs. Skipped without one."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from surge import LLM, SamplingParams
+
+HAS_CUDA = torch.cuda.is_available()
+skip_without_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+PROMPTS = ["Hello world, the", "The quick brown fox jumps over the lazy dog. " * 4, [7] * 3]
+ENGINE_ARGS = dict(max_num_seqs=8, max_model_len=256)
+
+
+def greedy(max_tokens: int = 32) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=5)
+
+
+@pytest.fixture(scope="module")
+def cpu_outputs(tiny_checkpoint: Callable[[str], Path]) -> list:
+    llm = LLM(tiny_checkpoint("tiny-llama"), device="cpu", dtype="float32", **ENGINE_ARGS)
+    return [o.outputs[0] for o in llm.generate(PROMPTS, greedy(), use_tqdm=False)]
+
+
+@pytest.mark.cuda
+@skip_without_cuda
+@pytest.mark.parametrize("max_num_batched_tokens", [2048, 8])  # whole prompts, and chunks
+def test_cuda_float32_greedy_equals_cpu(tiny_checkpoint: Callable[[str], Path],
+                                        cpu_outputs: list, max_num_batched_tokens: int) -> None:
+    llm = LLM(tiny_checkpoint("tiny-llama"), device="cuda", dtype="float32",
+              max_num_batched_tokens=max_num_batched_tokens, **ENGINE_ARGS)
+    assert llm.engine.core.loaded.device.type == "cuda"
+    outputs = [o.outputs[0] for o in llm.generate(PROMPTS, greedy(), use_tqdm=False)]
+    for gpu, cpu in zip(outputs, cpu_outputs, strict=True):
+        assert gpu.token_ids == cpu.token_ids
+        assert gpu.text == cpu.text
+        for g, c in zip(gpu.logprobs, cpu.logprobs, strict=True):
+            assert g.logprob == pytest.approx(c.logprob, abs=1e-3)
+
+
+@pytest.mark.cuda
+@skip_without_cuda
+def test_cuda_bfloat16_runs(tiny_checkpoint: Callable[[str], Path], cpu_outputs: list) -> None:
+    llm = LLM(tiny_checkpoint("tiny-llama"), device="cuda", dtype="bfloat16", **ENGINE_ARGS)
+    outputs = [o.outputs[0] for o in llm.generate(PROMPTS, greedy(), use_tqdm=False)]
+    for gpu, cpu in zip(outputs, cpu_outputs, strict=True):
+        assert len(gpu.token_ids) == 32 and gpu.finish_reason == "length"
+        assert all(0 <= t < 2048 for t in gpu.token_ids)
+        assert all(math.isfinite(e.logprob) and e.logprob <= 0 for e in gpu.logprobs)
+        # The first token comes from the prompt alone: bf16 keeps it among fp32's top 5.
+        assert gpu.token_ids[0] in cpu.logprobs[0].top
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=5, max_tokens=16)
+    first = llm.generate(PROMPTS[0], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    assert llm.generate(PROMPTS[0], seeded, use_tqdm=False)[0].outputs[0].token_ids == first
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error raised when there is no GPU")
+def test_cuda_device_without_a_gpu_says_how_to_fix(tiny_checkpoint: Callable[[str], Path]
+                                                   ) -> None:
+    with pytest.raises(ValueError, match="no CUDA GPU is available; use --device cpu"):
+        LLM(tiny_checkpoint("tiny-llama"), device="cuda")
