@@ -52,7 +52,8 @@ class EngineCore:
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens)
+                                   config.max_num_batched_tokens
+                                   or _default_token_budget(self.loaded.device))
         self.runner = ModelRunner(self.loaded, num_blocks, config.block_size, config.seed)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB) on %s", num_blocks,
                     config.block_size, self.runner.kv_cache_bytes / 2**20, self.loaded.device)
@@ -107,6 +108,10 @@ def plan_num_blocks(config: EngineConfig, loaded: LoadedModel, max_model_len: in
         raise ValueError(f"the KV-cache budget of {budget} bytes holds no block of "
                          f"{bytes_per_block} bytes; raise kv_cache_memory_bytes")
     return int(num_blocks)
+
+
+def _default_token_budget(device: torch.device) -> int:
+    return 4096 if device.type == "cuda" else 512
 
 
 def _default_kv_budget(config: EngineConfig, device: torch.device) -> int:

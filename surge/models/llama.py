@@ -27,10 +27,11 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size],
+        self.q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(config.hidden_size, [self.q_size, kv_size, kv_size],
                                      bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
@@ -39,11 +40,10 @@ class LlamaAttention(nn.Module):
         self.k_cache = self.v_cache = torch.empty(0)  # set by the runner
 
     def forward(self, rope: RopeTables, x: torch.Tensor) -> torch.Tensor:
-        num_tokens, q_size = x.shape[0], self.qkv_proj.output_sizes[0]
+        num_tokens, qk_heads = x.shape[0], self.num_heads + self.num_kv_heads
         qkv = self.qkv_proj(x)
-        qk = qkv[:, :q_size + self.qkv_proj.output_sizes[1]]
-        qk = qk.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        v = qkv[:, qk.shape[1] * self.head_dim:].view(num_tokens, self.num_kv_heads, -1)
+        qk = qkv[:, :qk_heads * self.head_dim].view(num_tokens, qk_heads, self.head_dim)
+        v = qkv[:, qk_heads * self.head_dim:].view(num_tokens, self.num_kv_heads, -1)
         if self.qk_norm:
             qk = torch.cat((self.q_norm(qk[:, :self.num_heads]),
                             self.k_norm(qk[:, self.num_heads:])), dim=1)

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from torch import nn
 
 from surge.models.config import ModelConfig, read_hf_config
+from surge.models.layers import can_pack, pack_linears
 from surge.models.registry import resolve_architecture
 
 __all__ = ["LoadedModel", "load_model", "resolve_device", "resolve_dtype"]
@@ -62,6 +63,8 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "auto",
     limit = config.max_position_embeddings
     model.finish_loading(target, min(max_positions or limit, limit))
     model.eval().requires_grad_(False)
+    if can_pack(target, torch_dtype):
+        pack_linears(model)
     return LoadedModel(model, config, torch_dtype, target)
 
 
