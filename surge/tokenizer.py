@@ -9,7 +9,7 @@ from typing import Any
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-__all__ = ["ChatTokenizer", "load_tokenizer"]
+__all__ = ["ChatTokenizer", "eos_token_ids", "load_tokenizer"]
 
 
 class ChatTokenizer:
@@ -52,14 +52,24 @@ def load_tokenizer(model_dir: str | Path) -> ChatTokenizer:
     return ChatTokenizer(tokenizer, config, _eos_ids(model_dir, tokenizer, config))
 
 
-def _eos_ids(model_dir: Path, tokenizer: Tokenizer, config: dict[str, Any]) -> set[int]:
+def eos_token_ids(model_dir: str | Path) -> frozenset[int]:
+    """Every id that ends generation for this checkpoint (without building a ChatTokenizer)."""
+    model_dir = Path(model_dir)
+    path = model_dir / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(str(path)) if path.is_file() else None
+    return frozenset(_eos_ids(model_dir, tokenizer, _read_json(model_dir /
+                                                                "tokenizer_config.json")))
+
+
+def _eos_ids(model_dir: Path, tokenizer: Tokenizer | None,
+             config: dict[str, Any]) -> set[int]:
     """Every id that ends generation: generation_config, config.json and the tokenizer's EOS."""
     ids: set[int] = set()
     for name in ("generation_config.json", "config.json"):
         eos = _read_json(model_dir / name).get("eos_token_id")
         ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
     eos_text = _token_text(config.get("eos_token"))
-    if eos_text and tokenizer.token_to_id(eos_text) is not None:
+    if eos_text and tokenizer is not None and tokenizer.token_to_id(eos_text) is not None:
         ids.add(tokenizer.token_to_id(eos_text))
     return ids
 

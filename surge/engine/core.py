@@ -9,35 +9,25 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 
 from surge.config import EngineConfig
 from surge.engine.kv_cache import BlockManager
+from surge.engine.protocol import AddRequest, EngineCoreOutput, EngineStats
 from surge.engine.request import FinishReason, Request
 from surge.engine.runner import ModelRunner
 from surge.engine.scheduler import Scheduler
 from surge.models.loader import LoadedModel, load_model
-from surge.outputs import TokenLogprobs
+from surge.tokenizer import eos_token_ids
 
 __all__ = ["EngineCore", "EngineCoreOutput", "plan_num_blocks"]
 
 logger = logging.getLogger(__name__)
 
-# On CPU the cache competes with everything else in RAM; like vLLM's CPU backend, cap the
-# default at 4 GiB unless the user sizes it explicitly.
-_CPU_DEFAULT_CAP_BYTES = 4 << 30
-
-
-@dataclass
-class EngineCoreOutput:
-    request_id: str
-    new_token_ids: list[int]
-    new_logprobs: list[TokenLogprobs] | None
-    finish_reason: FinishReason | None
-    stop_reason: int | str | None = None
-    num_cached_tokens: int = 0
+# On CPU the cache competes with everything else in RAM and is zeroed at start-up; cap the
+# default at 2 GiB (about 90k tokens of a 135M model) unless the user sizes it explicitly.
+_CPU_DEFAULT_CAP_BYTES = 2 << 30
 
 
 class EngineCore:
@@ -48,6 +38,7 @@ class EngineCore:
         model_config = self.loaded.config
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings)
+        self.eos_token_ids = frozenset(model_config.eos_token_ids) | eos_token_ids(model_dir)
         num_blocks = plan_num_blocks(config, self.loaded, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           config.enable_prefix_caching)
@@ -55,6 +46,7 @@ class EngineCore:
                                    config.max_num_batched_tokens
                                    or _default_token_budget(self.loaded.device))
         self.runner = ModelRunner(self.loaded, num_blocks, config.block_size, config.seed)
+        self.num_steps = 0
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB) on %s", num_blocks,
                     config.block_size, self.runner.kv_cache_bytes / 2**20, self.loaded.device)
 
@@ -62,13 +54,32 @@ class EngineCore:
     def vocab_size(self) -> int:
         return self.loaded.config.vocab_size
 
-    def add_request(self, request: Request) -> None:
-        request.max_model_len = self.max_model_len
-        self.scheduler.add_request(request)
+    def add_request(self, command: AddRequest) -> None:
+        """Validate against the loaded model and queue; bad input raises ValueError naming
+        the field and the allowed range, and changes nothing."""
+        ids = command.prompt_token_ids
+        if not ids:
+            raise ValueError("prompt is empty: allowed is at least 1 token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but the model's context is {self.max_model_len}:"
+                f" allowed is at most {self.max_model_len - 1} prompt tokens, leaving room for "
+                "at least one output token")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are unknown: allowed is "
+                             f"[0, {self.vocab_size - 1}]")
+        if isinstance(command.priority, bool) or not isinstance(command.priority, int):
+            raise ValueError(f"priority={command.priority!r} is invalid: allowed is an integer")
+        arrival = {"arrival_time": command.arrival_time} if command.arrival_time else {}
+        self.scheduler.add_request(Request(
+            command.request_id, list(ids), command.params, self.eos_token_ids,
+            max_model_len=self.max_model_len, priority=command.priority, **arrival))
 
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         aborted = self.scheduler.finish_requests(request_ids, FinishReason.ABORT)
-        return [EngineCoreOutput(r.request_id, [], None, FinishReason.ABORT) for r in aborted]
+        return [EngineCoreOutput(r.request_id, [], finish_reason=FinishReason.ABORT)
+                for r in aborted]
 
     def finish_request(self, request_id: str, reason: FinishReason,
                        stop_reason: int | str | None) -> None:
@@ -77,10 +88,19 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def stats(self) -> EngineStats:
+        kv = self.block_manager
+        return EngineStats(
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=kv.usage, num_blocks=kv.num_blocks,
+            prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
+            num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps)
+
     def step(self) -> list[EngineCoreOutput]:
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
+        self.num_steps += 1
         results = self.runner.execute(scheduled)
         self.scheduler.update_from_output(
             scheduled, {rid: result.token_id for rid, result in results.items()})

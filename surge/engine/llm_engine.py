@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from surge.config import EngineConfig
 from surge.engine.core import EngineCore, EngineCoreOutput
 from surge.engine.detokenize import IncrementalDetokenizer
-from surge.engine.request import FinishReason, Request
+from surge.engine.protocol import AddRequest
+from surge.engine.request import FinishReason
 from surge.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from surge.sampling_params import SamplingParams
 from surge.tokenizer import ChatTokenizer, load_tokenizer
@@ -52,12 +53,7 @@ class LLMEngine:
         """Validate, tokenize and queue a request; bad input raises ValueError naming the field."""
         request_id = request_id if request_id is not None else str(next(self._ids))
         text, token_ids = self._tokenize(prompt)
-        self._validate_prompt(token_ids)
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise ValueError(f"priority={priority!r} is invalid: allowed is an integer")
-        request = Request(request_id, token_ids, params, self.tokenizer.eos_token_ids
-                          | set(self.core.loaded.config.eos_token_ids), priority=priority)
-        self.core.add_request(request)
+        self.core.add_request(AddRequest(request_id, token_ids, params, priority))
         detokenizer = IncrementalDetokenizer(self.tokenizer.tokenizer, token_ids, params)
         self._tracked[request_id] = _Tracked(text, token_ids, detokenizer, [],
                                              [] if params.logprobs is not None else None,
@@ -82,20 +78,6 @@ class LLMEngine:
                 isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return None, list(prompt)
         raise ValueError("prompt must be a string or a list of token ids (integers)")
-
-    def _validate_prompt(self, token_ids: list[int]) -> None:
-        if not token_ids:
-            raise ValueError("prompt is empty: allowed is at least 1 token")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(token_ids)} tokens but the model's context is "
-                f"{self.max_model_len}: allowed is at most {self.max_model_len - 1} prompt "
-                "tokens, leaving room for at least one output token")
-        vocab = self.core.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are unknown: allowed is "
-                             f"[0, {vocab - 1}]")
 
     def _emit(self, out: EngineCoreOutput) -> RequestOutput:
         tracked = self._tracked[out.request_id]

@@ -7,7 +7,6 @@ logits only at positions that sample, and samples.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from surge.engine.scheduler import ScheduledChunk, SchedulerOutput
@@ -127,13 +126,11 @@ class ModelRunner:
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Zeroed, not empty: padded decode rows read stale slots, and 0 * NaN would leak NaN.
 
-    On CPU the zeros come from calloc (through NumPy), so the OS maps zero pages lazily: the
-    cache costs RAM only as blocks are first written, and start-up does not touch gigabytes.
+    Zeroed eagerly on purpose: lazily mapped zero pages would be faulted in (and zeroed by
+    the kernel, 2 MiB at a time with transparent huge pages) on the first write to each
+    block, which made a fresh engine's prefill 15% slower on CPU.
     """
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    same_size_int = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[dtype.itemsize]
-    return torch.from_numpy(np.zeros(shape, dtype=same_size_int)).view(dtype)
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def _cumulative_ends(chunks: list[ScheduledChunk]) -> list[int]:

@@ -1,0 +1,53 @@
+"""Messages between an engine core and its clients: small typed msgspec structs, no pickles.
+
+The same structs serve the in-process client (passed as objects) and the engine process
+(encoded with msgpack over ZMQ).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from surge.engine.request import FinishReason
+from surge.outputs import TokenLogprobs
+from surge.sampling_params import SamplingParams
+
+__all__ = ["AbortRequests", "AddRequest", "EngineCoreOutput", "EngineStats"]
+
+
+class AddRequest(msgspec.Struct):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+    arrival_time: float = 0.0
+
+
+class AbortRequests(msgspec.Struct):
+    request_ids: list[str]
+
+
+class EngineCoreOutput(msgspec.Struct):
+    """What one request gained in one step: new tokens, and whether it finished."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    # Set when the engine refused the request (it then also carries finish_reason ABORT).
+    error: str | None = None
+
+
+class EngineStats(msgspec.Struct):
+    """A snapshot of the scheduler and KV cache, for metrics, health and admission."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_blocks: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    num_steps: int = 0
