@@ -1,6 +1,6 @@
-"""In-process engine client: text in, text out, on top of the token-level EngineCore.
+"""Synchronous text-in, text-out engine for the offline `LLM` API, over the token-level core.
 
-It validates and tokenizes requests, runs the core one step at a time, detokenizes
+It tokenizes requests (the core validates them), runs the core one step at a time, detokenizes
 incrementally and applies stop strings (ending the request in the core at once, so its
 blocks are freed in the same step).
 """
@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from surge.config import EngineConfig
-from surge.engine.core import EngineCore, EngineCoreOutput
+from surge.engine.core import EngineCore
 from surge.engine.detokenize import IncrementalDetokenizer
-from surge.engine.protocol import AddRequest
+from surge.engine.protocol import AddRequest, EngineCoreOutput
 from surge.engine.request import FinishReason
 from surge.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from surge.sampling_params import SamplingParams
