@@ -225,11 +225,11 @@ def plot(results: dict[str, dict[str, float]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, key, title in ((axes[0], "w1", "W1: 16 x (128 in, 64 out), output tok/s"),
                            (axes[1], "w4", "W4: single stream, tok/s")):
-        values = [results[n].get(key, 0.0) for n in names]
+        names = [n for n in results if key in results[n]]  # padded batch has no W4
+        values = [results[n][key] for n in names]
         ax.barh(names, values, color=["tab:blue" if n.startswith("surge") else "tab:gray"
                                       for n in names])
         ax.set_title(title)
