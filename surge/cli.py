@@ -61,7 +61,8 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", dest="sampling_seed", type=int, default=None,
+                   help="sampling seed (per request)")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     add_engine_args(p)
     p.set_defaults(handler=_run_generate)

@@ -46,6 +46,8 @@ class EngineConfig:
                  "kv_cache_memory_bytes", self.kv_cache_memory_bytes, "a positive integer")
         _require(0 < self.kv_cache_fraction <= 1, "kv_cache_fraction", self.kv_cache_fraction,
                  "(0, 1]")
+        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed",
+                 self.seed, "an integer")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EngineConfig:

@@ -39,8 +39,8 @@ class _Tracked:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, model_dir: str):
+        self.core = EngineCore(config, model_dir)  # first: its errors explain a bad model dir
         self.tokenizer: ChatTokenizer = load_tokenizer(model_dir)
-        self.core = EngineCore(config, model_dir)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
 

@@ -25,7 +25,7 @@ def run_generate(args: argparse.Namespace) -> int:
     config = EngineConfig.from_args(args)
     engine_args = {k: v for k, v in vars(config).items() if k != "model"}
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p, seed=args.seed)
+                            top_p=args.top_p, seed=args.sampling_seed)
     llm = LLM(model, **engine_args)
     prompts = args.prompts or DEMO_PROMPTS
     start = time.perf_counter()
