@@ -99,11 +99,12 @@ class ModelRunner:
         window = self.config.sliding_window
         if window:
             allowed &= key_pos > lengths_t - 1 - window
-        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=self.device)
+        bias = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         bias.masked_fill_(~allowed, float("-inf"))
         meta.num_decodes = len(decodes)
         meta.decode_block_table = self._tensor(padded)
-        meta.decode_bias = bias.view(1, len(decodes), 1, -1)
+        # One row per (KV head, sequence), the batch order of the decode matmuls.
+        meta.decode_bias = bias.repeat(self.config.num_kv_heads, 1).unsqueeze(1)
 
     def _prefill_chunk(self, chunk: ScheduledChunk, token_start: int) -> PrefillChunk:
         end = chunk.start + chunk.num_tokens

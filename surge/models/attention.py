@@ -45,7 +45,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot (block * block_size + offset) of each token
     num_decodes: int = 0
     decode_block_table: torch.Tensor | None = None  # [B, max_blocks], padded with block 0
-    decode_bias: torch.Tensor | None = None  # [1, B, 1, max_blocks * block_size] float32 mask
+    decode_bias: torch.Tensor | None = None  # [Hkv * B, 1, max_blocks * block_size] additive
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -98,15 +98,18 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       meta: AttentionMetadata, scale: float) -> torch.Tensor:
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[0]
+    group = num_heads // num_kv_heads
     table = meta.decode_block_table
-    keys = gather_blocks(k_cache, table).view(num_kv_heads, batch, -1, head_dim)
-    values = gather_blocks(v_cache, table).view(num_kv_heads, batch, -1, head_dim)
-    # Query heads grouped under their KV head: [Hkv, B, G, D].
-    grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1)
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float()
-    scores.mul_(scale).add_(meta.decode_bias)
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    return torch.matmul(probs, values).transpose(0, 1).reshape(batch, num_heads, head_dim)
+    keys = gather_blocks(k_cache, table).view(num_kv_heads * batch, -1, head_dim)
+    values = gather_blocks(v_cache, table).view(num_kv_heads * batch, -1, head_dim)
+    # Query heads grouped under their KV head, (KV head, sequence) as the batch: [Hkv*B, G, D].
+    grouped = q.view(batch, num_kv_heads, group, head_dim).transpose(0, 1).reshape(
+        num_kv_heads * batch, group, head_dim)
+    # Scores in the model dtype, softmax in float32: Hugging Face's eager order, in 3 kernels.
+    scores = torch.baddbmm(meta.decode_bias, grouped, keys.transpose(1, 2), alpha=scale)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    out = torch.bmm(probs, values).view(num_kv_heads, batch, group, head_dim)
+    return out.transpose(0, 1).reshape(batch, num_heads, head_dim)
 
 
 def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
