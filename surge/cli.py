@@ -74,6 +74,21 @@ def _run_generate(args: argparse.Namespace) -> int:
     return run_generate(args)
 
 
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    from surge.entrypoints.serve import add_serve_args
+
+    p = subparsers.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (completions, chat, SSE, metrics)")
+    add_serve_args(p)
+    p.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from surge.entrypoints.serve import run_serve
+
+    return run_serve(args)
+
+
 def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     from surge.bench.cli import add_parser
 
@@ -83,6 +98,7 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_make_model,
     _add_generate,
+    _add_serve,
     _add_bench,
 ]
 

@@ -1,0 +1,237 @@
+"""The engine core in its own process, fed and drained over ZMQ.
+
+Why a process: the API server's HTTP parsing, tokenization and JSON would otherwise take the
+GIL from the step loop, and a crash in torch would take the server down with it. The client
+(``MPEngineClient``) binds two sockets and spawns this process, which connects to them:
+
+    client PUSH ──EngineInput──▶ PULL engine      Add · Abort · Shutdown
+    client PULL ◀─EngineMessage── PUSH engine     Ready | StartupFailed, then StepOutputs...,
+                                                  EngineFailed as its last words on a crash
+
+Every message is a tagged msgspec struct encoded as msgpack: no pickles cross the wire. The
+loop drains all pending inputs before each step, so an abort lands before the next step and
+the request's KV blocks are freed in it; each step's outputs go out as one message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from types import FrameType
+
+import msgspec
+import zmq
+
+from surge.config import EngineConfig
+from surge.engine.client import EngineInfo, engine_info
+from surge.engine.protocol import AbortRequests, AddRequest, EngineCoreOutput, EngineStats
+from surge.engine.request import FinishReason
+
+__all__ = [
+    "Abort", "Add", "EngineFailed", "EngineInput", "EngineMessage", "Ready", "Shutdown",
+    "StartupFailed", "StepOutputs", "run_engine_process",
+]
+
+logger = logging.getLogger(__name__)
+
+# While idle the engine still reports its stats this often, and notices a dead parent.
+HEARTBEAT_SECONDS = 0.5
+# How long a closing engine keeps trying to deliver its last messages.
+FLUSH_MILLISECONDS = 2000
+
+
+# -- client -> engine --------------------------------------------------------------------------
+
+class Add(msgspec.Struct, tag="add", array_like=True):
+    request: AddRequest
+
+
+class Abort(msgspec.Struct, tag="abort", array_like=True):
+    abort: AbortRequests
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
+    pass
+
+
+EngineInput = Add | Abort | Shutdown
+
+
+# -- engine -> client --------------------------------------------------------------------------
+
+class Ready(msgspec.Struct, tag="ready", array_like=True):
+    info: EngineInfo
+    stats: EngineStats
+
+
+class StartupFailed(msgspec.Struct, tag="startup_failed", array_like=True):
+    error: str
+
+
+class StepOutputs(msgspec.Struct, tag="outputs", array_like=True):
+    """Everything one step (or one idle heartbeat) produced, with the stats after it."""
+
+    outputs: list[EngineCoreOutput]
+    stats: EngineStats
+
+
+class EngineFailed(msgspec.Struct, tag="failed", array_like=True):
+    error: str
+
+
+EngineMessage = Ready | StartupFailed | StepOutputs | EngineFailed
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived: leave the loop and exit 0 (a BaseException, so no `except Exception`
+    in the engine mistakes it for a failure)."""
+
+
+def run_engine_process(config_msgpack: bytes, model_dir: str, input_address: str,
+                       output_address: str, parent_pid: int, log_level: int) -> None:
+    """Entry point of the engine process (a multiprocessing "spawn" target).
+
+    The config travels as msgpack, so it is validated again on this side. Exits 0 on a
+    Shutdown message, on SIGTERM, or when the parent is gone; 1 if loading or a step fails.
+    """
+    # Ctrl-C reaches the whole process group: the server handles it and shuts us down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s "
+                        "surge.engine[%(process)d] %(message)s")
+    context = zmq.Context()
+    inputs = _socket(context, zmq.PULL, input_address)
+    outputs = _socket(context, zmq.PUSH, output_address)
+    try:
+        exit_code = _serve(config_msgpack, model_dir, inputs, outputs, parent_pid)
+    except _Terminated:
+        logger.info("SIGTERM: the engine exits")
+        exit_code = 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # from here on, SIGTERM just kills
+        inputs.close(linger=0)
+        outputs.close(linger=FLUSH_MILLISECONDS)
+        context.term()
+    sys.exit(exit_code)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills outright
+    raise _Terminated
+
+
+def _socket(context: zmq.Context, kind: int, address: str) -> zmq.Socket:
+    sock = context.socket(kind)
+    # No high-water marks: admission control bounds the queue, and the engine must never
+    # block on a send (a slow reader would stall every request).
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.connect(address)
+    return sock
+
+
+def _serve(config_msgpack: bytes, model_dir: str, inputs: zmq.Socket, outputs: zmq.Socket,
+           parent_pid: int) -> int:
+    encoder = msgspec.msgpack.Encoder()
+    try:
+        core = _load_core(config_msgpack, model_dir)
+    except Exception as exc:
+        logger.exception("the engine could not load %s", model_dir)
+        outputs.send(encoder.encode(StartupFailed(f"{type(exc).__name__}: {exc}")))
+        return 1
+    outputs.send(encoder.encode(Ready(engine_info(core, model_dir), core.stats())))
+    try:
+        EngineLoop(core, inputs, outputs, parent_pid).run()
+    except Exception as exc:
+        logger.exception("the engine failed")
+        outputs.send(encoder.encode(EngineFailed(f"{type(exc).__name__}: {exc}")))
+        return 1
+    return 0
+
+
+def _load_core(config_msgpack: bytes, model_dir: str):  # -> EngineCore (torch import is slow)
+    from surge.engine.core import EngineCore
+
+    config = msgspec.msgpack.decode(config_msgpack, type=EngineConfig)
+    return EngineCore(config, model_dir)
+
+
+class EngineLoop:
+    """Step while there is work; block on the input socket (with a heartbeat) while idle."""
+
+    def __init__(self, core, inputs: zmq.Socket, outputs: zmq.Socket, parent_pid: int):
+        self.core, self.inputs, self.outputs = core, inputs, outputs
+        self.parent_pid = parent_pid
+        self.poller = zmq.Poller()
+        self.poller.register(inputs, zmq.POLLIN)
+        self.decoder = msgspec.msgpack.Decoder(EngineInput)
+        self.encoder = msgspec.msgpack.Encoder()
+        self.stopping = False
+
+    def run(self) -> None:
+        while not self.stopping and self._parent_alive():
+            if (not self.core.has_unfinished_requests()
+                    and not self.poller.poll(int(HEARTBEAT_SECONDS * 1000))):
+                self._send([])  # idle heartbeat: fresh stats
+                continue
+            outputs = self._drain_inputs()
+            if self.stopping:
+                break
+            if self.core.has_unfinished_requests():
+                outputs.extend(self.core.step())
+            self._send(outputs)
+
+    def _parent_alive(self) -> bool:
+        # Re-parented (to init or a subreaper) means the server is gone: nobody will read.
+        if os.getppid() == self.parent_pid:
+            return True
+        logger.warning("the server process %d is gone; the engine exits", self.parent_pid)
+        return False
+
+    def _drain_inputs(self) -> list[EngineCoreOutput]:
+        outputs: list[EngineCoreOutput] = []
+        while not self.stopping:
+            try:
+                data = self.inputs.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self._apply(data, outputs)
+        return outputs
+
+    def _apply(self, data: bytes, outputs: list[EngineCoreOutput]) -> None:
+        try:
+            message = self.decoder.decode(data)
+        except msgspec.ValidationError as exc:  # e.g. SamplingParams refused on decode
+            outputs.extend(_refuse(_request_id_of(data), str(exc)))
+            return
+        if isinstance(message, Add):
+            try:
+                self.core.add_request(message.request)
+            except ValueError as exc:
+                outputs.extend(_refuse(message.request.request_id, str(exc)))
+        elif isinstance(message, Abort):
+            outputs.extend(self.core.abort_requests(message.abort.request_ids))
+        else:
+            self.stopping = True
+
+    def _send(self, outputs: list[EngineCoreOutput]) -> None:
+        self.outputs.send(self.encoder.encode(StepOutputs(outputs, self.core.stats())))
+
+
+def _refuse(request_id: str | None, error: str) -> list[EngineCoreOutput]:
+    if request_id is None:
+        logger.error("dropped an input the engine could not decode: %s", error)
+        return []
+    return [EngineCoreOutput(request_id, [], finish_reason=FinishReason.ABORT, error=error)]
+
+
+def _request_id_of(data: bytes) -> str | None:
+    """The request id of an Add that failed validation, so its sender hears why."""
+    try:
+        kind, request = msgspec.msgpack.decode(data)  # ["add", {"request_id": ..., ...}]
+        request_id = request["request_id"] if kind == "add" else None
+    except (msgspec.DecodeError, ValueError, TypeError, KeyError):
+        return None
+    return request_id if isinstance(request_id, str) else None

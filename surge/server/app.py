@@ -1,0 +1,403 @@
+"""The OpenAI-compatible HTTP app: routes, the request gate (auth, body size) and the engine's
+lifecycle (load in the background, watch its health, shut it down after the drain).
+
+``build_app(engine, tokenizer, settings)`` is everything ``surge serve`` runs under uvicorn;
+the engine is any ``EngineClient`` (its own process in production, a thread in tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import surge
+from surge.engine.client import EngineClient
+from surge.server.admission import AdmissionController
+from surge.server.auth import ApiKeyAuth, AuthError, RateLimiter
+from surge.server.errors import APIError, error_response, install_error_handlers
+from surge.server.metrics import ServerMetrics
+from surge.server.schemas import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    HealthResponse,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from surge.server.serving import OpenAIServing, ServingLimits, json_response
+from surge.tokenizer import ChatTokenizer
+
+__all__ = ["ServerSettings", "build_app"]
+
+logger = logging.getLogger(__name__)
+
+# How often the engine's health is looked at; an engine death shows on /health this fast.
+HEALTH_POLL_SECONDS = 0.1
+# After the engine died for good, in-flight requests get this long to receive their errors
+# before the server exits.
+FAIL_IN_FLIGHT_SECONDS = 5.0
+ENGINE_SHUTDOWN_SECONDS = 15.0
+# Requests still running this long before the drain timeout are ended with an error event.
+DRAIN_MARGIN_SECONDS = 0.5
+_AUTH_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+@dataclass
+class ServerSettings:
+    """What ``surge serve`` configures beyond the engine; every field has a safe default."""
+
+    model_names: list[str] = field(default_factory=lambda: ["surge"])
+    api_keys: list[str] = field(default_factory=list)
+    rate_limit_rpm: int | None = None
+    rate_limit_tpm: int | None = None
+    max_body_bytes: int = 8 << 20
+    max_queued_requests: int = 256
+    max_queued_tokens: int = 256 * 1024
+    request_timeout: float | None = 600.0
+    drain_timeout: float = 30.0
+    log_prompts: bool = False
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model_names) and all(self.model_names), "served_model_name",
+                 self.model_names, "one or more non-empty names")
+        _require(self.max_body_bytes >= 1024, "max_body_bytes", self.max_body_bytes,
+                 "an integer >= 1024")
+        _require(self.request_timeout is None or self.request_timeout > 0, "request_timeout",
+                 self.request_timeout, "a number of seconds > 0")
+        _require(self.drain_timeout >= 0, "drain_timeout", self.drain_timeout,
+                 "a number of seconds >= 0")
+
+
+def build_app(engine: EngineClient, tokenizer: ChatTokenizer,
+              settings: ServerSettings) -> FastAPI:
+    metrics = ServerMetrics(model_name=settings.model_names[0])
+    if hasattr(engine, "engine_pid"):
+        metrics.track_engine_process(lambda: engine.engine_pid)
+    serving = OpenAIServing(
+        engine, tokenizer, settings.model_names,
+        AdmissionController(settings.max_queued_requests, settings.max_queued_tokens),
+        RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm), metrics,
+        ServingLimits(settings.request_timeout, settings.log_prompts))
+    lifecycle = _EngineLifecycle(engine, serving, settings)
+    app = FastAPI(title="Surge", version=surge.__version__, lifespan=lifecycle.lifespan,
+                  description="OpenAI-compatible API of the Surge serving engine.")
+    app.state.serving = serving
+    app.state.lifecycle = lifecycle
+    install_error_handlers(app)
+    app.add_middleware(_RequestGate, auth=ApiKeyAuth(settings.api_keys),
+                       max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    _add_openai_routes(app, serving)
+    _add_operator_routes(app, serving)
+    return app
+
+
+# -- routes ----------------------------------------------------------------------------------
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in [
+        (400, "invalid request (the message names the field and what is allowed)"),
+        (401, "missing or wrong API key"), (404, "unknown model"),
+        (413, "request body too large"), (429, "rate limited or server busy (Retry-After)"),
+        (500, "unexpected server error"),
+        (503, "model loading, engine down, or server shutting down"),
+        (504, "the request exceeded --request-timeout")]}
+
+
+def _generation_responses(model: type, chunk: type) -> dict[int | str, dict[str, Any]]:
+    return {200: {"model": model, "description": f"a {model.__name__}; with stream=true, "
+                  f"text/event-stream of `data: <{chunk.__name__}>` then `data: [DONE]`",
+                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            **_ERRORS}
+
+
+def _add_openai_routes(app: FastAPI, serving: OpenAIServing) -> None:
+    @app.post("/v1/completions", response_model=None, tags=["openai"],
+              responses=_generation_responses(CompletionResponse, CompletionStreamResponse))
+    async def create_completion(body: CompletionRequest, request: Request) -> Response:
+        serving.check_model(body.model)
+        serving.check_available()
+        return await serving.create_completion(body, request, _key_id(request))
+
+    @app.post("/v1/chat/completions", response_model=None, tags=["openai"],
+              responses=_generation_responses(ChatCompletionResponse,
+                                              ChatCompletionStreamResponse))
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+        serving.check_model(body.model)
+        serving.check_available()
+        return await serving.create_chat_completion(body, request, _key_id(request))
+
+    @app.get("/v1/models", response_model=ModelList, tags=["openai"],
+             responses={401: _ERRORS[401]})
+    async def list_models() -> Response:
+        max_len = serving.engine.info.max_model_len if serving.engine.is_ready else None
+        root = serving.engine.info.model_dir if serving.engine.is_ready else None
+        cards = [{"id": name, "object": "model", "created": serving.created,
+                  "owned_by": "surge", "root": root or name, "max_model_len": max_len}
+                 for name in serving.model_names]
+        return json_response({"object": "list", "data": cards})
+
+    @app.post("/tokenize", response_model=TokenizeResponse, tags=["vllm"],
+              responses={k: _ERRORS[k] for k in (400, 401, 404, 413)})
+    async def tokenize(body: TokenizeRequest) -> Response:
+        serving.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
+        if body.prompt is not None:
+            ids = await serving.encode(body.prompt, body.add_special_tokens is not False)
+        else:
+            text = serving.render_chat(body.messages or [], body.add_generation_prompt)
+            ids = await serving.encode(text, bool(body.add_special_tokens))
+        max_len = serving.engine.info.max_model_len if serving.engine.is_ready else None
+        return json_response({"count": len(ids), "max_model_len": max_len, "tokens": ids})
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, tags=["vllm"],
+              responses={k: _ERRORS[k] for k in (400, 401, 404, 413)})
+    async def detokenize(body: DetokenizeRequest) -> Response:
+        serving.check_model(body.model)
+        vocab_size = serving.tokenizer.vocab_size
+        bad = [t for t in body.tokens if t >= vocab_size]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are unknown: allowed is "
+                           f"[0, {vocab_size - 1}]", param="tokens")
+        return json_response({"prompt": serving.tokenizer.decode(body.tokens)})
+
+
+def _add_operator_routes(app: FastAPI, serving: OpenAIServing) -> None:
+    @app.get("/health", response_model=HealthResponse, tags=["operations"],
+             responses={503: _ERRORS[503]})
+    async def health() -> Response:
+        """200 when the engine can take requests; 503 while loading, after the engine died,
+        and while draining for shutdown."""
+        serving.check_available()
+        # The engine process id lets operators (and the crash test) find the engine.
+        return json_response({"status": "ok",
+                              "engine_pid": getattr(serving.engine, "engine_pid", None),
+                              "engine_restarts": getattr(serving.engine, "num_restarts", 0)})
+
+    @app.get("/metrics", tags=["operations"], response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus exposition"}})
+    async def metrics() -> Response:
+        if serving.engine.is_ready:
+            serving.metrics.update_engine(serving.engine.stats())
+        body, content_type = serving.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/version", tags=["operations"])
+    async def version() -> dict[str, str]:
+        return {"version": surge.__version__}
+
+
+def _key_id(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("surge_key_id")
+
+
+# -- the request gate ------------------------------------------------------------------------
+
+
+class _RequestGate:
+    """Pure ASGI middleware in front of every route: the API key (401), then the body size
+    (413, from Content-Length and again while reading, so a chunked body cannot slip past)."""
+
+    def __init__(self, app: ASGIApp, auth: ApiKeyAuth, max_body_bytes: int,
+                 metrics: ServerMetrics) -> None:
+        self.app = app
+        self.auth = auth
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        try:
+            if scope["path"].startswith(_AUTH_PREFIXES):
+                scope.setdefault("state", {})["surge_key_id"] = self._authenticate(scope)
+            if scope["method"] in _BODY_METHODS:
+                body = await self._read_body(scope, receive)
+                if body is None:
+                    return  # the client left while sending
+                receive = _replay(body, receive)
+        except APIError as exc:
+            return await error_response(exc)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _authenticate(self, scope: Scope) -> str | None:
+        try:
+            return self.auth.authenticate(_header(scope, b"authorization"))
+        except AuthError as exc:
+            self.metrics.record_rejected("unauthorized")
+            raise APIError(401, exc.message, code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"}) from exc
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise self._too_large(int(declared))
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise self._too_large(size)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _too_large(self, size: int) -> APIError:
+        self.metrics.record_rejected("body_too_large")
+        return APIError(413, f"the request body has {'at least ' if size else ''}{size} bytes: "
+                        f"allowed is at most {self.max_body_bytes} (--max-body-bytes)",
+                        code="request_too_large")
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """Hand the already-read body to the app once, then pass through (disconnect events)."""
+    delivered = False
+
+    async def replay() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+# -- engine lifecycle ------------------------------------------------------------------------
+
+
+class _EngineLifecycle:
+    """Loads the engine without blocking the server (so /health can say 503 while loading),
+    watches it, drains on shutdown, and asks the process to exit if the engine is gone."""
+
+    def __init__(self, engine: EngineClient, serving: OpenAIServing,
+                 settings: ServerSettings) -> None:
+        self.engine = engine
+        self.serving = serving
+        self.settings = settings
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+        # serve.py replaces this with "stop uvicorn and exit with this code".
+        self.request_exit: Callable[[int], None] = lambda code: None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._run())
+        try:
+            yield
+        finally:
+            await self._stop()
+
+    def begin_drain(self) -> None:
+        """Called on SIGTERM: new requests get 503 while in-flight ones finish; those still
+        running shortly before the drain timeout end with an error the client can read
+        (uvicorn would only cut their connections)."""
+        self.serving.refusal = APIError(503, "the server is shutting down: send new requests "
+                                        "to another replica", code="server_draining")
+        self._draining = True
+        if hasattr(self.engine, "restart"):
+            # An engine that dies now (e.g. it got the same signal) is not worth restarting.
+            self.engine.restart = False
+        if self._loop is None:
+            return
+        timeout = self.settings.drain_timeout
+        stopped = APIError(503, f"the server shut down before this request finished "
+                           f"(--drain-timeout {timeout:g} s)", code="server_shutdown")
+        delay = max(timeout - DRAIN_MARGIN_SECONDS, 0.0)
+        # Called from a signal handler: hand the work to the event loop.
+        self._loop.call_soon_threadsafe(self._loop.call_later, delay, self.serving.abort_all,
+                                        stopped)
+
+    async def _run(self) -> None:
+        started = time.perf_counter()
+        try:
+            await self.engine.start()
+        except Exception as exc:
+            logger.error("the engine could not start: %s", exc)
+            self.serving.refusal = APIError(503, f"the engine could not start: {exc}",
+                                            code="engine_failed")
+            self.request_exit(1)
+            return
+        info = self.engine.info
+        logger.info("engine ready in %.1f s: %s (%s on %s, context %d tokens); /health "
+                    "answers 200", time.perf_counter() - started, info.model_dir, info.dtype,
+                    info.device, info.max_model_len)
+        await self._watch()
+
+    async def _watch(self) -> None:
+        healthy = True
+        while not self._gone_for_good():
+            await asyncio.sleep(HEALTH_POLL_SECONDS)  # the client offers no health event
+            if healthy != self.engine.is_healthy:
+                healthy = not healthy
+                if healthy:
+                    logger.warning("the engine is back: /health answers 200 again")
+                else:
+                    logger.error("the engine stopped: /health answers 503")
+        if not self._draining:  # while draining, uvicorn is already on its way out
+            await self._give_up()
+
+    def _gone_for_good(self) -> bool:
+        dead = getattr(self.engine, "dead", None)
+        if dead is not None:  # the process client restarts the engine unless told not to
+            return bool(dead)
+        return not self.engine.is_healthy  # an engine thread cannot be restarted
+
+    async def _give_up(self) -> None:
+        self.serving.refusal = APIError(503, "the engine died and will not be restarted: the "
+                                        "server is exiting", code="engine_dead")
+        deadline = time.monotonic() + FAIL_IN_FLIGHT_SECONDS
+        while self.serving.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(HEALTH_POLL_SECONDS)  # their engine streams already failed
+        logger.error("the engine is gone and restarts are off: exiting with status 1")
+        self.request_exit(1)
+
+    async def _stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        try:
+            await asyncio.wait_for(self.engine.shutdown(), ENGINE_SHUTDOWN_SECONDS)
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise
+            logger.error("the engine's shutdown was cancelled from within")
+        except Exception as exc:
+            logger.error("the engine did not shut down cleanly: %r", exc)
+
+
+def _require(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: allowed is {allowed}")

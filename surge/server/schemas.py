@@ -1,0 +1,272 @@
+"""Request and response bodies of the OpenAI-compatible API, as pydantic models.
+
+Requests are validated by FastAPI against these models (types and simple ranges; the rest by
+``SamplingParams``), and the same models make the server's OpenAPI schema complete, so
+clients and fuzzers (schemathesis) see exactly what is accepted. Responses are built as plain
+dicts and encoded with msgspec for speed; their models here document them.
+
+Field names follow OpenAI; the extra sampling fields (``top_k``, ``min_p``,
+``repetition_penalty``, ``ignore_eos``, ``priority``, ...) follow vLLM. Unknown fields are
+ignored, as vLLM ignores them, so clients written for other servers keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from surge.sampling_params import MAX_LOGPROBS
+
+__all__ = [
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "ChatCompletionStreamResponse",
+    "ChatMessage",
+    "CompletionRequest",
+    "CompletionResponse",
+    "CompletionStreamResponse",
+    "DetokenizeRequest",
+    "DetokenizeResponse",
+    "ErrorResponse",
+    "HealthResponse",
+    "ModelList",
+    "TokenizeRequest",
+    "TokenizeResponse",
+]
+
+MAX_N = 16
+# msgpack (the engine protocol) and torch seeds take 64-bit integers; larger ones are refused
+# here, as a 400, rather than failing deep in the engine.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = Field(False, description="send a last chunk with token usage")
+
+
+class _SamplingRequest(_Request):
+    """Fields shared by completions and chat completions."""
+
+    model: str | None = Field(None, description="the served model's name (GET /v1/models); "
+                                                "omitted means the served model")
+    n: int = Field(1, ge=1, le=MAX_N, description="completions to generate per prompt")
+    temperature: float = Field(1.0, ge=0, description="0 means greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    stop: str | list[str] | None = Field(None, description="stop strings (not in the output)")
+    seed: Int64 | None = Field(None, description="per-request sampling seed; with n > 1, "
+                                                 "choice i uses seed + i")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="an end-user id (accepted, not used)")
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be "
+                                                                  "empty")
+    # vLLM's extra sampling fields.
+    top_k: Int64 = Field(0, ge=-1, description="0 or -1 disable it")
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0, description="1 disables it")
+    min_tokens: Int64 = Field(0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[Int64] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    priority: Int64 = Field(0, description="lower values are scheduled first")
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
+        ..., description="a string, a list of strings, token ids, or a list of token-id lists")
+    max_tokens: Int64 | None = Field(16, ge=1, description="null: up to the context length")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="top alternatives to return per token")
+    echo: bool = Field(False, description="prepend the prompt to the returned text")
+    suffix: str | None = Field(None, description="not supported: must be null")
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="only best_of == n is "
+                                                                  "supported")
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: Int64 | None = Field(None, ge=1, description="null: up to the context length")
+    max_completion_tokens: Int64 | None = Field(None, ge=1, description="alias of max_tokens")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: bool = True
+    response_format: ResponseFormat | None = Field(None, description="only 'text' is supported")
+    tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty")
+
+
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: either a prompt or chat messages."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = Field(None, description="default: true for a prompt, "
+                                                              "false for messages")
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+# -- responses (documentation of what the handlers build) ----------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class CompletionStreamResponse(CompletionResponse):
+    """One SSE `data:` chunk of a streamed completion."""
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionStreamResponse(BaseModel):
+    """One SSE `data:` chunk of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "surge"
+    root: str
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int | None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    engine_pid: int | None = Field(None, description="the engine process (None: a thread)")
+    engine_restarts: int = 0
