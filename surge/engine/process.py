@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
@@ -28,6 +30,9 @@ from surge.config import EngineConfig
 from surge.engine.client import EngineInfo, engine_info
 from surge.engine.protocol import AbortRequests, AddRequest, EngineCoreOutput, EngineStats
 from surge.engine.request import FinishReason
+
+if TYPE_CHECKING:
+    from surge.engine.core import EngineCore
 
 __all__ = [
     "Abort", "Add", "EngineFailed", "EngineInput", "EngineMessage", "Ready", "Shutdown",
@@ -112,9 +117,17 @@ def run_engine_process(config_msgpack: bytes, model_dir: str, input_address: str
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # from here on, SIGTERM just kills
         inputs.close(linger=0)
-        outputs.close(linger=FLUSH_MILLISECONDS)
+        outputs.close(linger=0 if os.getppid() != parent_pid else FLUSH_MILLISECONDS)
         context.term()
+        if os.getppid() != parent_pid:
+            _remove_orphaned_folder(input_address)
     sys.exit(exit_code)
+
+
+def _remove_orphaned_folder(address: str) -> None:
+    """A server that died hard left its private socket folder behind: nobody else will."""
+    if address.startswith("ipc://"):
+        shutil.rmtree(os.path.dirname(address.removeprefix("ipc://")), ignore_errors=True)
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -151,8 +164,8 @@ def _serve(config_msgpack: bytes, model_dir: str, inputs: zmq.Socket, outputs: z
     return 0
 
 
-def _load_core(config_msgpack: bytes, model_dir: str):  # -> EngineCore (torch import is slow)
-    from surge.engine.core import EngineCore
+def _load_core(config_msgpack: bytes, model_dir: str) -> EngineCore:
+    from surge.engine.core import EngineCore  # here: importing torch takes seconds
 
     config = msgspec.msgpack.decode(config_msgpack, type=EngineConfig)
     return EngineCore(config, model_dir)
@@ -161,7 +174,8 @@ def _load_core(config_msgpack: bytes, model_dir: str):  # -> EngineCore (torch i
 class EngineLoop:
     """Step while there is work; block on the input socket (with a heartbeat) while idle."""
 
-    def __init__(self, core, inputs: zmq.Socket, outputs: zmq.Socket, parent_pid: int):
+    def __init__(self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket,
+                 parent_pid: int):
         self.core, self.inputs, self.outputs = core, inputs, outputs
         self.parent_pid = parent_pid
         self.poller = zmq.Poller()

@@ -297,7 +297,7 @@ _ORPHANING_PARENT = textwrap.dedent("""
     async def main():
         client = MPEngineClient(EngineConfig(kv_cache_memory_bytes=8 << 20), sys.argv[1])
         await client.start()
-        print(client.engine_pid, flush=True)
+        print(client.engine_pid, client._folder, flush=True)
         os._exit(0)  # die without shutting anything down
 
     if __name__ == "__main__":
@@ -314,10 +314,11 @@ def test_engine_exits_when_the_server_process_dies(model_dir: Path, tmp_path: Pa
     with subprocess.Popen([sys.executable, str(script), str(model_dir)],
                           stdout=subprocess.PIPE, text=True) as parent:
         assert parent.stdout is not None
-        engine_pid = int(parent.stdout.readline())
+        pid, folder = parent.stdout.readline().split()
         assert parent.wait(timeout=START_SECONDS) == 0
-        assert asyncio.run(poll(lambda: process_gone(engine_pid), 10.0)), \
+        assert asyncio.run(poll(lambda: process_gone(int(pid)), 10.0)), \
             "the orphaned engine process is still running"
+    assert not Path(folder).exists(), "the orphaned engine left its socket folder behind"
 
 
 # -- overhead benchmark --------------------------------------------------------------------------
