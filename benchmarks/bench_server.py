@@ -158,11 +158,16 @@ def _common(vocab_size: int, seed: int) -> dict[str, Any]:
 
 def w1_config(vocab_size: int, args: argparse.Namespace, round_index: int) -> BenchConfig:
     """BENCH.md's W1, ``w1_repeats`` times: each load point draws its own prompts, and each
-    round its own seed, so no burst is served from another's prefix cache. Warm-up requests
-    of the same shapes go first (oneDNN builds kernels per batch shape once)."""
+    round its own seed, so no burst is served from another's prefix cache.
+
+    Three bursts' worth of warm-up requests of the same shapes go first: oneDNN builds kernels
+    once per batch shape, and requests arriving over HTTP a little apart make steps of more
+    varied shapes than the offline engine's (a fresh server measured here took three or four
+    bursts to reach its steady rate).
+    """
     return BenchConfig(**_common(vocab_size, args.seed + 1000 * round_index),
                        input_len="128", output_len=str(W1_OUTPUT_TOKENS),
-                       concurrency=[16] * args.w1_repeats, num_requests=16, warmup=16)
+                       concurrency=[16] * args.w1_repeats, num_requests=16, warmup=48)
 
 
 def w2_config(vocab_size: int, args: argparse.Namespace) -> BenchConfig:
