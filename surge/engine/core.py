@@ -113,7 +113,7 @@ class EngineCore:
             logprobs = [result.logprobs] if result.logprobs is not None else None
             outputs.append(EngineCoreOutput(
                 request.request_id, [result.token_id], logprobs, request.finish_reason,
-                request.stop_reason, request.num_cached_tokens))
+                request.stop_reason, request.num_cached_tokens, request.first_scheduled_time))
         return outputs
 
 

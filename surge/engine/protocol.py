@@ -36,6 +36,7 @@ class EngineCoreOutput(msgspec.Struct):
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None  # time.monotonic() when it first got a seat
     # Set when the engine refused the request (it then also carries finish_reason ABORT).
     error: str | None = None
 

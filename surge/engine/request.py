@@ -56,6 +56,9 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    # When the scheduler first gave it a seat (monotonic, comparable across processes):
+    # queue time ends here and prefill begins.
+    first_scheduled_time: float | None = None
     # A seeded request's own random stream, created at its first sampled token.
     generator: Any = None
 

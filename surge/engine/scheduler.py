@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -155,6 +156,8 @@ class Scheduler:
                 budget += self._preempt_last_running(output)
                 continue
             heapq.heappop(self._waiting)
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_cached
             request.num_cached_tokens = max(request.num_cached_tokens, num_cached)

@@ -537,6 +537,7 @@ async def _stream_choice(serving: OpenAIServing, choice: _Choice,
     detokenizer = IncrementalDetokenizer(serving.tokenizer.tokenizer, choice.prompt_token_ids,
                                          params)
     token_times: list[float] = []
+    first_scheduled: float | None = None
     finish: str | None = "abort"  # what metrics record if the stream is cut off
     try:
         request = AddRequest(choice.request_id, choice.prompt_token_ids, params,
@@ -545,6 +546,7 @@ async def _stream_choice(serving: OpenAIServing, choice: _Choice,
             async for update in updates:
                 now = time.monotonic()
                 token_times.extend(now for _ in update.new_token_ids)
+                first_scheduled = first_scheduled or update.first_scheduled_time
                 delta = _to_delta(choice.index, update.new_token_ids, update.new_logprobs,
                                   update.finish_reason, update.stop_reason, detokenizer,
                                   params.include_stop_str_in_output)
@@ -556,7 +558,7 @@ async def _stream_choice(serving: OpenAIServing, choice: _Choice,
         finish = "error"
         raise
     finally:
-        _record(serving, choice, finish, token_times, arrival, detokenizer)
+        _record(serving, choice, finish, token_times, arrival, first_scheduled, detokenizer)
 
 
 def _to_delta(index: int, token_ids: list[int], logprobs: list[TokenLogprobs] | None,
@@ -577,12 +579,13 @@ def _to_delta(index: int, token_ids: list[int], logprobs: list[TokenLogprobs] | 
 
 
 def _record(serving: OpenAIServing, choice: _Choice, finish: str | None,
-            token_times: list[float], arrival: float,
+            token_times: list[float], arrival: float, first_scheduled: float | None,
             detokenizer: IncrementalDetokenizer) -> None:
     first_token = token_times[0] if token_times else None
     serving.metrics.record_request(
         finish_reason=finish or "abort", num_prompt_tokens=len(choice.prompt_token_ids),
-        num_generation_tokens=len(token_times), arrival=arrival, first_scheduled=None,
+        num_generation_tokens=len(token_times), arrival=arrival,
+        first_scheduled=first_scheduled,
         first_token=first_token, token_times=token_times, finished=time.monotonic())
     if serving.limits.log_prompts:
         logger.info("request %s finished (%s): %r", choice.request_id, finish,

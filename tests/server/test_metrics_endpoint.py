@@ -8,7 +8,8 @@ import pytest
 from tests.server._helpers import metric_value
 
 HISTOGRAMS = ("time_to_first_token_seconds", "e2e_request_latency_seconds",
-              "request_decode_time_seconds")
+              "request_decode_time_seconds", "request_queue_time_seconds",
+              "request_prefill_time_seconds")
 
 
 @pytest.mark.timeout(120)
