@@ -45,18 +45,22 @@ class EngineInfo(msgspec.Struct):
 
 
 class EngineClient(abc.ABC):
+    _info: EngineInfo | None = None  # set by subclasses once the engine reports ready
+
     @abc.abstractmethod
     async def start(self) -> None:
         """Load the model; returns when the engine is ready to take requests."""
 
     @property
-    @abc.abstractmethod
     def info(self) -> EngineInfo:
         """Facts about the loaded model; only valid once ``is_ready``."""
+        if self._info is None:
+            raise RuntimeError("the engine is not ready yet")
+        return self._info
 
     @property
-    @abc.abstractmethod
-    def is_ready(self) -> bool: ...
+    def is_ready(self) -> bool:
+        return self._info is not None
 
     @property
     @abc.abstractmethod
@@ -133,16 +137,6 @@ class InprocEngineClient(EngineClient):
         self._thread = threading.Thread(target=self._run, args=(core,), daemon=True,
                                         name="surge-engine")
         self._thread.start()
-
-    @property
-    def info(self) -> EngineInfo:
-        if self._info is None:
-            raise RuntimeError("the engine is not ready yet")
-        return self._info
-
-    @property
-    def is_ready(self) -> bool:
-        return self._info is not None
 
     @property
     def is_healthy(self) -> bool:

@@ -263,16 +263,6 @@ class MPEngineClient(EngineClient):
             self._starting = None
 
     @property
-    def info(self) -> EngineInfo:
-        if self._info is None:
-            raise RuntimeError("the engine is not ready yet")
-        return self._info
-
-    @property
-    def is_ready(self) -> bool:
-        return self._info is not None
-
-    @property
     def is_healthy(self) -> bool:
         return self._healthy
 
