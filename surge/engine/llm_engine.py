@@ -34,7 +34,6 @@ class _Tracked:
     detokenizer: IncrementalDetokenizer
     token_ids: list[int]
     logprobs: list[TokenLogprobs] | None
-    include_stop_str: bool = False
 
 
 class LLMEngine:
@@ -56,8 +55,7 @@ class LLMEngine:
         self.core.add_request(AddRequest(request_id, token_ids, params, priority))
         detokenizer = IncrementalDetokenizer(self.tokenizer.tokenizer, token_ids, params)
         self._tracked[request_id] = _Tracked(text, token_ids, detokenizer, [],
-                                             [] if params.logprobs is not None else None,
-                                             params.include_stop_str_in_output)
+                                             [] if params.logprobs is not None else None)
         return request_id
 
     def abort_request(self, request_ids: list[str]) -> list[RequestOutput]:
@@ -82,23 +80,14 @@ class LLMEngine:
     def _emit(self, out: EngineCoreOutput) -> RequestOutput:
         tracked = self._tracked[out.request_id]
         detok = tracked.detokenizer
-        finish, stop_reason = out.finish_reason, out.stop_reason
         tracked.token_ids.extend(out.new_token_ids)
         if tracked.logprobs is not None and out.new_logprobs:
             tracked.logprobs.extend(out.new_logprobs)
-        text_ids = out.new_token_ids
-        if finish is FinishReason.STOP and not tracked.include_stop_str:
-            # As in vLLM: the EOS or stop token id ends the output but is not part of its text.
-            text_ids = text_ids[:-1]
-        stop = detok.add_tokens(text_ids) if text_ids else None
-        if stop is not None:
-            # The text was cut at a stop string, so "stop" is the honest reason even when
-            # the same token also reached max_tokens.
-            if finish is None:
-                self.core.finish_request(out.request_id, FinishReason.STOP, stop)
-            finish, stop_reason = FinishReason.STOP, stop
+        update = detok.apply_update(out.new_token_ids, out.finish_reason, out.stop_reason)
+        if update.needs_abort:
+            self.core.finish_request(out.request_id, FinishReason.STOP, update.stop_reason)
+        finish, stop_reason, delta = update.finish_reason, update.stop_reason, update.text
         finished = finish is not None
-        delta = detok.take_delta(finished)
         if finished:
             del self._tracked[out.request_id]
         completion = CompletionOutput(

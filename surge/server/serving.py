@@ -548,8 +548,7 @@ async def _stream_choice(serving: OpenAIServing, choice: _Choice,
                 token_times.extend(now for _ in update.new_token_ids)
                 first_scheduled = first_scheduled or update.first_scheduled_time
                 delta = _to_delta(choice.index, update.new_token_ids, update.new_logprobs,
-                                  update.finish_reason, update.stop_reason, detokenizer,
-                                  params.include_stop_str_in_output)
+                                  update.finish_reason, update.stop_reason, detokenizer)
                 yield delta
                 if delta.finish_reason is not None:
                     finish = delta.finish_reason
@@ -563,19 +562,10 @@ async def _stream_choice(serving: OpenAIServing, choice: _Choice,
 
 def _to_delta(index: int, token_ids: list[int], logprobs: list[TokenLogprobs] | None,
               finish: FinishReason | None, stop_reason: int | str | None,
-              detokenizer: IncrementalDetokenizer, include_stop_str: bool) -> _Delta:
-    text_ids = token_ids
-    if finish is FinishReason.STOP and not include_stop_str:
-        # As in vLLM: the EOS or stop token id ends the output but is not part of its text.
-        text_ids = text_ids[:-1]
-    matched = detokenizer.add_tokens(text_ids) if text_ids else None
-    reason: str | None = finish.value if finish is not None else None
-    if matched is not None:
-        # The text was cut at a stop string, so "stop" is the honest reason even when the
-        # same token also reached max_tokens.
-        reason, stop_reason = FinishReason.STOP.value, matched
-    text = detokenizer.take_delta(reason is not None)
-    return _Delta(index, text, list(token_ids), logprobs, reason, stop_reason)
+              detokenizer: IncrementalDetokenizer) -> _Delta:
+    update = detokenizer.apply_update(token_ids, finish, stop_reason)
+    reason = update.finish_reason.value if update.finish_reason is not None else None
+    return _Delta(index, update.text, list(token_ids), logprobs, reason, update.stop_reason)
 
 
 def _record(serving: OpenAIServing, choice: _Choice, finish: str | None,
