@@ -24,7 +24,8 @@ from surge.engine.protocol import AbortRequests, AddRequest, EngineCoreOutput, E
 if TYPE_CHECKING:
     from surge.engine.core import EngineCore
 
-__all__ = ["EngineClient", "EngineDeadError", "EngineInfo", "InprocEngineClient"]
+__all__ = ["EngineClient", "EngineDeadError", "EngineInfo", "InprocEngineClient", "RequestStream",
+           "iterate_stream"]
 
 
 class EngineDeadError(RuntimeError):
@@ -86,7 +87,7 @@ class EngineClient(abc.ABC):
 
 
 @dataclass
-class _Stream:
+class RequestStream:
     """Per-request mailbox: the engine side puts, the request's coroutine gets."""
 
     loop: asyncio.AbstractEventLoop
@@ -96,7 +97,7 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.updates.put_nowait, item)
 
 
-async def iterate_stream(stream: _Stream, request_id: str,
+async def iterate_stream(stream: RequestStream, request_id: str,
                          abort: Callable[[list[str]], Awaitable[None]]
                          ) -> AsyncIterator[EngineCoreOutput]:
     """Yield a request's updates; abort it in the engine if the consumer leaves early."""
@@ -121,7 +122,7 @@ class InprocEngineClient(EngineClient):
     def __init__(self, config: EngineConfig, model_dir: str):
         self.config, self.model_dir = config, model_dir
         self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._stats = EngineStats()
         self._info: EngineInfo | None = None
         self._thread: threading.Thread | None = None
@@ -145,7 +146,7 @@ class InprocEngineClient(EngineClient):
     def generate(self, request: AddRequest) -> AsyncIterator[EngineCoreOutput]:
         if not self.is_healthy:
             raise EngineDeadError("the engine is not running")
-        stream = _Stream(asyncio.get_running_loop())
+        stream = RequestStream(asyncio.get_running_loop())
         self._streams[request.request_id] = stream
         self._commands.put(request)
         return iterate_stream(stream, request.request_id, self.abort)

@@ -34,7 +34,7 @@ from surge.engine.client import (
     EngineClient,
     EngineDeadError,
     EngineInfo,
-    _Stream,
+    RequestStream,
     iterate_stream,
 )
 from surge.engine.process import (
@@ -220,7 +220,7 @@ class MPEngineClient(EngineClient):
         self.config, self.model_dir = config, str(model_dir)
         self.restart, self.max_restarts = restart, max_restarts
         self.num_restarts = 0
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._stats = EngineStats()
         self._info: EngineInfo | None = None
         self._engine: _EngineProcess | None = None
@@ -274,7 +274,7 @@ class MPEngineClient(EngineClient):
             return _fail_on_iteration(ValueError(
                 f"request_id={request_id!r} is already in flight: allowed is an id unique "
                 "among running requests"))
-        stream = _Stream(asyncio.get_running_loop())
+        stream = RequestStream(asyncio.get_running_loop())
         self._streams[request_id] = stream
         try:
             self._engine.send(Add(request))
