@@ -309,13 +309,20 @@ class _EngineLifecycle:
         self._draining = False
         # serve.py replaces this with "stop uvicorn and exit with this code".
         self.request_exit: Callable[[int], None] = lambda code: None
+        # Features with their own background work (batch workers, model pools, storage) add an
+        # async context manager factory here before the app starts; they are entered after the
+        # engine's loader task starts and exited, in reverse order, before the engine stops.
+        self.services: list[Callable[[FastAPI], contextlib.AbstractAsyncContextManager[Any]]] = []
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._run())
         try:
-            yield
+            async with contextlib.AsyncExitStack() as stack:
+                for service in self.services:
+                    await stack.enter_async_context(service(app))
+                yield
         finally:
             await self._stop()
 
