@@ -95,11 +95,25 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     add_parser(subparsers)
 
 
+def _add_batch(subparsers: argparse._SubParsersAction) -> None:
+    from surge.batch.cli import add_parser
+
+    add_parser(subparsers)
+
+
+def _add_route(subparsers: argparse._SubParsersAction) -> None:
+    from surge.router.cli import add_route_parser
+
+    add_route_parser(subparsers)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_make_model,
     _add_generate,
     _add_serve,
     _add_bench,
+    _add_route,
+    _add_batch,
 ]
 
 

@@ -33,6 +33,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     allow_pickle: bool = False
     seed: int = 0
+    # Torch intra-op threads of the engine; None leaves torch's default (all cores). Replicas
+    # sharing a machine each take a share, so they do not fight over the cores.
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
@@ -48,6 +51,8 @@ class EngineConfig:
                  "(0, 1]")
         _require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed",
                  self.seed, "an integer")
+        _require(self.num_threads is None or self.num_threads >= 1, "num_threads",
+                 self.num_threads, "an integer >= 1")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EngineConfig:
@@ -71,6 +76,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         action="store_false")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow loading pickle (.bin) weights; they can run arbitrary code")
+    parser.add_argument("--num-threads", type=int, default=None,
+                        help="torch threads of the engine (default: torch's, all cores)")
 
 
 def _require(ok: bool, name: str, value: object, allowed: str) -> None:

@@ -33,6 +33,8 @@ _CPU_DEFAULT_CAP_BYTES = 2 << 30
 class EngineCore:
     def __init__(self, config: EngineConfig, model_dir: str):
         self.config = config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
         self.loaded: LoadedModel = load_model(
             model_dir, config.dtype, config.device, config.allow_pickle, config.max_model_len)
         model_config = self.loaded.config

@@ -74,14 +74,35 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--log-prompts", action="store_true",
                           help="log prompts and outputs (off by default: they may be private)")
 
+    from surge.entrypoints.serve_pooling import add_pooling_args
+
+    add_pooling_args(parser)
+    from surge.batch.config import add_batch_args
+
+    add_batch_args(parser)
     add_engine_args(parser.add_argument_group("engine"))
+
+    from surge.apps.config import add_apps_args
+
+    add_apps_args(parser)
+
+    from surge.router.cli import add_replica_args
+
+    add_replica_args(parser)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level)
     settings = settings_from_args(args)  # bad flags fail before any model is written
-    model_dir = args.model or _demo_model()
+    apps_settings = _apps_settings(args, settings.api_keys)
+    from surge.entrypoints.serve_pooling import pools_from_args, resolve_model_arg
+
+    model_dir = resolve_model_arg(args.model) if args.model else _demo_model()
     _check_model_dir(model_dir)
+    from surge.router.cli import run_replicated, wants_router
+
+    if wants_router(args):  # N replicas of this server behind a router on --host/--port
+        return run_replicated(args, model_dir, settings)
     config = EngineConfig.from_args(args)
     config.model = model_dir
 
@@ -90,8 +111,15 @@ def run_serve(args: argparse.Namespace) -> int:
     from surge.server.app import build_app
     from surge.tokenizer import load_tokenizer
 
-    engine = make_engine(args.engine_mode, config, model_dir, args.engine_restart)
-    app = build_app(engine, load_tokenizer(model_dir), settings)
+    # Embedding and classification models are served without the LLM engine.
+    pools, generates = pools_from_args(args, model_dir, settings)
+    engine = (make_engine(args.engine_mode, config, model_dir, args.engine_restart)
+              if generates else None)
+    app = build_app(engine, load_tokenizer(model_dir) if generates else None, settings, pools)
+    if apps_settings is not None:
+        from surge.apps import mount_apps
+
+        mount_apps(app, apps_settings)
     lifecycle = app.state.lifecycle
     server = _make_server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
@@ -122,7 +150,21 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_body_bytes=args.max_body_bytes, max_queued_requests=args.max_queued_requests,
         max_queued_tokens=args.max_queued_tokens,
         request_timeout=args.request_timeout or None, drain_timeout=args.drain_timeout,
-        log_prompts=args.log_prompts)
+        log_prompts=args.log_prompts, batch=_batch_settings(args))
+
+
+def _apps_settings(args: argparse.Namespace, api_keys: list[str]) -> Any:
+    if not args.apps:
+        return None
+    from surge.apps.config import apps_settings_from_args
+
+    return apps_settings_from_args(args, api_keys)
+
+
+def _batch_settings(args: argparse.Namespace) -> Any:
+    from surge.batch.config import batch_settings_from_args
+
+    return batch_settings_from_args(args)
 
 
 def make_engine(mode: str, config: EngineConfig, model_dir: str,
@@ -183,6 +225,8 @@ def _make_server(config: Any, on_signal: Callable[[], None], model_name: str) ->
             await super().startup(sockets)
             if self.started:
                 host, port = self.servers[0].sockets[0].getsockname()[:2]
+                # Features that call this server over HTTP (the web apps) learn its address.
+                self.config.app.state.listen_address = (host, port)
                 logger.info("listening on http://%s:%d (model %r; OpenAI API under /v1, docs "
                             "at /docs)", host, port, model_name)
 

@@ -25,6 +25,7 @@ from surge.server.admission import AdmissionController
 from surge.server.auth import ApiKeyAuth, AuthError, RateLimiter
 from surge.server.errors import APIError, error_response, install_error_handlers
 from surge.server.metrics import ServerMetrics
+from surge.server.pooling import ModelPools, NoGenerationEngine, add_pooling_routes
 from surge.server.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -73,6 +74,8 @@ class ServerSettings:
     request_timeout: float | None = 600.0
     drain_timeout: float = 30.0
     log_prompts: bool = False
+    # surge.batch.config.BatchSettings: the Files and Batches API; None leaves it off.
+    batch: Any = None
 
     def __post_init__(self) -> None:
         _require(bool(self.model_names) and all(self.model_names), "served_model_name",
@@ -85,8 +88,12 @@ class ServerSettings:
                  "a number of seconds >= 0")
 
 
-def build_app(engine: EngineClient, tokenizer: ChatTokenizer,
-              settings: ServerSettings) -> FastAPI:
+def build_app(engine: EngineClient | None, tokenizer: ChatTokenizer | None,
+              settings: ServerSettings, pools: ModelPools | None = None) -> FastAPI:
+    """``engine=None``: no text-generation model, only the embedding or classification
+    models of ``pools`` (which may also accompany an LLM)."""
+    can_generate = engine is not None
+    engine = engine if engine is not None else NoGenerationEngine()
     metrics = ServerMetrics(model_name=settings.model_names[0])
     if hasattr(engine, "engine_pid"):
         metrics.track_engine_process(lambda: engine.engine_pid)
@@ -103,8 +110,14 @@ def build_app(engine: EngineClient, tokenizer: ChatTokenizer,
     install_error_handlers(app)
     app.add_middleware(_RequestGate, auth=ApiKeyAuth(settings.api_keys),
                        max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    serving.can_generate = can_generate
     _add_openai_routes(app, serving)
     _add_operator_routes(app, serving)
+    add_pooling_routes(app, serving, pools or ModelPools([]))
+    if settings.batch is not None and settings.batch.enabled:
+        from surge.batch.routes import add_batch_routes
+
+        add_batch_routes(app, settings.batch, settings.api_keys)
     return app
 
 
@@ -150,8 +163,10 @@ def _add_openai_routes(app: FastAPI, serving: OpenAIServing) -> None:
         max_len = serving.engine.info.max_model_len if serving.engine.is_ready else None
         root = serving.engine.info.model_dir if serving.engine.is_ready else None
         cards = [{"id": name, "object": "model", "created": serving.created,
-                  "owned_by": "surge", "root": root or name, "max_model_len": max_len}
-                 for name in serving.model_names]
+                  "owned_by": "surge", "root": root or name, "max_model_len": max_len,
+                  "task": "generate"}
+                 for name in serving.model_names if serving.can_generate]
+        cards += app.state.pools.cards()
         return json_response({"object": "list", "data": cards})
 
     @app.post("/tokenize", response_model=TokenizeResponse, tags=["vllm"],
@@ -187,6 +202,7 @@ def _add_operator_routes(app: FastAPI, serving: OpenAIServing) -> None:
         """200 when the engine can take requests; 503 while loading, after the engine died,
         and while draining for shutdown."""
         serving.check_available()
+        app.state.pools.check_ready()  # every served model, not only the LLM
         # The engine process id lets operators (and the crash test) find the engine.
         return json_response({"status": "ok",
                               "engine_pid": getattr(serving.engine, "engine_pid", None),

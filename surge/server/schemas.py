@@ -249,6 +249,9 @@ class ModelCard(BaseModel):
     owned_by: str = "surge"
     root: str
     max_model_len: int | None = None
+    # What the model does: "generate" (completions, chat), "embed" (/v1/embeddings) or
+    # "classify" (/v1/classify).
+    task: Literal["generate", "embed", "classify"] | None = None
 
 
 class ModelList(BaseModel):

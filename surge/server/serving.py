@@ -144,6 +144,10 @@ class OpenAIServing:
         self._runs: set[_Run] = set()
         # Set by the app when no new request may start (draining, engine gone for good).
         self.refusal: APIError | None = None
+        # Set by the app: False when no text-generation model is served (only embedding or
+        # classification models, by name in ``other_models`` with their task).
+        self.can_generate = True
+        self.other_models: dict[str, str] = {}
 
     @property
     def served_model(self) -> str:
@@ -178,10 +182,26 @@ class OpenAIServing:
         return json_response(self._chat_body(prepared, body, outputs))
 
     def check_model(self, model: str | None) -> None:
+        if model in self.other_models or not self.can_generate:
+            raise self._not_generative(model)
         if model is not None and model not in self.model_names:
             raise APIError(404, f"The model '{model}' does not exist: this server serves "
                            f"{', '.join(repr(n) for n in self.model_names)} (GET /v1/models)",
                            param="model", code="model_not_found")
+
+    def _not_generative(self, model: str | None) -> APIError:
+        served = ", ".join(f"'{name}' ({task})" for name, task in self.other_models.items())
+        generators = ", ".join(repr(n) for n in self.model_names) if self.can_generate else ""
+        if model in self.other_models:
+            task = self.other_models[model]
+            article = "an" if task[0] in "aeiou" else "a"
+            return APIError(400, f"the model '{model}' is {article} {task} model: "
+                            f"it cannot generate or tokenize text; models that can: "
+                            f"{generators or 'none on this server'}", param="model",
+                            code="model_not_supported")
+        return APIError(404, f"this server serves no text-generation model (it serves "
+                        f"{served}: use /v1/embeddings or /v1/classify)", param="model",
+                        code="model_not_found")
 
     def check_available(self) -> None:
         """503 unless the engine can take a request right now."""

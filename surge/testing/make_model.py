@@ -8,7 +8,9 @@ same ones real checkpoints take.
 
 A checkpoint directory holds `config.json`, `model.safetensors`, `tokenizer.json`,
 `tokenizer_config.json` (with a ChatML `chat_template`) and `generation_config.json`.
-Same preset and seed, same bytes, in every file.
+Same preset and seed, same bytes, in every file. The encoder and vision presets (`tiny-bert`,
+`tiny-resnet`, `tiny-vit`, `resnet-50`, `vit-base`) write their own files instead: see
+`pool_checkpoints`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+from surge.testing.pool_checkpoints import (
+    POOL_FAMILIES,
+    bert_config,
+    pool_tensor_specs,
+    resnet_config,
+    vit_config,
+    wordpiece_tokenizer_json,
+    write_pool_files,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -66,7 +78,7 @@ FILES = (
 # Presets
 # --------------------------------------------------------------------------------------------
 
-Family = Literal["llama", "gpt2"]
+Family = Literal["llama", "gpt2", "bert", "resnet", "vit"]
 
 
 @dataclass(frozen=True)
@@ -75,7 +87,8 @@ class TensorSpec:
 
     name: str
     shape: tuple[int, ...]
-    init: Literal["normal", "norm", "bias"]
+    # fan_in: N(0, 1/fan_in), for convolutions and heads of the vision presets.
+    init: Literal["normal", "norm", "bias", "fan_in"]
 
     @property
     def numel(self) -> int:
@@ -112,6 +125,9 @@ class Preset:
         """Every tensor of the checkpoint, in the fixed order the weights are drawn."""
         if self.family == "gpt2":
             return _gpt2_specs(self.config)
+        if self.family in POOL_FAMILIES:
+            return [TensorSpec(name, shape, init)  # type: ignore[arg-type]
+                    for name, shape, init in pool_tensor_specs(self.family, self.config)]
         return _llama_specs(self.config)
 
     @property
@@ -258,8 +274,30 @@ def _build_presets() -> dict[str, Preset]:
         Preset("gpt2", "gpt2", _gpt2(
             embd=768, layers=12, heads=12, vocab=50257, positions=1024, dtype=f32),
             "GPT-2 (124M) shape"),
+        *_pool_presets(),
     ]
     return {p.name: p for p in presets}
+
+
+def _pool_presets() -> list[Preset]:
+    """Embedding and image-classification models (sentence-transformers / HF vision layout)."""
+    return [
+        Preset("tiny-bert", "bert", bert_config(
+            hidden=64, layers=2, heads=4, intermediate=128, vocab=1024, max_pos=128),
+            "BERT encoder with mean pooling and normalisation, WordPiece tokenizer"),
+        Preset("tiny-resnet", "resnet", resnet_config(
+            embedding=16, hidden_sizes=[32, 64], depths=[1, 2], labels=10, image_size=64),
+            "ResNet bottleneck, 2 stages, 10 classes, 64 px"),
+        Preset("tiny-vit", "vit", vit_config(
+            hidden=32, layers=2, heads=4, intermediate=64, image_size=32, patch=8, labels=10),
+            "ViT, 2 layers, 10 classes, 32 px in 8 px patches"),
+        Preset("resnet-50", "resnet", resnet_config(
+            embedding=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3],
+            labels=1000, image_size=224), "ResNet-50 shape (microsoft/resnet-50), 1000 classes"),
+        Preset("vit-base", "vit", vit_config(
+            hidden=768, layers=12, heads=12, intermediate=3072, image_size=224, patch=16,
+            labels=1000), "ViT-B/16 shape (google/vit-base-patch16-224), 1000 classes"),
+    ]
 
 
 PRESETS: dict[str, Preset] = _build_presets()
@@ -383,9 +421,12 @@ def _draw(spec: TensorSpec, dtype: torch.dtype, gen: torch.Generator) -> torch.T
 
     out = torch.empty(spec.shape, dtype=dtype)
     flat = out.view(-1)
+    std = INITIALIZER_RANGE
+    if spec.init == "fan_in":
+        std = (spec.numel // spec.shape[0]) ** -0.5
     for start in range(0, flat.numel(), _CHUNK):
         values = torch.randn(min(_CHUNK, flat.numel() - start), generator=gen)
-        values.mul_(INITIALIZER_RANGE)
+        values.mul_(std)
         if spec.init == "norm":
             values.add_(1.0)
         flat[start:start + values.numel()] = values  # the copy casts to the stored dtype
@@ -659,6 +700,9 @@ def _write_temp(preset: Preset, seed: int, target: Path) -> Path:
 def _write_files(preset: Preset, seed: int, directory: Path) -> None:
     from safetensors.torch import save_file
 
+    if preset.family in POOL_FAMILIES:
+        _write_pool_checkpoint(preset, seed, directory)
+        return
     _write_json(directory / "config.json", preset.config)
     _write_json(directory / "generation_config.json", _generation_config())
     _write_json(directory / "tokenizer_config.json", _tokenizer_config(preset))
@@ -668,6 +712,22 @@ def _write_files(preset: Preset, seed: int, directory: Path) -> None:
     save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
     # safetensors creates its file 0600; give it the umask-derived mode of the files beside it.
     (directory / "model.safetensors").chmod((directory / "config.json").stat().st_mode & 0o777)
+
+
+def _write_pool_checkpoint(preset: Preset, seed: int, directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    _write_json(directory / "config.json", preset.config)
+    tokenizer = (_wordpiece_tokenizer(preset.vocab_size) if preset.family == "bert" else None)
+    write_pool_files(preset.family, preset.config, directory, tokenizer)
+    save_file(generate_weights(preset, seed), directory / "model.safetensors",
+              metadata={"format": "pt"})
+    (directory / "model.safetensors").chmod((directory / "config.json").stat().st_mode & 0o777)
+
+
+@functools.lru_cache(maxsize=4)
+def _wordpiece_tokenizer(vocab_size: int) -> str:
+    return wordpiece_tokenizer_json(_corpus(vocab_size, _CORPUS_SEED), vocab_size)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -710,7 +770,13 @@ def _is_checkpoint_dir(path: Path) -> bool:
     """A directory holding config.json and nothing but checkpoint files (ours or a hub's)."""
     if not path.is_dir() or path.is_symlink() or not (path / "config.json").is_file():
         return False
-    return all(entry.is_file() and _is_checkpoint_file(entry.name) for entry in path.iterdir())
+    return all((entry.is_file() and _is_checkpoint_file(entry.name))
+               or (entry.is_dir() and entry.name in _CHECKPOINT_SUBDIRS)
+               for entry in path.iterdir())
+
+
+# sentence-transformers keeps the pooling config in a folder of its own.
+_CHECKPOINT_SUBDIRS = frozenset({"1_Pooling", "2_Normalize"})
 
 
 def _is_checkpoint_file(name: str) -> bool:

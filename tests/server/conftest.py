@@ -31,3 +31,18 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 def client(server: ServerProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=60.0) as http:
         yield http
+
+
+@pytest.fixture(scope="session")
+def pool_server(tiny_checkpoint: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[ServerProcess]:
+    """Embedding and classification models, no LLM: the real MiniLM by its short name, plus a
+    tiny BERT, ResNet and ViT chosen by name; 1 MiB / 4 megapixel image limits."""
+    proc = start_server(
+        Path("all-minilm-l6-v2"), tmp_path_factory.mktemp("pool_server"),
+        "--extra-model", f"tiny-bert={tiny_checkpoint('tiny-bert')}",
+        "--extra-model", f"resnet={tiny_checkpoint('tiny-resnet')}",
+        "--extra-model", f"vit={tiny_checkpoint('tiny-vit')}",
+        "--max-image-bytes", str(1 << 20), "--max-image-pixels", "4000000")
+    yield proc
+    proc.stop()

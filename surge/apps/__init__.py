@@ -1,0 +1,120 @@
+"""Applications on top of the server, with a web UI at ``/``: a customer-support chat, a writing
+assistant, image recognition and a live status page, plus their storage.
+
+``mount_apps(app, settings)`` adds everything to any FastAPI app (``surge serve``'s, or the
+router's): the pages (``/`` and ``/ui/...``, plain HTML/CSS/JS shipped in the package, no build
+step), the endpoints behind them (``/api/apps/...``, in the OpenAPI schema), the anonymous user
+cookie, and the start/stop of the store and the model-server client. The apps reach the model
+over HTTP (see ``llm_backend``): by default the address the server listens on, which the
+server puts in ``app.state.listen_address`` once bound; ``settings.upstream`` overrides it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.responses import FileResponse, RedirectResponse, Response
+from starlette.staticfiles import StaticFiles
+
+from surge.apps.config import AppsSettings, add_apps_args, apps_settings_from_args
+from surge.apps.identity import UserIdentity
+from surge.apps.llm_backend import LLMBackend, loopback_url
+from surge.apps.routes import API_PREFIX, AppsRuntime, build_router
+from surge.apps.storage import open_store
+
+__all__ = ["AppsSettings", "add_apps_args", "apps_settings_from_args", "mount_apps"]
+
+logger = logging.getLogger(__name__)
+
+UI_PREFIX = "/ui"
+STATIC_DIR = Path(str(resources.files("surge.apps") / "static"))
+
+
+def mount_apps(app: FastAPI, settings: AppsSettings | None = None) -> AppsRuntime:
+    """Add the web apps to ``app`` (before it starts); returns their runtime state."""
+    settings = settings or AppsSettings()
+    runtime = AppsRuntime(settings, LLMBackend(settings.upstream, _listen_url_of(app)))
+    app.state.apps = runtime
+    app.include_router(build_router(runtime))
+    _add_pages(app)
+    app.add_middleware(UserIdentity, prefixes=(API_PREFIX + "/", UI_PREFIX + "/"),
+                       exact=("/",))
+    _register_service(app, _service_of(runtime))
+    return runtime
+
+
+def _listen_url_of(app: Starlette) -> Callable[[], str | None]:
+    """Reads the server's bound address when first needed (it is unknown before startup)."""
+    def listen_url() -> str | None:
+        address = getattr(app.state, "listen_address", None)
+        return loopback_url(*address) if address else None
+
+    return listen_url
+
+
+def _service_of(runtime: AppsRuntime
+                    ) -> Callable[[Any], contextlib.AbstractAsyncContextManager[None]]:
+    @contextlib.asynccontextmanager
+    async def service(_app: Any) -> AsyncIterator[None]:
+        async with _running(runtime):
+            yield
+
+    return service
+
+
+@contextlib.asynccontextmanager
+async def _running(runtime: AppsRuntime) -> AsyncIterator[None]:
+    settings = runtime.settings
+    if settings.history:
+        runtime.store = await runtime.db(open_store, settings.database_url)
+        logger.info("web apps: history stored in %s (schema versions %s)",
+                    runtime.store.safe_url, runtime.store.schema_versions())
+    else:
+        logger.info("web apps: --no-history, nothing is stored")
+    await runtime.backend.start()
+    try:
+        yield
+    finally:
+        runtime.turns.stop_all()
+        await runtime.backend.close()
+        if runtime.store is not None:
+            runtime.store.close()
+        runtime.executor.shutdown(wait=False)
+
+
+def _register_service(app: Starlette,
+                      service: Callable[[Any], contextlib.AbstractAsyncContextManager[None]]
+                      ) -> None:
+    """On a Surge server, a lifecycle service (entered after the engine starts loading, left
+    before it stops); on any other app, wrapped around the app's own lifespan."""
+    lifecycle = getattr(app.state, "lifecycle", None)
+    if lifecycle is not None and hasattr(lifecycle, "services"):
+        lifecycle.services.append(service)
+        return
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(target: Any) -> AsyncIterator[Any]:
+        async with service(target), inner(target) as state:
+            yield state
+
+    app.router.lifespan_context = lifespan
+
+
+def _add_pages(app: FastAPI) -> None:
+    @app.get("/", include_in_schema=False)
+    async def landing() -> Response:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    @app.get(UI_PREFIX, include_in_schema=False)
+    async def ui_root() -> Response:
+        return RedirectResponse(UI_PREFIX + "/")
+
+    app.mount(UI_PREFIX, StaticFiles(directory=STATIC_DIR, html=True), name="ui")

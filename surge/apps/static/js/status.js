@@ -1,0 +1,39 @@
+// Status page: polls /api/apps/status every 2 s (numbers from the server's /metrics).
+import { API, apiJSON, el, formatNumber, showError } from "./common.js";
+
+const $ = (id) => document.getElementById(id);
+const POLL_MS = 2000;
+const LATENCY_NAMES = { e2e: "End to end", ttft: "Time to first token", itl: "Inter-token" };
+
+function render(s) {
+  $("rps").textContent = formatNumber(s.requests_per_second);
+  $("tps").textContent = formatNumber(s.output_tokens_per_second, 1);
+  $("running").textContent = formatNumber(s.requests_running, 0);
+  $("queue").textContent = formatNumber(s.queue_depth, 0);
+  $("kv").textContent = `${formatNumber(s.kv_cache_usage * 100, 1)} %`;
+  $("total").textContent = formatNumber(s.requests_total, 0);
+  $("window").textContent = formatNumber(s.window_seconds, 0);
+  $("latency").tBodies[0].replaceChildren(...Object.entries(s.latency_seconds).map(
+    ([key, q]) => el("tr", {}, el("th", {}, LATENCY_NAMES[key] || key),
+      el("td", {}, formatNumber(q.p50, 3)), el("td", {}, formatNumber(q.p90, 3)),
+      el("td", {}, formatNumber(q.p99, 3)))));
+  $("replicas").tBodies[0].replaceChildren(...s.replicas.map((r) => el("tr", {},
+    el("td", {}, String(r.url ?? r.id ?? "?")),
+    el("td", {}, el("span", { class: r.healthy === false ? "dot" : "dot ok" }),
+      String(r.status ?? (r.healthy === false ? "unhealthy" : "ok"))))));
+  $("updated").textContent = `· updated ${new Date().toLocaleTimeString()}`;
+}
+
+async function poll() {
+  try {
+    render(await apiJSON(`${API}/status`));
+    showError(null);
+    document.body.dataset.ready = "true";
+  } catch (err) {
+    showError(`Status unavailable: ${err.message}`);
+  } finally {
+    setTimeout(poll, POLL_MS);
+  }
+}
+
+poll();

@@ -1,0 +1,139 @@
+"""The status page's numbers, from the server's own Prometheus ``/metrics``.
+
+Rates and latency percentiles are computed over a recent window (the difference between the
+newest scrape and the oldest one kept in the window), so the page shows what happens now, not
+since start. Percentiles are estimated from histogram buckets by linear interpolation, as
+Prometheus' ``histogram_quantile`` does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+__all__ = ["MetricsSnapshot", "StatusWindow", "bucket_quantile", "parse_metrics"]
+
+PREFIX = "surge:"
+LATENCY_HISTOGRAMS = {"e2e": "e2e_request_latency_seconds",
+                      "ttft": "time_to_first_token_seconds",
+                      "itl": "inter_token_latency_seconds"}
+QUANTILES = (0.5, 0.9, 0.99)
+
+
+@dataclass
+class MetricsSnapshot:
+    """The few series the page needs, summed over models (several may be served)."""
+
+    at: float
+    values: dict[str, float]  # gauges and counters
+    buckets: dict[str, dict[float, float]]  # histogram -> upper bound -> cumulative count
+
+
+def parse_metrics(text: str, at: float | None = None) -> MetricsSnapshot:
+    values: dict[str, float] = {}
+    buckets: dict[str, dict[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith(PREFIX):
+            continue
+        name = family.name[len(PREFIX):]
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                bound = float(sample.labels["le"])
+                per_bound = buckets.setdefault(name, {})
+                per_bound[bound] = per_bound.get(bound, 0.0) + sample.value
+            elif not sample.name.endswith(("_created", "_sum")):
+                key = sample.name[len(PREFIX):]
+                if "finished_reason" in sample.labels:
+                    key += ":" + sample.labels["finished_reason"]
+                values[key] = values.get(key, 0.0) + sample.value
+    return MetricsSnapshot(time.monotonic() if at is None else at, values, buckets)
+
+
+def bucket_quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """The q-quantile of cumulative ``buckets`` (None when they hold no observation)."""
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] <= 0:
+        return None
+    rank = q * buckets[bounds[-1]]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound  # beyond the last finite bucket: its bound is all we know
+            share = (rank - lower_count) / (count - lower_count) if count > lower_count else 1
+            return lower_bound + (bound - lower_bound) * share
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+class StatusWindow:
+    """Recent scrapes, oldest first; numbers are computed between the oldest and newest."""
+
+    def __init__(self, window_seconds: float = 30.0) -> None:
+        self.window_seconds = window_seconds
+        self._snapshots: deque[MetricsSnapshot] = deque()
+
+    def add(self, snapshot: MetricsSnapshot) -> None:
+        self._snapshots.append(snapshot)
+        # Keep one snapshot at or beyond the window's start as the baseline.
+        while (len(self._snapshots) > 2
+               and snapshot.at - self._snapshots[1].at >= self.window_seconds):
+            self._snapshots.popleft()
+
+    def summary(self) -> dict[str, Any]:
+        newest = self._snapshots[-1]
+        oldest = self._snapshots[0]
+        elapsed = newest.at - oldest.at
+        v = newest.values
+        return {
+            "window_seconds": round(elapsed, 3),
+            "requests_per_second": _rate(oldest, newest, _finished(oldest), _finished(newest)),
+            "output_tokens_per_second": _rate(
+                oldest, newest, oldest.values.get("generation_tokens_total", 0.0),
+                v.get("generation_tokens_total", 0.0)),
+            "latency_seconds": {key: _percentiles(oldest, newest, name)
+                                for key, name in LATENCY_HISTOGRAMS.items()},
+            "requests_running": v.get("num_requests_running", 0.0),
+            "queue_depth": v.get("num_requests_waiting", 0.0),
+            "kv_cache_usage": v.get("kv_cache_usage_perc", 0.0),
+            "requests_total": _finished(newest),
+            "requests_rejected_total": v.get("request_rejected_total", 0.0),
+            "prefix_cache_hit_rate": _ratio(v.get("prefix_cache_hits_total", 0.0),
+                                            v.get("prefix_cache_queries_total", 0.0)),
+        }
+
+
+def _finished(snapshot: MetricsSnapshot) -> float:
+    return sum(value for key, value in snapshot.values.items()
+               if key.startswith("request_success_total:"))
+
+
+def _rate(oldest: MetricsSnapshot, newest: MetricsSnapshot, before: float,
+          after: float) -> float | None:
+    elapsed = newest.at - oldest.at
+    return None if elapsed <= 0 else max(after - before, 0.0) / elapsed
+
+
+def _ratio(part: float, whole: float) -> float | None:
+    return part / whole if whole > 0 else None
+
+
+def _percentiles(oldest: MetricsSnapshot, newest: MetricsSnapshot,
+                 name: str) -> dict[str, float | None]:
+    """Percentiles of what was observed in the window; of everything if the window holds
+    nothing yet (a page opened after the traffic still shows the latencies)."""
+    after = newest.buckets.get(name, {})
+    before = oldest.buckets.get(name, {}) if oldest is not newest else {}
+    window = {bound: count - before.get(bound, 0.0) for bound, count in after.items()}
+    use = window if _observations(window) > 0 else after
+    return {f"p{round(q * 100)}": bucket_quantile(q, use) for q in QUANTILES}
+
+
+def _observations(buckets: dict[float, float]) -> float:
+    return max(buckets.values(), default=0.0)  # cumulative: the +Inf bucket counts them all

@@ -1,0 +1,108 @@
+"""OpenAI's Files and Batches routes, and the one call that puts them on the app.
+
+``POST /v1/files`` (multipart: ``file``, ``purpose=batch``), ``GET /v1/files``,
+``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``, ``DELETE /v1/files/{id}``,
+``POST /v1/batches``, ``GET /v1/batches`` (``limit``, ``after``), ``GET /v1/batches/{id}``,
+``POST /v1/batches/{id}/cancel``. Shapes follow OpenAI's, so the official client works as is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, FastAPI, File, Form, Query, UploadFile
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from surge.batch.config import BatchSettings
+from surge.batch.service import BatchService
+from surge.server.serving import json_response
+
+__all__ = ["BatchCreateRequest", "add_batch_routes"]
+
+MAX_LIST_LIMIT = 100
+
+
+class BatchCreateRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    input_file_id: str = Field(..., description="a file uploaded with purpose 'batch'")
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+    completion_window: str = Field("24h", description="'24h' as OpenAI, or any '<n>h|m|s' "
+                                                      "up to 168h")
+    metadata: dict[str, str] | None = None
+
+
+def add_batch_routes(app: FastAPI, settings: BatchSettings, api_keys: list[str]) -> None:
+    """Mount the routes and register the service (queue, worker, monitor) with the app."""
+    service = BatchService(app, settings, api_keys)
+    app.state.batch = service
+    app.state.lifecycle.services.append(service.running)
+    app.include_router(_files_router(service))
+    app.include_router(_batches_router(service))
+
+
+def _files_router(service: BatchService) -> APIRouter:
+    router = APIRouter(prefix="/v1/files", tags=["batch"])
+
+    @router.post("")
+    async def upload_file(file: UploadFile = File(...),  # noqa: B008 - FastAPI's idiom
+                          purpose: str = Form(...)) -> Response:
+        """Upload a JSONL batch input; every line is validated now (400 names the lines)."""
+        content = await file.read()
+        record = await service.upload_file(file.filename or "", purpose, content)
+        return json_response(record.to_api())
+
+    @router.get("")
+    async def list_files(purpose: str | None = None) -> Response:
+        records = await service.list_files(purpose)
+        return json_response({"object": "list", "data": [r.to_api() for r in records],
+                              "has_more": False})
+
+    @router.get("/{file_id}")
+    async def retrieve_file(file_id: str) -> Response:
+        return json_response((await service.get_file(file_id)).to_api())
+
+    @router.get("/{file_id}/content")
+    async def file_content(file_id: str) -> Response:
+        return Response(await service.file_content(file_id), media_type="application/jsonl")
+
+    @router.delete("/{file_id}")
+    async def delete_file(file_id: str) -> Response:
+        await service.delete_file(file_id)
+        return json_response({"id": file_id, "object": "file", "deleted": True})
+
+    return router
+
+
+def _batches_router(service: BatchService) -> APIRouter:
+    router = APIRouter(prefix="/v1/batches", tags=["batch"])
+
+    @router.post("")
+    async def create_batch(body: BatchCreateRequest) -> Response:
+        """Start a batch over an uploaded file; all its lines must use ``endpoint``."""
+        batch = await service.create_batch(body.input_file_id, body.endpoint,
+                                           body.completion_window, body.metadata)
+        return json_response(batch.to_api())
+
+    @router.get("")
+    async def list_batches(limit: int = Query(20, ge=1, le=MAX_LIST_LIMIT),
+                           after: str | None = None) -> Response:
+        """Newest first; pass the last id of a page as ``after`` for the next one."""
+        batches, has_more = await service.list_batches(limit, after)
+        data: list[dict[str, Any]] = [b.to_api() for b in batches]
+        return json_response({"object": "list", "data": data,
+                              "first_id": data[0]["id"] if data else None,
+                              "last_id": data[-1]["id"] if data else None,
+                              "has_more": has_more})
+
+    @router.get("/{batch_id}")
+    async def retrieve_batch(batch_id: str) -> Response:
+        return json_response((await service.get_batch(batch_id)).to_api())
+
+    @router.post("/{batch_id}/cancel")
+    async def cancel_batch(batch_id: str) -> Response:
+        """Stop dispatching; lines in flight finish, then the batch is ``cancelled``."""
+        return json_response((await service.cancel_batch(batch_id)).to_api())
+
+    return router

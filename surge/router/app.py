@@ -1,0 +1,256 @@
+"""The router as one raw ASGI application, and the uvicorn server that runs it.
+
+No framework routing on the hot path: a request for ``/v1/*``, ``/tokenize`` or
+``/detokenize`` goes straight to the proxy. The router answers ``/health`` (200 while at least
+one replica can take work), ``/metrics`` and ``/router/replicas`` itself. Every other path goes
+to the optional *fallback* ASGI app (the web UI mounts there), or gets an OpenAI-shaped 404.
+
+Background work (health checks, local replica processes, the autoscaler) are *services*:
+async context managers entered at startup and left, in reverse order, at shutdown, after
+uvicorn has let in-flight requests finish. The fallback app's own lifespan runs inside ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgspec
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from surge.router.health import HealthChecker, HealthConfig
+from surge.router.metrics import RouterMetrics
+from surge.router.policies import Policy
+from surge.router.proxy import PROXIED_PREFIXES, Proxy, ProxyConfig, error_response_messages
+from surge.router.replicas import ReplicaSet
+from surge.router.retry import RetryConfig
+from surge.server.errors import APIError
+
+__all__ = ["RouterApp", "RouterSettings", "Service", "build_router", "run_router"]
+
+logger = logging.getLogger(__name__)
+
+Service = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
+_encode = msgspec.json.encode
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+
+
+class RouterApp:
+    """``await app(scope, receive, send)``; ``services`` may grow until the app starts."""
+
+    def __init__(self, replicas: ReplicaSet, policy: Policy, settings: RouterSettings,
+                 fallback: ASGIApp | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.replicas = replicas
+        self.policy = policy
+        self.settings = settings
+        self.fallback = fallback
+        self.clock = clock
+        self.metrics = RouterMetrics(replicas, clock=clock)
+        self.proxy = Proxy(replicas, policy, settings.retry, settings.proxy, self.metrics, clock)
+        self.health: HealthChecker | None = None  # set at startup, when the session exists
+        # Services call this to stop the router with a status (run_router sets it).
+        self.request_exit: Callable[[int], None] = lambda code: None
+        self.services: list[Service] = []
+        # Extra sections of GET /router/replicas (the autoscaler adds its decisions).
+        self.status_sections: dict[str, Callable[[], Any]] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            path: str = scope["path"]
+            if path.startswith(PROXIED_PREFIXES):
+                return await self.proxy.handle(scope, receive, send)
+            own = self._own_routes.get(path)
+            if own is not None:
+                return await own(self, scope, send)
+        elif kind == "lifespan":
+            return await self._lifespan(scope, receive, send)
+        if self.fallback is not None:
+            return await self.fallback(scope, receive, send)
+        if kind == "http":
+            await _send_json_error(send, APIError(404, f"{scope['method']} {scope['path']} "
+                                                  "does not exist on the router: it forwards "
+                                                  "/v1/*, /tokenize and /detokenize"))
+
+    # -- the router's own routes -------------------------------------------------------------
+
+    async def _health(self, scope: Scope, send: Send) -> None:
+        routable = self.replicas.num_routable(self.clock())
+        if routable == 0:
+            return await _send_json_error(send, APIError(
+                503, f"no replica can take requests ({len(self.replicas)} known): they are "
+                "starting, unhealthy, ejected or draining", code="no_healthy_replica",
+                headers={"Retry-After": "1"}))
+        await _send_json(send, {"status": "ok", "replicas": len(self.replicas),
+                                "replicas_routable": routable})
+
+    async def _metrics(self, scope: Scope, send: Send) -> None:
+        body, content_type = self.metrics.render()
+        await _send_body(send, 200, body, content_type.encode())
+
+    async def _status(self, scope: Scope, send: Send) -> None:
+        now = self.clock()
+        payload: dict[str, Any] = {
+            "policy": self.policy.name,
+            "replicas": [replica.status(now) for replica in self.replicas],
+        }
+        for name, section in self.status_sections.items():
+            payload[name] = section()
+        await _send_json(send, payload)
+
+    _own_routes: ClassVar[dict[str, Callable[[RouterApp, Scope, Send], Any]]] = {
+        "/health": _health, "/metrics": _metrics, "/router/replicas": _status}
+
+    # -- lifespan ----------------------------------------------------------------------------
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()  # lifespan.startup
+        stack = contextlib.AsyncExitStack()
+        try:
+            await stack.enter_async_context(self._core())
+            for service in self.services:
+                await stack.enter_async_context(service())
+            if self.fallback is not None:
+                await stack.enter_async_context(_child_lifespan(self.fallback, scope))
+        except Exception as exc:
+            logger.exception("the router could not start")
+            await stack.aclose()
+            await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        try:
+            await stack.aclose()
+        except Exception as exc:
+            logger.exception("the router did not shut down cleanly")
+            await send({"type": "lifespan.shutdown.failed", "message": repr(exc)})
+            return
+        await send({"type": "lifespan.shutdown.complete"})
+
+    @contextlib.asynccontextmanager
+    async def _core(self) -> AsyncIterator[None]:
+        await self.proxy.start()
+        assert self.proxy.session is not None
+        self.health = HealthChecker(self.replicas, self.settings.health, self.proxy.session)
+        try:
+            async with self.health.running():
+                yield
+        finally:
+            await self.proxy.close()
+
+
+@contextlib.asynccontextmanager
+async def _child_lifespan(app: ASGIApp, scope: Scope) -> AsyncIterator[None]:
+    """Run another ASGI app's lifespan protocol inside ours (the fallback's startup and
+    shutdown). An app without lifespan support is simply not told."""
+    inbox: asyncio.Queue[Message] = asyncio.Queue()
+    outbox: asyncio.Queue[Message] = asyncio.Queue()
+    task = asyncio.create_task(app(dict(scope), inbox.get, outbox.put))
+    await inbox.put({"type": "lifespan.startup"})
+    reply = await _next_reply(outbox, task)
+    if reply is None:
+        yield
+        return
+    if reply["type"] == "lifespan.startup.failed":
+        raise RuntimeError(f"the fallback app failed to start: {reply.get('message')}")
+    try:
+        yield
+    finally:
+        await inbox.put({"type": "lifespan.shutdown"})
+        await _next_reply(outbox, task)
+        await asyncio.wait({task}, timeout=5.0)
+
+
+async def _next_reply(outbox: asyncio.Queue[Message], task: asyncio.Task[Any]
+                      ) -> Message | None:
+    getter = asyncio.ensure_future(outbox.get())
+    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+    if getter.done():
+        return getter.result()
+    getter.cancel()
+    if task.exception() is not None:
+        logger.info("the fallback app does not take lifespan events: %r", task.exception())
+    return None
+
+
+async def _send_json(send: Send, payload: dict[str, Any], status: int = 200) -> None:
+    await _send_body(send, status, _encode(payload), b"application/json")
+
+
+async def _send_body(send: Send, status: int, body: bytes, content_type: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_json_error(send: Send, error: APIError) -> None:
+    start, body = error_response_messages(error)
+    await send(start)
+    await send(body)
+
+
+def build_router(replicas: ReplicaSet, policy: Policy, settings: RouterSettings | None = None,
+                 fallback: ASGIApp | None = None) -> RouterApp:
+    return RouterApp(replicas, policy, settings or RouterSettings(), fallback)
+
+
+def run_router(app: RouterApp, host: str, port: int, *, drain_timeout: float = 30.0,
+               log_level: str = "info", access_log: bool = False,
+               on_started: Callable[[str, int], None] | None = None) -> int:
+    """Serve until SIGTERM/Ctrl-C (in-flight requests get ``drain_timeout`` seconds, then the
+    services stop); returns the exit status (0 after a clean drain)."""
+    server = make_router_server(app, host, port, drain_timeout=drain_timeout,
+                                log_level=log_level, access_log=access_log,
+                                on_started=on_started)
+    server.run()
+    return server.exit_code
+
+
+def make_router_server(app: RouterApp, host: str, port: int, *, drain_timeout: float = 30.0,
+                       log_level: str = "info", access_log: bool = False,
+                       on_started: Callable[[str, int], None] | None = None) -> Any:
+    """uvicorn's server for the router: uvloop and httptools when installed, no Server or
+    Date header of its own (the replica's pass through), a clean drain exits 0, and services
+    may ask for an exit with a status (``app.request_exit``)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        exit_code = 0
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()  # we drain, so a signal is a clean exit
+
+        def request_exit(self, code: int) -> None:
+            self.exit_code = code
+            self.should_exit = True
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                bound_host, bound_port = self.servers[0].sockets[0].getsockname()[:2]
+                logger.info("router listening on http://%s:%d (policy %s, %d replica(s))",
+                            bound_host, bound_port, app.policy.name, len(app.replicas))
+                if on_started is not None:
+                    on_started(bound_host, bound_port)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            access_log=access_log, lifespan="on", server_header=False,
+                            date_header=False, timeout_graceful_shutdown=drain_timeout,
+                            backlog=4096, timeout_keep_alive=30, proxy_headers=False)
+    server = Server(config)
+    app.request_exit = server.request_exit
+    return server

@@ -1,0 +1,313 @@
+"""Command-line entry points of the router.
+
+- ``surge route --backend URL [--backend URL ...] --policy P`` fronts servers that already run
+  (Surge or any OpenAI-compatible one).
+- ``surge serve --replicas N`` (or ``--max-replicas M`` for autoscaling) starts local
+  ``surge serve`` replicas, each with the same model and engine flags on its own loopback
+  port, and the router on the public ``--host/--port``.
+
+The router's flags are one argument group, shared by both commands; ``surge serve`` adds it
+with ``add_replica_args`` and hands over to ``run_replicated`` when more than one replica is
+asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from surge.router.policies import POLICIES
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+
+    from surge.router.app import RouterSettings
+    from surge.router.autoscale import AutoscaleConfig
+    from surge.router.replicas import BreakerConfig
+    from surge.server.app import ServerSettings
+
+__all__ = ["add_replica_args", "add_route_parser", "replica_serve_args", "run_replicated",
+           "run_route", "wants_router"]
+
+logger = logging.getLogger("surge.route")
+
+DEFAULT_POLICY = "least_outstanding"
+
+
+def _add_router_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES),
+                       help=f"load-balancing policy (default {DEFAULT_POLICY}: the less busy "
+                            "of two random replicas)")
+    group.add_argument("--max-attempts", type=int, default=3,
+                       help="attempts per request, on different replicas, while nothing was "
+                            "sent to the client yet (default 3; 1 disables retries)")
+    group.add_argument("--retry-budget", type=float, default=0.2,
+                       help="retries allowed as a fraction of requests over 10 s, plus 2/s "
+                            "(default 0.2)")
+    group.add_argument("--on-429", choices=("retry", "return"), default="retry",
+                       help="a replica's 429: try another replica (default) or return it")
+    group.add_argument("--eject-after", type=int, default=3,
+                       help="consecutive 5xx/connection failures that eject a replica "
+                            "(default 3)")
+    group.add_argument("--eject-seconds", type=float, default=5.0,
+                       help="first ejection time; doubles on each ejection in a row, up to "
+                            "60 s (default 5)")
+    group.add_argument("--max-inflight-per-replica", type=int, default=None,
+                       help="requests a replica may have at once; past it on all: 429 "
+                            "(default: no cap)")
+    group.add_argument("--health-path", default="/health",
+                       help="active health check path, or 'none' (default /health)")
+    group.add_argument("--health-interval", type=float, default=1.0,
+                       help="seconds between active health checks (default 1)")
+    group.add_argument("--health-fail-threshold", type=int, default=2,
+                       help="failed checks in a row that mark a replica unhealthy (default 2)")
+    group.add_argument("--health-success-threshold", type=int, default=2,
+                       help="good checks in a row that mark it healthy again (default 2)")
+    group.add_argument("--upstream-read-timeout", type=float, default=600.0,
+                       help="longest silence from a replica before the attempt fails "
+                            "(default 600 s; 0: no limit)")
+
+
+def add_replica_args(parser: argparse.ArgumentParser) -> None:
+    """The `surge serve` flags for replicas and the router in front of them."""
+    group = parser.add_argument_group(
+        "replicas and router", "with --replicas N > 1 (or --max-replicas > 1), N local "
+        "replicas on loopback ports behind a router on --host/--port")
+    group.add_argument("--replicas", type=int, default=1,
+                       help="replicas to start (default 1: no router)")
+    group.add_argument("--standby-replicas", type=int, default=0,
+                       help="replicas started and kept ready but idle, so a dead replica is "
+                            "replaced (or a scale-up served) at once; each costs a replica's "
+                            "memory (default 0)")
+    group.add_argument("--min-replicas", type=int, default=None,
+                       help="autoscaling floor (default: --replicas)")
+    group.add_argument("--max-replicas", type=int, default=None,
+                       help="autoscaling ceiling; above --min-replicas turns autoscaling on "
+                            "(default: --replicas)")
+    group.add_argument("--target-inflight-per-replica", type=float, default=8.0,
+                       help="autoscaling target: requests in flight per replica (default 8)")
+    group.add_argument("--scale-up-delay", type=float, default=5.0,
+                       help="seconds the load must ask for more replicas first (default 5)")
+    group.add_argument("--scale-down-delay", type=float, default=30.0,
+                       help="seconds the load must ask for fewer replicas first (default 30)")
+    _add_router_options(group)
+
+
+def add_route_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "route", help="load-balance existing OpenAI-compatible servers (failover, health)",
+        description="A router in front of running servers: "
+                    "surge route --backend http://10.0.0.1:8000 --backend http://10.0.0.2:8000")
+    p.add_argument("--backend", action="append", required=True, metavar="URL",
+                   help="a server's base URL (repeat for each)")
+    p.add_argument("--weights", default=None,
+                   help="comma-separated weights, one per --backend, for --policy weighted")
+    http = p.add_argument_group("HTTP")
+    http.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    http.add_argument("--port", type=int, default=8000, help="0 picks a free port (logged)")
+    http.add_argument("--drain-timeout", type=float, default=30.0,
+                      help="on SIGTERM, seconds in-flight requests get to finish (default 30)")
+    http.add_argument("--max-body-bytes", type=int, default=32 << 20,
+                      help="largest request body accepted, else 413 (default 32 MiB)")
+    http.add_argument("--log-level", default="info",
+                      choices=("critical", "error", "warning", "info", "debug"))
+    http.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    _add_router_options(p.add_argument_group("routing"))
+    p.set_defaults(handler=run_route)
+
+
+# -- surge route ---------------------------------------------------------------------------------
+
+
+def run_route(args: argparse.Namespace) -> int:
+    from surge.router.app import build_router, run_router
+    from surge.router.policies import make_policy
+    from surge.router.replicas import Replica, ReplicaSet
+
+    _configure_logging(args.log_level)
+    settings = router_settings(args, args.max_body_bytes)
+    breaker = breaker_config(args)
+    weights = _weights(args.weights, len(args.backend), args.policy)
+    replicas = ReplicaSet([Replica(url, name, weight, breaker_config=breaker)
+                           for url, name, weight in zip(_check_urls(args.backend),
+                                                        _names(args.backend), weights,
+                                                        strict=True)])
+    app = build_router(replicas, make_policy(args.policy), settings)
+    return run_router(app, args.host, args.port, drain_timeout=args.drain_timeout,
+                      log_level=args.log_level, access_log=args.access_log)
+
+
+def _check_urls(urls: list[str]) -> list[str]:
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"--backend {url!r} is invalid: allowed is a base URL such as "
+                             "http://127.0.0.1:8001")
+        if parts.path not in ("", "/"):
+            raise ValueError(f"--backend {url!r} has a path: give the server's base URL (the "
+                             "router forwards /v1/... as the client sent it)")
+    return urls
+
+
+def _names(urls: list[str]) -> list[str]:
+    names: list[str] = []
+    for url in urls:
+        base = urlsplit(url).netloc
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}#{k}", k + 1
+        names.append(name)
+    return names
+
+
+def _weights(text: str | None, count: int, policy: str) -> list[float]:
+    if text is None:
+        return [1.0] * count
+    if policy != "weighted":
+        raise ValueError(f"--weights only applies to --policy weighted (got --policy {policy})")
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        weights = []
+    if len(weights) != count or not all(w > 0 for w in weights):
+        raise ValueError(f"--weights {text!r} is invalid: allowed is {count} positive numbers "
+                         "separated by commas, one per --backend, e.g. 3,1")
+    return weights
+
+
+# -- surge serve --replicas N --------------------------------------------------------------------
+
+
+def wants_router(args: argparse.Namespace) -> bool:
+    if args.replicas < 1:
+        raise ValueError(f"--replicas {args.replicas} is invalid: allowed is an integer >= 1")
+    return args.replicas > 1 or (args.max_replicas or 0) > 1
+
+
+def run_replicated(args: argparse.Namespace, model_dir: str,
+                   settings: ServerSettings, fallback: ASGIApp | None = None) -> int:
+    """`surge serve` with several replicas: ``model_dir`` is resolved (the demo model is written
+    once, here) and ``settings`` validated by the caller."""
+    from surge.router.app import build_router, run_router
+    from surge.router.autoscale import AutoscaleLoop, Autoscaler
+    from surge.router.local import LocalReplicaConfig, LocalReplicas
+    from surge.router.policies import make_policy
+    from surge.router.replicas import ReplicaSet
+
+    autoscale = autoscale_config(args)
+    threads = args.num_threads or _default_threads(autoscale.max_replicas)
+    serve_args = replica_serve_args(args, model_dir, settings.model_names, threads)
+    replicas = ReplicaSet()
+    app = build_router(replicas, make_policy(args.policy),
+                       router_settings(args, args.max_body_bytes), fallback)
+    if args.standby_replicas < 0:
+        raise ValueError(f"--standby-replicas {args.standby_replicas} is invalid: allowed is "
+                         "an integer >= 0")
+    local = LocalReplicas(replicas, LocalReplicaConfig(
+        serve_args, standby=args.standby_replicas, drain_timeout=args.drain_timeout,
+        breaker=breaker_config(args)),
+        app.metrics, on_fatal=lambda code: app.request_exit(code))
+    app.services.append(lambda: local.running(args.replicas))
+    app.status_sections["processes"] = local.status
+    if autoscale.enabled:
+        loop = AutoscaleLoop(Autoscaler(autoscale), replicas, local, app.metrics)
+        app.services.append(loop.running)
+        app.status_sections["autoscaler"] = loop.status
+    logger.info("starting %d replica(s) of %s (%d torch thread(s) each)%s", args.replicas,
+                model_dir, threads, f", autoscaling {autoscale.min_replicas}.."
+                f"{autoscale.max_replicas}" if autoscale.enabled else "")
+    # Replicas drain on their own after the router's drain, so the router waits for both.
+    return run_router(app, args.host, args.port, drain_timeout=args.drain_timeout,
+                      log_level=args.log_level, access_log=args.access_log)
+
+
+def replica_serve_args(args: argparse.Namespace, model_dir: str, model_names: list[str],
+                       num_threads: int) -> list[str]:
+    """The `surge serve` flags of each replica: every flag the user gave except the router's
+    and --host/--port, with the model resolved and the thread count set."""
+    from surge.entrypoints.serve import add_serve_args
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_serve_args(parser)
+    skip = _router_dests() | {"host", "port", "model", "served_model_name", "num_threads"}
+    argv = ["--model", model_dir, "--served-model-name", *model_names,
+            "--num-threads", str(num_threads)]
+    for action in parser._actions:
+        if action.dest in skip or not action.option_strings:
+            continue
+        argv += _flag(action, getattr(args, action.dest, action.default))
+    return argv
+
+
+def _flag(action: argparse.Action, value: object) -> list[str]:
+    if value == action.default or value is None:
+        return []
+    option = action.option_strings[0]
+    if action.nargs == 0:  # store_true / store_false / store_const
+        return [option]
+    if isinstance(action, argparse._AppendAction):
+        return [item for v in value for item in (option, str(v))]  # type: ignore[attr-defined]
+    if isinstance(value, list):
+        return [option, *map(str, value)]
+    return [option, str(value)]
+
+
+def _router_dests() -> set[str]:
+    parser = argparse.ArgumentParser(add_help=False)
+    add_replica_args(parser)
+    return {action.dest for action in parser._actions}
+
+
+def _default_threads(max_replicas: int) -> int:
+    from surge.router.local import threads_per_replica
+
+    return threads_per_replica(max_replicas)
+
+
+# -- shared ------------------------------------------------------------------------------------
+
+
+def router_settings(args: argparse.Namespace, max_body_bytes: int) -> RouterSettings:
+    from surge.router.app import RouterSettings
+    from surge.router.health import HealthConfig
+    from surge.router.proxy import ProxyConfig
+    from surge.router.retry import RetryConfig
+
+    path = None if args.health_path.lower() == "none" else args.health_path
+    return RouterSettings(
+        retry=RetryConfig(max_attempts=args.max_attempts, budget_ratio=args.retry_budget,
+                          retry_429=args.on_429 == "retry"),
+        proxy=ProxyConfig(max_body_bytes=max_body_bytes,
+                          read_timeout=args.upstream_read_timeout or None),
+        health=HealthConfig(path=path, interval=args.health_interval,
+                            fail_threshold=args.health_fail_threshold,
+                            success_threshold=args.health_success_threshold))
+
+
+def breaker_config(args: argparse.Namespace) -> BreakerConfig:
+    from surge.router.replicas import BreakerConfig
+
+    return BreakerConfig(eject_after=args.eject_after, eject_seconds=args.eject_seconds,
+                         max_eject_seconds=max(60.0, args.eject_seconds),
+                         max_in_flight=args.max_inflight_per_replica)
+
+
+def autoscale_config(args: argparse.Namespace) -> AutoscaleConfig:
+    from surge.router.autoscale import AutoscaleConfig
+
+    low = args.min_replicas if args.min_replicas is not None else args.replicas
+    high = args.max_replicas if args.max_replicas is not None else args.replicas
+    if not 1 <= low <= args.replicas <= high:
+        raise ValueError(f"--replicas {args.replicas} is invalid: allowed is between "
+                         f"--min-replicas ({low}, at least 1) and --max-replicas ({high})")
+    return AutoscaleConfig(min_replicas=low, max_replicas=high,
+                           target_in_flight=args.target_inflight_per_replica,
+                           scale_up_delay=args.scale_up_delay,
+                           scale_down_delay=args.scale_down_delay)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,137 @@
+"""The router's Prometheus metrics (``surge:router_`` prefix), per replica where it matters.
+
+Per-replica counts (requests, failures by kind, ejections, retries) and gauges (in flight,
+latency average, state) are plain integers on each ``Replica``, read by a collector when
+``/metrics`` is scraped: the hot path only adds one to an int. The latency histogram is a real
+histogram with one pre-bound child per replica. Replicas that left disappear from the scrape.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from surge.router.replicas import Replica, ReplicaSet
+
+__all__ = ["RouterMetrics"]
+
+PREFIX = "surge:router_"
+STATES = ("healthy", "unhealthy", "draining", "standby", "ejected_open", "ejected_half_open",
+          "starting")
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class RouterMetrics:
+    def __init__(self, replicas: ReplicaSet, registry: CollectorRegistry | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.replicas = replicas
+        self.latency = Histogram(
+            f"{PREFIX}request_latency_seconds", "Time from sending a request to a replica to "
+            "its whole answer (to the first body bytes for streams)", ["replica"],
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.scaling_events = Counter(
+            f"{PREFIX}scaling_events", "Autoscaler and supervisor actions: up, down, replace",
+            ["direction"], registry=self.registry)
+        for direction in ("up", "down", "replace"):
+            self.scaling_events.labels(direction)
+        self.client_disconnects = Counter(
+            f"{PREFIX}client_disconnects", "Clients that left before their answer ended "
+            "(the replica's request was cancelled)", registry=self.registry)
+        self.no_replica = Counter(
+            f"{PREFIX}no_replica", "Requests answered by the router itself because no "
+            "replica could take them", ["reason"], registry=self.registry)
+        self.midstream_failures = Counter(
+            f"{PREFIX}midstream_failures", "Streams that lost their replica after the client "
+            "had received data (ended with an SSE error event)", registry=self.registry)
+        self.desired_replicas: Callable[[], int] | None = None
+        self.retry_budget_refused: Callable[[], int] = lambda: 0
+        self.registry.register(_ReplicaCollector(self, clock))
+        self._latency_children: dict[str, Histogram] = {}
+
+    def observe_latency(self, replica: Replica, seconds: float) -> None:
+        child = self._latency_children.get(replica.name)
+        if child is None:
+            child = self._latency_children[replica.name] = self.latency.labels(replica.name)
+        child.observe(seconds)
+
+    def forget(self, replica: Replica) -> None:
+        """A replica left for good: drop its series."""
+        if self._latency_children.pop(replica.name, None) is not None:
+            self.latency.remove(replica.name)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _ReplicaCollector(Collector):
+    """Reads the replicas' own counters at scrape time."""
+
+    def __init__(self, metrics: RouterMetrics, clock: Callable[[], float]) -> None:
+        self.metrics = metrics
+        self.clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        replicas = list(self.metrics.replicas)
+        yield from self._per_replica(replicas)
+        yield from self._totals(replicas)
+
+    def _per_replica(self, replicas: list[Replica]) -> Iterator[Metric]:
+        gauges = {
+            "in_flight": ("Requests a replica is answering now", lambda r: r.in_flight),
+            "ewma_latency_seconds": ("Moving average of a replica's recent latencies",
+                                     lambda r: r.ewma_latency),
+            "healthy": ("1 when the replica may get new requests now",
+                        lambda r: float(r.is_routable(self.clock()))),
+        }
+        for name, (doc, value) in gauges.items():
+            family = GaugeMetricFamily(f"{PREFIX}replica_{name}", doc, labels=["replica"])
+            for replica in replicas:
+                family.add_metric([replica.name], value(replica))
+            yield family
+        counters = {
+            "requests": ("Attempts sent to a replica", lambda r: r.num_requests),
+            "ejections": ("Times a replica's breaker opened", lambda r: r.num_ejections),
+            "retries": ("Attempts on a replica that were retried on another one",
+                        lambda r: r.num_retries),
+        }
+        for name, (doc, value) in counters.items():
+            family = CounterMetricFamily(f"{PREFIX}replica_{name}", doc, labels=["replica"])
+            for replica in replicas:
+                family.add_metric([replica.name], value(replica))
+            yield family
+        errors = CounterMetricFamily(f"{PREFIX}replica_errors", "Failed attempts by kind "
+                                     "(connect, disconnect, timeout, status_5xx)",
+                                     labels=["replica", "kind"])
+        for replica in replicas:
+            for kind, count in sorted(replica.errors.items()):
+                errors.add_metric([replica.name, kind], count)
+        yield errors
+
+    def _totals(self, replicas: list[Replica]) -> Iterator[Metric]:
+        states = GaugeMetricFamily(f"{PREFIX}replicas", "Replicas by state", labels=["state"])
+        for state in STATES:
+            count = sum(1 for r in replicas if _state(r) == state)
+            states.add_metric([state], count)
+        yield states
+        if self.metrics.desired_replicas is not None:
+            yield GaugeMetricFamily(f"{PREFIX}desired_replicas", "The autoscaler's target",
+                                    value=self.metrics.desired_replicas())
+        yield CounterMetricFamily(f"{PREFIX}retry_budget_exhausted", "Retries refused because "
+                                  "the retry budget was spent",
+                                  value=self.metrics.retry_budget_refused())
+
+
+def _state(replica: Replica) -> str:
+    return "starting" if replica.info.get("starting") else replica.state

@@ -1,0 +1,532 @@
+"""The forwarding half of the router: one client request, one or more attempts on replicas.
+
+The request body is read once (bounded) so it can be sent again. The policy picks a replica
+among the routable ones; the request goes out on a pooled aiohttp session (keep-alive
+connections, no cookie jar, no automatic decompression or default headers, so what the client
+sent is what the replica gets, minus hop-by-hop headers).
+
+Failover follows one rule: an attempt may be retried on another replica only while nothing has
+reached the client. Refused or broken connections and 502/503 answers are retried (bounded
+attempts, a retry budget, jittered backoff); so is 429 when ``retry_429`` is set. A JSON answer
+is read whole before it is sent, so a replica that dies mid-answer is still retried. A stream
+(``text/event-stream``) is forwarded event by event as it arrives; if its replica fails after
+the client got the first bytes, the stream ends with an SSE error event in the shape Surge's
+server uses (``data: {"error": {...}}``) and ``data: [DONE]``.
+
+The client hanging up cancels the attempt: its connection to the replica is closed, so a Surge
+replica aborts the generation and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import msgspec
+from starlette.types import Receive, Scope, Send
+from yarl import URL
+
+from surge.router.metrics import RouterMetrics
+from surge.router.policies import Policy, RequestFacts
+from surge.router.replicas import Replica, ReplicaSet
+from surge.router.retry import RetryBudget, RetryConfig, backoff_seconds
+from surge.server.errors import APIError
+
+__all__ = ["PROXIED_PREFIXES", "Proxy", "ProxyConfig", "error_response_messages"]
+
+logger = logging.getLogger(__name__)
+
+PROXIED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+# Never forwarded (RFC 9110 7.6.1), plus what the client library sets itself.
+_HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+    b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection"})
+_REQUEST_SKIP = _HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+_RETRY_STATUSES = frozenset({502, 503})
+WATCH_DISCONNECT_AFTER = 0.02
+_URL_CACHE_SIZE = 4096
+_SSE = b"text/event-stream"
+_DONE = b"data: [DONE]\n\n"
+_CONNECTION_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
+_decode = msgspec.json.decode
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    max_body_bytes: int = 32 << 20
+    connect_timeout: float = 5.0
+    # Longest silence from a replica (between bytes) before the attempt fails; None: no limit.
+    read_timeout: float | None = 600.0
+    # Non-stream answers up to this size are read whole before sending (retryable throughout).
+    buffer_bytes: int = 16 << 20
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes={self.max_body_bytes!r} is invalid: allowed is "
+                             "an integer >= 1024")
+        if self.read_timeout is not None and self.read_timeout <= 0:
+            raise ValueError(f"read_timeout={self.read_timeout!r} is invalid: allowed is "
+                             "seconds > 0, or 0 for no limit")
+
+
+@dataclass
+class _Outbound:
+    """One client request, ready to send to any replica."""
+
+    method: str
+    target: str  # path and query, as the client sent them
+    headers: list[tuple[str, str]]
+    body: bytes | None
+
+
+@dataclass
+class _Failure:
+    """Why an attempt did not answer the client; ``answer`` is the replica's own response,
+    when it gave one, so the last failure can be passed on faithfully."""
+
+    replica: Replica
+    reason: str
+    answer: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
+
+
+class Proxy:
+    def __init__(self, replicas: ReplicaSet, policy: Policy, retry: RetryConfig,
+                 config: ProxyConfig, metrics: RouterMetrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.replicas = replicas
+        self.policy = policy
+        self.retry = retry
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self.budget = RetryBudget(retry, clock)
+        metrics.retry_budget_refused = lambda: self.budget.num_refused
+        self.session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}  # parsed once: most requests go to a few paths
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30.0)
+        self.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout,
+                                          sock_read=self.config.read_timeout))
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    # -- one client request ------------------------------------------------------------------
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            body = await self._read_body(scope, receive)
+        except APIError as exc:
+            return await _send_error(send, exc)
+        if body is None:
+            return  # the client left while sending
+        outbound = _Outbound(scope["method"], _target(scope), _request_headers(scope),
+                             body or None)
+        facts = self._facts(scope, body)
+        self.budget.record_request()
+        await self._forward_until_disconnect(outbound, facts, receive, send)
+
+    async def _forward_until_disconnect(self, outbound: _Outbound, facts: RequestFacts,
+                                        receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        exchange = _Exchange(send, receive, task)
+        try:
+            await self._forward(outbound, facts, exchange.send)
+        except asyncio.CancelledError:
+            if not exchange.client_gone:
+                raise
+            task.uncancel()
+            self.metrics.client_disconnects.inc()
+        finally:
+            exchange.close()
+
+    async def _forward(self, outbound: _Outbound, facts: RequestFacts, send: Send) -> None:
+        tried: list[Replica] = []
+        failure: _Failure | None = None
+        for attempt in range(self.retry.max_attempts):
+            if failure is not None:
+                if not self.budget.try_spend():
+                    break
+                failure.replica.num_retries += 1
+                await asyncio.sleep(backoff_seconds(attempt - 1, self.retry))
+            replica = self._choose(facts, tried)
+            if replica is None:
+                break
+            tried.append(replica)
+            failure = await self._attempt(replica, outbound, send)
+            if failure is None:
+                return
+            logger.debug("attempt %d on %s failed: %s", attempt + 1, replica.name,
+                         failure.reason)
+        await self._give_up(failure, send)
+
+    def _url(self, text: str) -> URL:
+        url = self._urls.get(text)
+        if url is None:
+            if len(self._urls) >= _URL_CACHE_SIZE:
+                self._urls.clear()
+            url = self._urls[text] = URL(text, encoded=True)
+        return url
+
+    def _choose(self, facts: RequestFacts, tried: list[Replica]) -> Replica | None:
+        candidates = self.replicas.routable(self.clock(), tuple(tried))
+        return self.policy.choose(candidates, facts) if candidates else None
+
+    async def _give_up(self, failure: _Failure | None, send: Send) -> None:
+        if failure is not None and failure.answer is not None:
+            status, headers, content = failure.answer
+            return await _send_whole(send, status, headers, content, failure.replica)
+        if failure is not None:
+            self.metrics.no_replica.labels("all_failed").inc()
+            return await _send_error(send, APIError(
+                502, f"no replica could answer: the last one ({failure.replica.name}) failed "
+                f"with {failure.reason}", code="replica_unavailable",
+                headers={"Retry-After": "1"}))
+        reason = self._why_none_routable()
+        self.metrics.no_replica.labels(reason.code or "none").inc()
+        await _send_error(send, reason)
+
+    def _why_none_routable(self) -> APIError:
+        now = self.clock()
+        live = [r for r in self.replicas if r.healthy and not r.draining]
+        cap = live[0].breaker_config.max_in_flight if live else None
+        if cap is not None and any(r.in_flight >= cap for r in live) and \
+                all(r.in_flight >= cap or not r.is_routable(now) for r in live):
+            return APIError(429, f"every replica is at --max-inflight-per-replica ({cap}): "
+                            "retry later", code="replicas_busy", headers={"Retry-After": "1"})
+        return APIError(503, f"no healthy replica to send this request to ({len(self.replicas)} "
+                        "known, none healthy and admitted now): retry when GET /health "
+                        "answers 200", code="no_healthy_replica", headers={"Retry-After": "1"})
+
+    # -- one attempt -------------------------------------------------------------------------
+
+    async def _attempt(self, replica: Replica, outbound: _Outbound,
+                       send: Send) -> _Failure | None:
+        assert self.session is not None
+        replica.begin()
+        started = self.clock()
+        try:
+            response = await self.session.request(
+                outbound.method, self._url(replica.url + outbound.target),
+                headers=outbound.headers, data=outbound.body, allow_redirects=False)
+        except asyncio.CancelledError:
+            replica.abandoned()
+            raise
+        except _CONNECTION_ERRORS as exc:
+            return self._failed(replica, _error_kind(exc, connected=False), exc)
+        try:
+            return await self._answer(replica, response, started, send)
+        except asyncio.CancelledError:
+            # Closing (not releasing) the connection is what tells the replica to stop.
+            response.close()
+            replica.abandoned()
+            raise
+        finally:
+            response.release()
+
+    async def _answer(self, replica: Replica, response: aiohttp.ClientResponse,
+                      started: float, send: Send) -> _Failure | None:
+        status = response.status
+        if status in _RETRY_STATUSES or (status == 429 and self.retry.retry_429):
+            return await self._refused(replica, response, started)
+        if _is_stream(response) or not self._fits_buffer(response):
+            await self._stream(replica, response, started, send)
+            return None
+        try:
+            content = await response.read()
+        except _CONNECTION_ERRORS as exc:
+            return self._failed(replica, _error_kind(exc, connected=True), exc)
+        self._finished(replica, status, started)
+        await _send_whole(send, status, list(response.raw_headers), content, replica)
+        return None
+
+    async def _refused(self, replica: Replica, response: aiohttp.ClientResponse,
+                       started: float) -> _Failure:
+        """A 502/503 (or a 429 to retry): keep the answer in case it is the last one."""
+        try:
+            content = await response.read()
+        except _CONNECTION_ERRORS as exc:
+            return self._failed(replica, _error_kind(exc, connected=True), exc)
+        status = response.status
+        if status == 429:
+            replica.succeeded(self.clock() - started)  # busy, not broken
+        else:
+            replica.failed(f"status_{status}", self.clock())
+        return _Failure(replica, f"HTTP {status}", (status, list(response.raw_headers), content))
+
+    def _failed(self, replica: Replica, kind: str, exc: BaseException) -> _Failure:
+        replica.failed(kind, self.clock())
+        return _Failure(replica, f"{kind} ({type(exc).__name__}: {exc})")
+
+    def _finished(self, replica: Replica, status: int, started: float) -> None:
+        self.metrics.observe_latency(replica, self.clock() - started)
+        self._settle(replica, status, started)
+
+    def _settle(self, replica: Replica, status: int, started: float) -> None:
+        """The replica answered in full: its status says whether that counts against it."""
+        latency = self.clock() - started
+        if status >= 500:
+            replica.failed(f"status_{status}", self.clock())
+        else:
+            replica.succeeded(latency)
+
+    def _fits_buffer(self, response: aiohttp.ClientResponse) -> bool:
+        length = response.content_length
+        return length is not None and length <= self.config.buffer_bytes
+
+    async def _stream(self, replica: Replica, response: aiohttp.ClientResponse,
+                      started: float, send: Send) -> None:
+        """Forward the body as it arrives; SSE is cut only at event boundaries, so an error
+        event appended after a failure is never glued to half an event."""
+        sse = _is_stream(response)
+        headers = _response_headers(response.raw_headers, replica, keep_length=not sse)
+        await send({"type": "http.response.start", "status": response.status,
+                    "headers": headers})
+        pending = b""
+        first = True
+        try:
+            async for chunk in response.content.iter_any():
+                if first:
+                    self.metrics.observe_latency(replica, self.clock() - started)
+                    first = False
+                if sse:
+                    chunk, pending = _complete_events(pending + chunk)
+                    if not chunk:
+                        continue
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except _CONNECTION_ERRORS as exc:
+            replica.failed(_error_kind(exc, connected=True), self.clock())
+            self.metrics.midstream_failures.inc()
+            if not sse:
+                raise  # the client sees a cut connection: nothing else can be said
+            logger.warning("replica %s failed mid-stream: %r", replica.name, exc)
+            await send({"type": "http.response.body", "more_body": False,
+                        "body": _midstream_error(replica, exc)})
+            return
+        if first:
+            self.metrics.observe_latency(replica, self.clock() - started)
+        self._settle(replica, response.status, started)
+        await send({"type": "http.response.body", "body": pending, "more_body": False})
+
+    # -- the request's side ------------------------------------------------------------------
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        limit = self.config.max_body_bytes
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _too_large(int(declared), limit)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(size, limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _facts(self, scope: Scope, body: bytes) -> RequestFacts:
+        """Only what the policy uses; the JSON body is parsed only when it must be."""
+        if not self.policy.needs_body:
+            return _NO_FACTS
+        session = _header(scope, b"x-session-id")
+        if session and self.policy.name == "consistent_hash":
+            return RequestFacts(session_key=session)
+        try:
+            payload = _decode(body) if body else None
+        except msgspec.DecodeError:
+            payload = None
+        if not isinstance(payload, dict):
+            return RequestFacts(session_key=session)
+        user = payload.get("user")
+        return RequestFacts(session_key=session or (user if isinstance(user, str) else None),
+                            prompt=_prompt_of(payload))
+
+
+_NO_FACTS = RequestFacts()
+
+
+def _prompt_of(payload: dict[str, Any]) -> str | list[int] | None:
+    """The text (or token ids) whose prefix decides prefix affinity."""
+    prompt = payload.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt:
+        first = prompt[0]
+        if isinstance(first, int):
+            return prompt
+        if isinstance(first, str | list):
+            return first  # a batch of prompts: the first one decides
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        return "".join(_message_text(m) for m in messages if isinstance(m, dict))
+    return None
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return f"<{message.get('role')}>{content or ''}\n"
+
+
+class _Exchange:
+    """One client's request and answer, for noticing that the client hung up.
+
+    Watching for the disconnect costs a task per request, so it starts only once the answer
+    has taken ``WATCH_DISCONNECT_AFTER`` seconds: quick answers (most non-generation calls, and
+    the proxy benchmark's) never pay for it, and a slow one is cancelled that much later at
+    worst. The send wrapper knows when the answer is complete: uvicorn reports a disconnect
+    after that, which must not cancel anything.
+    """
+
+    def __init__(self, send: Send, receive: Receive, task: asyncio.Task[Any]) -> None:
+        self._send = send
+        self._receive = receive
+        self._task = task
+        self.complete = False
+        self.client_gone = False
+        self._watcher: asyncio.Future[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(WATCH_DISCONNECT_AFTER, self._watch)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.complete = True
+        await self._send(message)
+
+    def close(self) -> None:
+        self._timer.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    def _watch(self) -> None:
+        if not self.complete:
+            self._watcher = asyncio.ensure_future(self._cancel_on_disconnect())
+
+    async def _cancel_on_disconnect(self) -> None:
+        """The body was read, so the next message can only be the client hanging up."""
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        if not self.complete:
+            self.client_gone = True
+            self._task.cancel()
+
+
+# -- HTTP details ------------------------------------------------------------------------------
+
+
+def _target(scope: Scope) -> str:
+    raw = scope.get("raw_path")
+    path = raw.decode("latin-1") if raw else scope["path"]
+    query = scope.get("query_string", b"")
+    return f"{path}?{query.decode('latin-1')}" if query else path
+
+
+def _request_headers(scope: Scope) -> list[tuple[str, str]]:
+    headers = scope["headers"]
+    skip = _REQUEST_SKIP | _connection_tokens(headers)
+    forwarded_for = None
+    out = []
+    for name, value in headers:
+        if name in skip:
+            continue
+        if name == b"x-forwarded-for":
+            forwarded_for = value.decode("latin-1")
+            continue
+        out.append((name.decode("latin-1"), value.decode("latin-1")))
+    client = scope.get("client")
+    if client:
+        out.append(("x-forwarded-for",
+                    f"{forwarded_for}, {client[0]}" if forwarded_for else client[0]))
+    return out
+
+
+def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Headers named in Connection are hop-by-hop too."""
+    tokens = [token.strip().lower() for name, value in headers if name == b"connection"
+              for token in value.split(b",")]
+    return frozenset(t for t in tokens if t)
+
+
+def _response_headers(raw: Any, replica: Replica,
+                      keep_length: bool = True) -> list[tuple[bytes, bytes]]:
+    skip = _HOP_BY_HOP if keep_length else _HOP_BY_HOP | {b"content-length"}
+    out = [(name.lower(), value) for name, value in raw if name.lower() not in skip]
+    out.append((b"x-surge-replica", replica.name.encode("latin-1", "replace")))
+    return out
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _is_stream(response: aiohttp.ClientResponse) -> bool:
+    content_type = response.headers.get("Content-Type", "")
+    return content_type.encode("latin-1", "replace").startswith(_SSE)
+
+
+def _complete_events(data: bytes) -> tuple[bytes, bytes]:
+    """(the complete SSE events in data, the incomplete rest)."""
+    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+    end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+    return data[:end], data[end:]
+
+
+def _error_kind(exc: BaseException, connected: bool) -> str:
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return "timeout"
+    return "disconnect" if connected or isinstance(exc, aiohttp.ServerDisconnectedError) \
+        else "connect"
+
+
+def _midstream_error(replica: Replica, exc: BaseException) -> bytes:
+    error = APIError(502, f"the replica serving this stream ({replica.name}) failed before it "
+                     f"ended ({type(exc).__name__}); the output so far is incomplete",
+                     code="replica_failed")
+    return b"data: " + msgspec.json.encode(error.body()) + b"\n\n" + _DONE
+
+
+def _too_large(size: int, limit: int) -> APIError:
+    return APIError(413, f"the request body has {size} bytes: allowed is at most {limit} "
+                    "(--max-body-bytes)", code="request_too_large")
+
+
+async def _send_whole(send: Send, status: int, headers: list[tuple[bytes, bytes]],
+                      content: bytes, replica: Replica) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": _response_headers(headers, replica)})
+    await send({"type": "http.response.body", "body": content})
+
+
+def error_response_messages(error: APIError) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The two ASGI messages of an OpenAI-shaped error answer from the router itself."""
+    body = msgspec.json.encode(error.body())
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    return ({"type": "http.response.start", "status": error.status, "headers": headers},
+            {"type": "http.response.body", "body": body})
+
+
+async def _send_error(send: Send, error: APIError) -> None:
+    start, body = error_response_messages(error)
+    await send(start)
+    await send(body)
