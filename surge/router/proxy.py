@@ -1,9 +1,9 @@
 """The forwarding half of the router: one client request, one or more attempts on replicas.
 
 The request body is read once (bounded) so it can be sent again. The policy picks a replica
-among the routable ones; the request goes out on a pooled aiohttp session (keep-alive
-connections, no cookie jar, no automatic decompression or default headers, so what the client
-sent is what the replica gets, minus hop-by-hop headers).
+among the routable ones; the request goes out on a keep-alive connection of the lean upstream
+client (``upstream.py``: what the client sent is what the replica gets, minus hop-by-hop
+headers, plus ``X-Forwarded-For``; nothing is decompressed or added).
 
 Failover follows one rule: an attempt may be retried on another replica only while nothing has
 reached the client. Refused or broken connections and 502/503 answers are retried (bounded
@@ -26,15 +26,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import msgspec
 from starlette.types import Receive, Scope, Send
-from yarl import URL
 
 from surge.router.metrics import RouterMetrics
 from surge.router.policies import Policy, RequestFacts
 from surge.router.replicas import Replica, ReplicaSet
 from surge.router.retry import RetryBudget, RetryConfig, backoff_seconds
+from surge.router.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 from surge.server.errors import APIError
 
 __all__ = ["PROXIED_PREFIXES", "Proxy", "ProxyConfig", "error_response_messages"]
@@ -48,11 +47,10 @@ _HOP_BY_HOP = frozenset({
     b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection"})
 _REQUEST_SKIP = _HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 _RETRY_STATUSES = frozenset({502, 503})
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 WATCH_DISCONNECT_AFTER = 0.02
-_URL_CACHE_SIZE = 4096
 _SSE = b"text/event-stream"
 _DONE = b"data: [DONE]\n\n"
-_CONNECTION_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 _decode = msgspec.json.decode
 
 
@@ -76,12 +74,15 @@ class ProxyConfig:
 
 @dataclass
 class _Outbound:
-    """One client request, ready to send to any replica."""
+    """One client request, ready to send to any replica: only the Host line differs."""
 
-    method: str
-    target: str  # path and query, as the client sent them
-    headers: list[tuple[str, str]]
+    request_line: bytes  # b"POST /v1/completions?x=y HTTP/1.1\r\nhost: "
+    rest: bytes  # b"\r\n" + the forwarded headers + content-length + the blank line
     body: bytes | None
+    is_head: bool
+
+    def head(self, replica: Replica) -> bytes:
+        return self.request_line + replica.host_header + self.rest
 
 
 @dataclass
@@ -106,20 +107,10 @@ class Proxy:
         self.clock = clock
         self.budget = RetryBudget(retry, clock)
         metrics.retry_budget_refused = lambda: self.budget.num_refused
-        self.session: aiohttp.ClientSession | None = None
-        self._urls: dict[str, URL] = {}  # parsed once: most requests go to a few paths
+        self.pool = UpstreamPool(config.connect_timeout, config.read_timeout)
 
-    async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30.0)
-        self.session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout,
-                                          sock_read=self.config.read_timeout))
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+    def close(self) -> None:
+        self.pool.close()
 
     # -- one client request ------------------------------------------------------------------
 
@@ -130,8 +121,7 @@ class Proxy:
             return await _send_error(send, exc)
         if body is None:
             return  # the client left while sending
-        outbound = _Outbound(scope["method"], _target(scope), _request_headers(scope),
-                             body or None)
+        outbound = _outbound(scope, body)
         facts = self._facts(scope, body)
         self.budget.record_request()
         await self._forward_until_disconnect(outbound, facts, receive, send)
@@ -171,14 +161,6 @@ class Proxy:
                          failure.reason)
         await self._give_up(failure, send)
 
-    def _url(self, text: str) -> URL:
-        url = self._urls.get(text)
-        if url is None:
-            if len(self._urls) >= _URL_CACHE_SIZE:
-                self._urls.clear()
-            url = self._urls[text] = URL(text, encoded=True)
-        return url
-
     def _choose(self, facts: RequestFacts, tried: list[Replica]) -> Replica | None:
         candidates = self.replicas.routable(self.clock(), tuple(tried))
         return self.policy.choose(candidates, facts) if candidates else None
@@ -213,29 +195,27 @@ class Proxy:
 
     async def _attempt(self, replica: Replica, outbound: _Outbound,
                        send: Send) -> _Failure | None:
-        assert self.session is not None
         replica.begin()
         started = self.clock()
         try:
-            response = await self.session.request(
-                outbound.method, self._url(replica.url + outbound.target),
-                headers=outbound.headers, data=outbound.body, allow_redirects=False)
+            response = await self.pool.request(
+                replica.host, replica.port, replica.tls, outbound.head(replica), outbound.body,
+                outbound.is_head)
         except asyncio.CancelledError:
             replica.abandoned()
             raise
-        except _CONNECTION_ERRORS as exc:
-            return self._failed(replica, _error_kind(exc, connected=False), exc)
+        except UpstreamError as exc:
+            return self._failed(replica, exc)
         try:
             return await self._answer(replica, response, started, send)
         except asyncio.CancelledError:
-            # Closing (not releasing) the connection is what tells the replica to stop.
-            response.close()
             replica.abandoned()
             raise
         finally:
+            # Reused when complete; closed otherwise, which tells the replica to stop.
             response.release()
 
-    async def _answer(self, replica: Replica, response: aiohttp.ClientResponse,
+    async def _answer(self, replica: Replica, response: UpstreamResponse,
                       started: float, send: Send) -> _Failure | None:
         status = response.status
         if status in _RETRY_STATUSES or (status == 429 and self.retry.retry_429):
@@ -245,29 +225,29 @@ class Proxy:
             return None
         try:
             content = await response.read()
-        except _CONNECTION_ERRORS as exc:
-            return self._failed(replica, _error_kind(exc, connected=True), exc)
+        except UpstreamError as exc:
+            return self._failed(replica, exc)
         self._finished(replica, status, started)
-        await _send_whole(send, status, list(response.raw_headers), content, replica)
+        await _send_whole(send, status, response.headers, content, replica)
         return None
 
-    async def _refused(self, replica: Replica, response: aiohttp.ClientResponse,
+    async def _refused(self, replica: Replica, response: UpstreamResponse,
                        started: float) -> _Failure:
         """A 502/503 (or a 429 to retry): keep the answer in case it is the last one."""
         try:
             content = await response.read()
-        except _CONNECTION_ERRORS as exc:
-            return self._failed(replica, _error_kind(exc, connected=True), exc)
+        except UpstreamError as exc:
+            return self._failed(replica, exc)
         status = response.status
         if status == 429:
             replica.succeeded(self.clock() - started)  # busy, not broken
         else:
             replica.failed(f"status_{status}", self.clock())
-        return _Failure(replica, f"HTTP {status}", (status, list(response.raw_headers), content))
+        return _Failure(replica, f"HTTP {status}", (status, response.headers, content))
 
-    def _failed(self, replica: Replica, kind: str, exc: BaseException) -> _Failure:
-        replica.failed(kind, self.clock())
-        return _Failure(replica, f"{kind} ({type(exc).__name__}: {exc})")
+    def _failed(self, replica: Replica, error: UpstreamError) -> _Failure:
+        replica.failed(error.kind, self.clock())
+        return _Failure(replica, f"{error.kind} ({error})")
 
     def _finished(self, replica: Replica, status: int, started: float) -> None:
         self.metrics.observe_latency(replica, self.clock() - started)
@@ -281,22 +261,22 @@ class Proxy:
         else:
             replica.succeeded(latency)
 
-    def _fits_buffer(self, response: aiohttp.ClientResponse) -> bool:
+    def _fits_buffer(self, response: UpstreamResponse) -> bool:
         length = response.content_length
         return length is not None and length <= self.config.buffer_bytes
 
-    async def _stream(self, replica: Replica, response: aiohttp.ClientResponse,
+    async def _stream(self, replica: Replica, response: UpstreamResponse,
                       started: float, send: Send) -> None:
         """Forward the body as it arrives; SSE is cut only at event boundaries, so an error
         event appended after a failure is never glued to half an event."""
         sse = _is_stream(response)
-        headers = _response_headers(response.raw_headers, replica, keep_length=not sse)
+        headers = _response_headers(response.headers, replica, keep_length=not sse)
         await send({"type": "http.response.start", "status": response.status,
                     "headers": headers})
         pending = b""
         first = True
         try:
-            async for chunk in response.content.iter_any():
+            async for chunk in response.chunks():
                 if first:
                     self.metrics.observe_latency(replica, self.clock() - started)
                     first = False
@@ -305,8 +285,8 @@ class Proxy:
                     if not chunk:
                         continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except _CONNECTION_ERRORS as exc:
-            replica.failed(_error_kind(exc, connected=True), self.clock())
+        except UpstreamError as exc:
+            replica.failed(exc.kind, self.clock())
             self.metrics.midstream_failures.inc()
             if not sse:
                 raise  # the client sees a cut connection: nothing else can be said
@@ -430,14 +410,23 @@ class _Exchange:
 # -- HTTP details ------------------------------------------------------------------------------
 
 
-def _target(scope: Scope) -> str:
+def _outbound(scope: Scope, body: bytes) -> _Outbound:
+    method: str = scope["method"]
     raw = scope.get("raw_path")
     path = raw.decode("latin-1") if raw else scope["path"]
     query = scope.get("query_string", b"")
-    return f"{path}?{query.decode('latin-1')}" if query else path
+    target = f"{path}?{query.decode('latin-1')}" if query else path
+    parts = [b"\r\n"]
+    for name, value in _request_headers(scope):
+        parts += [name, b": ", value, b"\r\n"]
+    if body or method in _BODY_METHODS:
+        parts.append(b"content-length: %d\r\n" % len(body))
+    parts.append(b"\r\n")
+    return _Outbound(f"{method} {target} HTTP/1.1\r\nhost: ".encode("latin-1"),
+                     b"".join(parts), body or None, method == "HEAD")
 
 
-def _request_headers(scope: Scope) -> list[tuple[str, str]]:
+def _request_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
     headers = scope["headers"]
     skip = _REQUEST_SKIP | _connection_tokens(headers)
     forwarded_for = None
@@ -446,13 +435,14 @@ def _request_headers(scope: Scope) -> list[tuple[str, str]]:
         if name in skip:
             continue
         if name == b"x-forwarded-for":
-            forwarded_for = value.decode("latin-1")
+            forwarded_for = value
             continue
-        out.append((name.decode("latin-1"), value.decode("latin-1")))
+        out.append((name, value))
     client = scope.get("client")
     if client:
-        out.append(("x-forwarded-for",
-                    f"{forwarded_for}, {client[0]}" if forwarded_for else client[0]))
+        address = client[0].encode("latin-1")
+        out.append((b"x-forwarded-for",
+                    forwarded_for + b", " + address if forwarded_for else address))
     return out
 
 
@@ -478,9 +468,9 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _is_stream(response: aiohttp.ClientResponse) -> bool:
-    content_type = response.headers.get("Content-Type", "")
-    return content_type.encode("latin-1", "replace").startswith(_SSE)
+def _is_stream(response: UpstreamResponse) -> bool:
+    content_type = response.header(b"content-type")
+    return content_type is not None and content_type.lower().startswith(_SSE)
 
 
 def _complete_events(data: bytes) -> tuple[bytes, bytes]:
@@ -488,13 +478,6 @@ def _complete_events(data: bytes) -> tuple[bytes, bytes]:
     lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
     end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
     return data[:end], data[end:]
-
-
-def _error_kind(exc: BaseException, connected: bool) -> str:
-    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
-        return "timeout"
-    return "disconnect" if connected or isinstance(exc, aiohttp.ServerDisconnectedError) \
-        else "connect"
 
 
 def _midstream_error(replica: Replica, exc: BaseException) -> bytes:

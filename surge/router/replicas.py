@@ -19,6 +19,7 @@ import enum
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 __all__ = ["Breaker", "BreakerConfig", "Replica", "ReplicaSet"]
 
@@ -83,6 +84,14 @@ class Replica:
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
         _require(self.weight > 0, "weight", self.weight, "a number > 0")
+        parts = urlsplit(self.url)
+        _require(parts.scheme in ("http", "https") and bool(parts.hostname), "url", self.url,
+                 "an http:// or https:// base URL")
+        # Where the proxy connects, and the Host header it sends.
+        self.host: str = parts.hostname or ""
+        self.tls = parts.scheme == "https"
+        self.port: int = parts.port or (443 if self.tls else 80)
+        self.host_header = parts.netloc.encode("latin-1", "replace")
 
     # -- may it get work? --------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ def _progress_points(seed: int) -> list[int]:
 
 
 def _assert_every_line_once(server: Server, batch_id: str) -> None:
-    batch = server.wait_batch(batch_id, timeout=180)
+    batch = server.wait_batch(batch_id, timeout=90)
     assert batch["status"] == "completed", batch
     assert batch["request_counts"] == {"total": NUM_LINES, "completed": NUM_LINES, "failed": 0}
     output = output_lines(server, batch["output_file_id"])
