@@ -53,10 +53,10 @@ RPS_TARGET = 0.5
 ADDED_P50_TARGET_MS = 1.0
 READY_TIMEOUT_S = 600.0
 _BODY = b'{"prompt": "hello", "max_tokens": 4}'
-_WRK_SCRIPT = """wrk.method = "POST"
-wrk.body = '%s'
+_WRK_SCRIPT = f"""wrk.method = "POST"
+wrk.body = '{_BODY.decode()}'
 wrk.headers["Content-Type"] = "application/json"
-""" % _BODY.decode()
+"""
 _NGINX_CONF = """worker_processes 1;
 daemon off;
 pid {dir}/nginx.pid;
@@ -95,10 +95,10 @@ def wait_healthy(url: str, process: subprocess.Popen[Any], timeout: float = READ
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{process.args} exited with {process.returncode}")
-        with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
+        with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError), \
+                urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            if response.status == 200:
+                return
         time.sleep(0.1)  # polling for readiness
     raise RuntimeError(f"{url} was not healthy within {timeout} s")
 
@@ -251,7 +251,7 @@ def summarize_overhead(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, Any
 def clients(seconds: float) -> dict[str, Any]:
     process, url = fake_replica()
     try:
-        import uvloop  # noqa: F401  (the router runs on it when installed)
+        import uvloop  # the router runs on it when installed
 
         runner = uvloop.run
     except ImportError:

@@ -2,23 +2,25 @@
 
 Per-replica counts (requests, failures by kind, ejections, retries) and gauges (in flight,
 latency average, state) are plain integers on each ``Replica``, read by a collector when
-``/metrics`` is scraped: the hot path only adds one to an int. The latency histogram is a real
-histogram with one pre-bound child per replica. Replicas that left disappear from the scrape.
+``/metrics`` is scraped: the hot path only adds one to an int. The latency histogram is kept
+the same way (a bisect into bucket counts: prometheus_client's own takes a lock per bucket
+update, which costs more than the rest of the bookkeeping of a request). Replicas that left
+disappear from the scrape.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from surge.router.replicas import Replica, ReplicaSet
@@ -37,10 +39,7 @@ class RouterMetrics:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.replicas = replicas
-        self.latency = Histogram(
-            f"{PREFIX}request_latency_seconds", "Time from sending a request to a replica to "
-            "its whole answer (to the first body bytes for streams)", ["replica"],
-            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.latency: dict[str, _Histogram] = {}  # by replica name
         self.scaling_events = Counter(
             f"{PREFIX}scaling_events", "Autoscaler and supervisor actions: up, down, replace",
             ["direction"], registry=self.registry)
@@ -58,21 +57,40 @@ class RouterMetrics:
         self.desired_replicas: Callable[[], int] | None = None
         self.retry_budget_refused: Callable[[], int] = lambda: 0
         self.registry.register(_ReplicaCollector(self, clock))
-        self._latency_children: dict[str, Histogram] = {}
 
     def observe_latency(self, replica: Replica, seconds: float) -> None:
-        child = self._latency_children.get(replica.name)
-        if child is None:
-            child = self._latency_children[replica.name] = self.latency.labels(replica.name)
-        child.observe(seconds)
+        histogram = self.latency.get(replica.name)
+        if histogram is None:
+            histogram = self.latency[replica.name] = _Histogram()
+        histogram.observe(seconds)
 
     def forget(self, replica: Replica) -> None:
         """A replica left for good: drop its series."""
-        if self._latency_children.pop(replica.name, None) is not None:
-            self.latency.remove(replica.name)
+        self.latency.pop(replica.name, None)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _Histogram:
+    """Bucket counts, a sum and a count: what Prometheus needs, updated without a lock (the
+    event loop is the only writer; a scrape reads a consistent-enough snapshot)."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        buckets, total = [], 0
+        for bound, count in zip([*map(str, LATENCY_BUCKETS), "+Inf"], self.counts,
+                                strict=True):
+            total += count
+            buckets.append((bound, total))
+        return buckets
 
 
 class _ReplicaCollector(Collector):
@@ -86,6 +104,12 @@ class _ReplicaCollector(Collector):
         replicas = list(self.metrics.replicas)
         yield from self._per_replica(replicas)
         yield from self._totals(replicas)
+        latency = HistogramMetricFamily(
+            f"{PREFIX}request_latency_seconds", "Time from sending a request to a replica to "
+            "its whole answer (to the first body bytes for streams)", labels=["replica"])
+        for name, histogram in list(self.metrics.latency.items()):
+            latency.add_metric([name], histogram.cumulative(), histogram.sum)
+        yield latency
 
     def _per_replica(self, replicas: list[Replica]) -> Iterator[Metric]:
         gauges = {

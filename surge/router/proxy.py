@@ -427,17 +427,20 @@ def _outbound(scope: Scope, body: bytes) -> _Outbound:
 
 
 def _request_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
-    headers = scope["headers"]
-    skip = _REQUEST_SKIP | _connection_tokens(headers)
     forwarded_for = None
+    named: frozenset[bytes] = frozenset()  # headers the Connection header calls hop-by-hop
     out = []
-    for name, value in headers:
-        if name in skip:
+    for name, value in scope["headers"]:
+        if name in _REQUEST_SKIP:
+            if name == b"connection":
+                named |= _connection_tokens(value)
             continue
         if name == b"x-forwarded-for":
             forwarded_for = value
             continue
         out.append((name, value))
+    if named:
+        out = [(name, value) for name, value in out if name not in named]
     client = scope.get("client")
     if client:
         address = client[0].encode("latin-1")
@@ -446,11 +449,9 @@ def _request_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+def _connection_tokens(value: bytes) -> frozenset[bytes]:
     """Headers named in Connection are hop-by-hop too."""
-    tokens = [token.strip().lower() for name, value in headers if name == b"connection"
-              for token in value.split(b",")]
-    return frozenset(t for t in tokens if t)
+    return frozenset(t for t in (token.strip().lower() for token in value.split(b",")) if t)
 
 
 def _response_headers(raw: Any, replica: Replica,
@@ -469,8 +470,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 def _is_stream(response: UpstreamResponse) -> bool:
-    content_type = response.header(b"content-type")
-    return content_type is not None and content_type.lower().startswith(_SSE)
+    return response.content_type.startswith(_SSE)
 
 
 def _complete_events(data: bytes) -> tuple[bytes, bytes]:

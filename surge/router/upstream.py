@@ -115,6 +115,9 @@ class UpstreamResponse:
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.keep_alive = False
+        # Read from the headers once, when they are complete.
+        self.content_length: int | None = None
+        self.content_type = b""
         self._is_head = is_head
         self._head: asyncio.Future[None] = self._loop.create_future()
         self._chunks: collections.deque[bytes] = collections.deque()
@@ -129,11 +132,6 @@ class UpstreamResponse:
         self._last_activity = self._loop.time()
         self._timer = (self._loop.call_at(self._last_activity + read_timeout, self._check_idle)
                        if read_timeout else None)
-
-    @property
-    def content_length(self) -> int | None:
-        value = self.header(b"content-length")
-        return int(value) if value is not None and value.isdigit() else None
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -197,10 +195,17 @@ class UpstreamResponse:
     def head_complete(self, status: int, keep_alive: bool) -> None:
         self.status = status
         self.keep_alive = keep_alive
-        length = self.header(b"content-length")
-        chunked = (self.header(b"transfer-encoding") or b"").lower().endswith(b"chunked")
-        self._until_close = length is None and not chunked and status >= 200 and \
-            status not in (204, 304)
+        chunked = False
+        for name, value in self.headers:
+            name = name.lower()
+            if name == b"content-length" and value.isdigit():
+                self.content_length = int(value)
+            elif name == b"content-type":
+                self.content_type = value.lower()
+            elif name == b"transfer-encoding":
+                chunked = value.lower().endswith(b"chunked")
+        self._until_close = self.content_length is None and not chunked and \
+            status >= 200 and status not in (204, 304)
         if not self._head.done():
             self._head.set_result(None)
         if self._is_head:  # no body follows a HEAD's answer, whatever its headers say
