@@ -1,14 +1,20 @@
 """Interactive time to first token with and without a batch running in the background.
 
 One `surge serve` (smollm2-135m shape, random weights, bfloat16; `--preset` to change) takes the
-same interactive workload twice: streamed chat completions from a few concurrent clients,
-first on an idle server (the peer), then while a large batch (`/v1/batches`, low priority,
-backing off under interactive load) runs. Prints p50/p99 TTFT of both, the p99 ratio
-(with batch / without; 1.0 means the batch costs interactive users nothing), and the batch's
-lines per second during the second phase.
+same interactive workload (streamed chat completions from a few concurrent clients) in
+alternating phases: without a batch (the peer), then while a batch (`/v1/batches`, low
+priority, backing off under interactive load) runs, then again, `--rounds` times. Each "with"
+phase submits a fresh batch and cancels it at its end, waiting until no batch line is left in
+flight, so the next "without" phase is really idle. Alternating phases puts both conditions
+under the same background load of a shared machine.
 
-    python benchmarks/bench_batch.py                      # about 3 minutes on 2 cores
-    python benchmarks/bench_batch.py --preset tiny-llama --requests 40
+Prints p50/p95/p99 TTFT of both conditions (samples pooled over the rounds, and per round),
+their ratios (with batch / without; 1.0 means the batch costs interactive users nothing), the
+batch's lines per second during the "with" phases (it must keep making progress), and the load
+average before and after.
+
+    python benchmarks/bench_batch.py                      # about 5 minutes on 2 cores
+    python benchmarks/bench_batch.py --preset tiny-llama --requests 40 --rounds 1
 
 Writes results/bench_batch.json.
 """
@@ -32,20 +38,26 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 _LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+)")
+_FINISHED = ("completed", "failed", "expired", "cancelled")
+_PERCENTILES = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="smollm2-135m")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--requests", type=int, default=32, help="interactive requests/phase")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="without/with phase pairs (samples are pooled)")
+    parser.add_argument("--requests", type=int, default=60,
+                        help="interactive requests per phase")
     parser.add_argument("--clients", type=int, default=2, help="concurrent interactive clients")
     parser.add_argument("--max-tokens", type=int, default=16, help="interactive output tokens")
-    parser.add_argument("--batch-lines", type=int, default=400)
+    parser.add_argument("--batch-lines", type=int, default=400, help="lines per batch")
     parser.add_argument("--batch-max-tokens", type=int, default=32)
     parser.add_argument("--batch-concurrency", type=int, default=4)
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "bench_batch.json")
     args = parser.parse_args()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench_batch_") as tmp:
         model = _model(args.preset)
         server, url = _start_server(model, Path(tmp), args)
@@ -54,6 +66,7 @@ def main() -> None:
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(60)
+    report["load_average_before"], report["load_average_after"] = load_before, os.getloadavg()
     _print(report)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()},
@@ -103,24 +116,41 @@ def _wait_ready(process: subprocess.Popen, log_path: Path) -> str:
 
 
 async def _measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    without: list[list[float]] = []
+    with_batch: list[list[float]] = []
+    lines_done, with_seconds = 0, 0.0
     async with httpx.AsyncClient(base_url=url, timeout=300) as http:
         await _interactive(http, 4, args)  # warm-up
-        idle = await _interactive(http, args.requests, args)
-        batch_id = await _submit_batch(http, args)
-        await _wait_batch(http, batch_id, lambda b: _done(b) >= 2)  # the batch is running
-        start_done, started = _done(await _batch(http, batch_id)), time.perf_counter()
-        loaded = await _interactive(http, args.requests, args)
-        batch = await _batch(http, batch_id)
-        lines_per_s = (_done(batch) - start_done) / (time.perf_counter() - started)
-        if batch["status"] not in ("completed", "failed", "expired", "cancelled"):
-            await http.post(f"/v1/batches/{batch_id}/cancel")
-        else:
-            print("warning: the batch ended before the interactive phase did: use more "
-                  "--batch-lines", file=sys.stderr)
-    return {"ttft_without_batch": _summary(idle), "ttft_with_batch": _summary(loaded),
-            "p99_ratio": _summary(loaded)["p99"] / _summary(idle)["p99"],
-            "batch_lines_per_s": lines_per_s,
-            "batch_lines_done": _done(batch) - start_done}
+        for _ in range(args.rounds):
+            without.append(await _interactive(http, args.requests, args))
+            ttfts, done, seconds = await _with_batch(http, args)
+            with_batch.append(ttfts)
+            lines_done, with_seconds = lines_done + done, with_seconds + seconds
+    idle = _summary([t for phase in without for t in phase])
+    loaded = _summary([t for phase in with_batch for t in phase])
+    return {"ttft_without_batch": idle, "ttft_with_batch": loaded,
+            "ratios": {name: loaded[name] / idle[name] for name, _ in _PERCENTILES},
+            "rounds": [{"without": _summary(a), "with": _summary(b)}
+                       for a, b in zip(without, with_batch, strict=True)],
+            "batch_lines_per_s": lines_done / with_seconds, "batch_lines_done": lines_done}
+
+
+async def _with_batch(http: httpx.AsyncClient,
+                      args: argparse.Namespace) -> tuple[list[float], int, float]:
+    """One "with" phase: TTFTs, batch lines done during it, and its duration."""
+    batch_id = await _submit_batch(http, args)
+    await _wait_batch(http, batch_id, lambda b: _done(b) >= 2)  # the batch is running
+    start_done, started = _done(await _batch(http, batch_id)), time.perf_counter()
+    ttfts = await _interactive(http, args.requests, args)
+    batch = await _batch(http, batch_id)
+    seconds = time.perf_counter() - started
+    if batch["status"] in _FINISHED:
+        print("warning: the batch ended before the interactive phase did: use more "
+              "--batch-lines", file=sys.stderr)
+    else:
+        (await http.post(f"/v1/batches/{batch_id}/cancel")).raise_for_status()
+    await _wait_batch(http, batch_id, lambda b: b["status"] in _FINISHED)  # no line in flight
+    return ttfts, _done(batch) - start_done, seconds
 
 
 async def _interactive(http: httpx.AsyncClient, count: int,
@@ -155,9 +185,10 @@ async def _submit_batch(http: httpx.AsyncClient, args: argparse.Namespace) -> st
                        "messages": [{"role": "user", "content": f"Summarize item {i}."}]}}
              for i in range(args.batch_lines)]
     content = "".join(json.dumps(line) + "\n" for line in lines).encode()
-    uploaded = (await http.post("/v1/files", data={"purpose": "batch"},
-                                files={"file": ("bench.jsonl", content)})).json()
-    created = await http.post("/v1/batches", json={"input_file_id": uploaded["id"],
+    uploaded = await http.post("/v1/files", data={"purpose": "batch"},
+                               files={"file": ("bench.jsonl", content)})
+    uploaded.raise_for_status()
+    created = await http.post("/v1/batches", json={"input_file_id": uploaded.json()["id"],
                                                    "endpoint": "/v1/chat/completions",
                                                    "completion_window": "24h"})
     created.raise_for_status()
@@ -168,8 +199,12 @@ async def _batch(http: httpx.AsyncClient, batch_id: str) -> dict[str, Any]:
     return (await http.get(f"/v1/batches/{batch_id}")).json()
 
 
-async def _wait_batch(http: httpx.AsyncClient, batch_id: str, until: Any) -> None:
-    while not until(await _batch(http, batch_id)):
+async def _wait_batch(http: httpx.AsyncClient, batch_id: str, until: Any,
+                      timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not until(batch := await _batch(http, batch_id)):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"batch {batch_id} is stuck: {batch}")
         await asyncio.sleep(0.1)  # polling the batch's progress
 
 
@@ -183,18 +218,27 @@ def _summary(values: list[float]) -> dict[str, float]:
     def pct(q: float) -> float:
         return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
-    return {"n": len(ordered), "mean": sum(ordered) / len(ordered), "p50": pct(0.5),
-            "p99": pct(0.99), "max": ordered[-1]}
+    return {"n": len(ordered), "mean": sum(ordered) / len(ordered),
+            **{name: pct(q) for name, q in _PERCENTILES}, "max": ordered[-1]}
 
 
 def _print(report: dict[str, Any]) -> None:
-    for name in ("ttft_without_batch", "ttft_with_batch"):
-        s = report[name]
-        print(f"{name:>20}: p50 {s['p50'] * 1000:7.1f} ms  p99 {s['p99'] * 1000:7.1f} ms  "
-              f"(n={s['n']})")
-    print(f"{'p99 ratio':>20}: {report['p99_ratio']:.2f} (with batch / without)")
-    print(f"{'batch throughput':>20}: {report['batch_lines_per_s']:.2f} lines/s "
-          f"({report['batch_lines_done']} lines during the interactive phase)")
+    def line(label: str, s: dict[str, float]) -> str:
+        cells = "  ".join(f"{name} {s[name] * 1000:7.1f} ms" for name, _ in _PERCENTILES)
+        return f"{label:>22}: {cells}  (n={s['n']})"
+
+    print(line("TTFT without batch", report["ttft_without_batch"]))
+    print(line("TTFT with batch", report["ttft_with_batch"]))
+    ratios = "  ".join(f"{name} {value:.2f}" for name, value in report["ratios"].items())
+    print(f"{'ratio (with/without)':>22}: {ratios}")
+    for i, round_ in enumerate(report["rounds"], 1):
+        print(line(f"round {i} without", round_["without"]))
+        print(line(f"round {i} with", round_["with"]))
+    print(f"{'batch throughput':>22}: {report['batch_lines_per_s']:.2f} lines/s "
+          f"({report['batch_lines_done']} lines during the interactive phases)")
+    before, after = report["load_average_before"], report["load_average_after"]
+    print(f"{'load average (1 min)':>22}: {before[0]:.2f} before, {after[0]:.2f} after "
+          "(2 cores: above ~0.5 other work competes)")
 
 
 if __name__ == "__main__":

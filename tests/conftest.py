@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +10,16 @@ import pytest
 from surge.testing.make_model import write_checkpoint
 
 TINY_PRESETS = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-gpt2")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_dir_outside_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test, and every `surge serve` a test starts, keeps its data (web-app history,
+    batch files) in a temporary folder: a test run never writes into ~/.local/share/surge."""
+    folder = tmp_path_factory.mktemp("surge_data")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SURGE_DATA_DIR", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,7 @@ from surge.apps.status import StatusWindow, parse_metrics
 from surge.apps.storage import GenerationRecord, Store, new_id
 from surge.apps.writing import LENGTHS, TEMPLATES, TONES, build_prompt, cache_key, check_request
 from surge.server.errors import APIError
+from surge.server.openapi import error_responses, event_stream_content
 
 __all__ = ["API_PREFIX", "AppsRuntime", "build_router"]
 
@@ -67,18 +68,33 @@ class AppsRuntime:
         return self.store
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"description": description} for status, description in [
-        (400, "invalid request (the message names the field)"),
-        (401, "this server needs an API key"), (404, "not found, or not yours"),
-        (409, "an answer is already being generated in this conversation"),
-        (429, "rate limited or busy (Retry-After)"),
-        (502, "the model server cannot be reached"), (503, "the model is not ready")]}
+# The statuses each route can answer, by cause; a route documents the groups that apply.
+_ANY = {400: "invalid request or X-User-ID header (the message names the field)",
+        500: "unexpected server error"}
+_KEY = {401: "this server needs an API key (--api-key): send 'Authorization: Bearer KEY'"}
+_BODY = {413: "request body too large (--max-body-bytes)"}
+_HISTORY = {404: "history is disabled on this server (--no-history)"}
+_OWNED = {404: "not found, or not this user's"}
+# A request the apps forward to the model server gets its refusal as it is.
+_MODEL = {400: "the model server refused the request (e.g. the prompt is too long)",
+          404: "unknown model", 429: "rate limited or server busy (Retry-After)",
+          502: "the model server cannot be reached or failed",
+          503: "the model is not ready (Retry-After)",
+          504: "the model server's --request-timeout ran out"}
+
+
+def _errors(*groups: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route: the union of the groups, in OpenAI's error shape."""
+    merged: dict[int, list[str]] = {}
+    for group in groups:
+        for status, text in group.items():
+            merged.setdefault(status, []).append(text)
+    return error_responses({status: "; ".join(texts) for status, texts in merged.items()})
 
 
 def build_router(runtime: AppsRuntime) -> APIRouter:
     guard = ApiKeyGuard(runtime.settings.api_keys)
-    router = APIRouter(prefix=API_PREFIX, tags=["apps"], responses=_ERRORS)
+    router = APIRouter(prefix=API_PREFIX, tags=["apps"])
     _add_config_route(router, runtime, guard)
     secured = APIRouter(dependencies=[Depends(guard)])
     _add_session_routes(secured, runtime)
@@ -91,7 +107,7 @@ def build_router(runtime: AppsRuntime) -> APIRouter:
 
 
 def _add_config_route(router: APIRouter, rt: AppsRuntime, guard: ApiKeyGuard) -> None:
-    @router.get("/config", response_model=schemas.AppsConfig)
+    @router.get("/config", response_model=schemas.AppsConfig, responses=_errors(_ANY))
     async def get_config() -> dict[str, Any]:
         """What the pages need before their first request (no API key needed)."""
         return {"history": rt.store is not None, "api_key_required": guard.enabled,
@@ -103,7 +119,8 @@ def _add_config_route(router: APIRouter, rt: AppsRuntime, guard: ApiKeyGuard) ->
 
 
 def _add_session_routes(router: APIRouter, rt: AppsRuntime) -> None:
-    @router.post("/chat/sessions", response_model=schemas.Session, status_code=201)
+    @router.post("/chat/sessions", response_model=schemas.Session, status_code=201,
+                 responses=_errors(_ANY, _KEY, _BODY))
     async def create_session(body: schemas.SessionCreate, user: UserId) -> dict[str, Any]:
         """A new conversation. With --no-history the id is not stored: send earlier messages
         in each message's `history`."""
@@ -112,13 +129,15 @@ def _add_session_routes(router: APIRouter, rt: AppsRuntime) -> None:
             return {"id": new_id(), "title": body.title, "created_at": now, "updated_at": now}
         return (await rt.db(rt.store.create_session, user, body.title)).to_dict()
 
-    @router.get("/chat/sessions", response_model=schemas.SessionList)
+    @router.get("/chat/sessions", response_model=schemas.SessionList,
+                responses=_errors(_ANY, _KEY, _HISTORY))
     async def list_sessions(user: UserId) -> dict[str, Any]:
         """The user's conversations, most recently active first."""
         sessions = await rt.db(rt.require_store().list_sessions, user)
         return {"object": "list", "data": [s.to_dict() for s in sessions]}
 
-    @router.get("/chat/sessions/{session_id}", response_model=schemas.SessionDetail)
+    @router.get("/chat/sessions/{session_id}", response_model=schemas.SessionDetail,
+                responses=_errors(_ANY, _KEY, _OWNED, _HISTORY))
     async def get_session(session_id: SessionId, user: UserId) -> dict[str, Any]:
         store = rt.require_store()
         session = await rt.db(store.get_session, user, session_id)
@@ -127,7 +146,8 @@ def _add_session_routes(router: APIRouter, rt: AppsRuntime) -> None:
             raise _session_not_found(session_id)
         return {**session.to_dict(), "messages": [m.to_dict() for m in messages]}
 
-    @router.delete("/chat/sessions/{session_id}", status_code=204, response_class=Response)
+    @router.delete("/chat/sessions/{session_id}", status_code=204, response_class=Response,
+                   responses=_errors(_ANY, _KEY, _OWNED, _HISTORY))
     async def delete_session(session_id: SessionId, user: UserId) -> Response:
         rt.turns.stop(session_id)  # an answer still streaming would be stored nowhere
         if not await rt.db(rt.require_store().delete_session, user, session_id):
@@ -146,7 +166,9 @@ def _session_not_found(session_id: str) -> APIError:
 _STREAM_DOC = {200: {"description": "text/event-stream of JSON events: `start`, `delta` "
                      "({text}), then one `done` ({status: complete|stopped|error, "
                      "finish_reason, message_id, error})",
-                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+                     "content": event_stream_content("a JSON event: start, delta or done")},
+               **_errors(_ANY, _KEY, _BODY, _OWNED, _MODEL,
+                         {409: "an answer is already being generated in this conversation"})}
 
 
 def _add_message_routes(router: APIRouter, rt: AppsRuntime) -> None:
@@ -168,7 +190,8 @@ def _add_message_routes(router: APIRouter, rt: AppsRuntime) -> None:
             rt.turns.release(session_id)
             raise
 
-    @router.post("/chat/sessions/{session_id}/stop", response_model=schemas.StopResult)
+    @router.post("/chat/sessions/{session_id}/stop", response_model=schemas.StopResult,
+                 responses=_errors(_ANY, _KEY, _BODY, _OWNED))
     async def stop_answer(session_id: SessionId, user: UserId) -> dict[str, bool]:
         """Stop the answer being generated: the engine aborts it at once."""
         if rt.store is not None and await rt.db(rt.store.get_session, user, session_id) is None:
@@ -261,7 +284,8 @@ def _sse_event(event: dict[str, Any]) -> bytes:
 
 
 def _add_history_routes(router: APIRouter, rt: AppsRuntime) -> None:
-    @router.get("/history/export", response_model=schemas.HistoryExport)
+    @router.get("/history/export", response_model=schemas.HistoryExport,
+                responses=_errors(_ANY, _KEY, _HISTORY))
     async def export_history(user: UserId) -> Response:
         """Everything stored for the user (conversations with messages, generations), as a
         JSON file download."""
@@ -269,7 +293,8 @@ def _add_history_routes(router: APIRouter, rt: AppsRuntime) -> None:
         return Response(json.dumps(data, indent=1), media_type="application/json", headers={
             "Content-Disposition": 'attachment; filename="surge-history.json"'})
 
-    @router.delete("/history", response_model=schemas.DeleteResult)
+    @router.delete("/history", response_model=schemas.DeleteResult,
+                   responses=_errors(_ANY, _KEY, _HISTORY))
     async def delete_history(user: UserId) -> dict[str, int]:
         """Delete every conversation and generation of the user."""
         return await rt.db(rt.require_store().delete_user, user)
@@ -285,11 +310,13 @@ def _writing_options() -> dict[str, Any]:
 
 
 def _add_writing_routes(router: APIRouter, rt: AppsRuntime) -> None:
-    @router.get("/writing/options", response_model=schemas.WritingOptions)
+    @router.get("/writing/options", response_model=schemas.WritingOptions,
+                responses=_errors(_ANY, _KEY))
     async def writing_options() -> dict[str, Any]:
         return _writing_options()
 
-    @router.post("/writing/generations", response_model=schemas.Generation, status_code=201)
+    @router.post("/writing/generations", response_model=schemas.Generation, status_code=201,
+                 responses=_errors(_ANY, _KEY, _BODY, _MODEL))
     async def create_generation(body: schemas.GenerationCreate, request: Request,
                                 user: UserId) -> dict[str, Any]:
         """Write with a template, tone and length. A deterministic request (temperature 0 or
@@ -313,13 +340,14 @@ def _add_writing_routes(router: APIRouter, rt: AppsRuntime) -> None:
         latency_ms = (time.perf_counter() - started) * 1000
         return {**record.to_dict(), "cached": cached, "latency_ms": round(latency_ms, 2)}
 
-    @router.get("/writing/generations", response_model=schemas.GenerationList)
+    @router.get("/writing/generations", response_model=schemas.GenerationList,
+                responses=_errors(_ANY, _KEY, _HISTORY))
     async def list_generations(user: UserId) -> dict[str, Any]:
         records = await rt.db(rt.require_store().list_generations, user)
         return {"object": "list", "data": [r.to_dict() for r in records]}
 
     @router.delete("/writing/generations/{generation_id}", status_code=204,
-                   response_class=Response)
+                   response_class=Response, responses=_errors(_ANY, _KEY, _OWNED, _HISTORY))
     async def delete_generation(generation_id: SessionId, user: UserId) -> Response:
         if not await rt.db(rt.require_store().delete_generation, user, generation_id):
             raise APIError(404, f"generation {generation_id!r} not found (it does not exist or "
@@ -375,7 +403,9 @@ async def _no_persist(result: TurnResult) -> None:
 
 
 def _add_status_route(router: APIRouter, rt: AppsRuntime) -> None:
-    @router.get("/status", response_model=schemas.StatusReport)
+    @router.get("/status", response_model=schemas.StatusReport, responses=_errors(
+        _ANY, _KEY, {502: "the model server's /metrics cannot be read",
+                     503: "the model server's address is not known yet (Retry-After)"}))
     async def status(request: Request) -> dict[str, Any]:
         """Requests/s, latency percentiles, queue depth, KV-cache usage and replicas, from the
         model server's /metrics (rates over the last ~30 s)."""

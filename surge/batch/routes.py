@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, File, Form, Query, UploadFile
@@ -15,12 +16,25 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from surge.batch.config import BatchSettings
+from surge.batch.schemas import BatchList, BatchObject, FileDeleted, FileList, FileObject
 from surge.batch.service import BatchService
+from surge.batch.store import BATCH_STATUSES, TERMINAL_STATUSES
+from surge.server.errors import APIError
+from surge.server.openapi import VALIDATION_ERROR, error_responses
 from surge.server.serving import json_response
 
 __all__ = ["BatchCreateRequest", "add_batch_routes"]
 
 MAX_LIST_LIMIT = 100
+
+# What routes answer besides 200, by cause (the request gate in front of them gives 401 and
+# 413; validation gives 400).
+_ANY_ROUTE = {401: "missing or wrong API key (when the server has --api-key)",
+              500: "unexpected server error"}
+_BODY = {400: VALIDATION_ERROR, 413: "request body too large (--max-body-bytes)"}
+_NO_FILE = {404: "no file with this id"}
+_NO_BATCH = {404: "no batch with this id"}
+_JSONL = {"application/jsonl": {"schema": {"type": "string"}}}
 
 
 class BatchCreateRequest(BaseModel):
@@ -45,7 +59,10 @@ def add_batch_routes(app: FastAPI, settings: BatchSettings, api_keys: list[str])
 def _files_router(service: BatchService) -> APIRouter:
     router = APIRouter(prefix="/v1/files", tags=["batch"])
 
-    @router.post("")
+    @router.post("", response_model=FileObject, responses=error_responses({
+        **_ANY_ROUTE, **_BODY,
+        400: "purpose is not 'batch', or the file is not valid batch input (the message names "
+             "the lines and what is wrong)"}))
     async def upload_file(file: UploadFile = File(...),  # noqa: B008 - FastAPI's idiom
                           purpose: str = Form(...)) -> Response:
         """Upload a JSONL batch input; every line is validated now (400 names the lines)."""
@@ -53,39 +70,59 @@ def _files_router(service: BatchService) -> APIRouter:
         record = await service.upload_file(file.filename or "", purpose, content)
         return json_response(record.to_api())
 
-    @router.get("")
+    @router.get("", response_model=FileList, responses=error_responses(_ANY_ROUTE))
     async def list_files(purpose: str | None = None) -> Response:
         records = await service.list_files(purpose)
         return json_response({"object": "list", "data": [r.to_api() for r in records],
                               "has_more": False})
 
-    @router.get("/{file_id}")
+    @router.get("/{file_id}", response_model=FileObject,
+                responses=error_responses({**_ANY_ROUTE, **_NO_FILE}))
     async def retrieve_file(file_id: str) -> Response:
         return json_response((await service.get_file(file_id)).to_api())
 
-    @router.get("/{file_id}/content")
+    @router.get("/{file_id}/content", response_class=Response, responses={
+        200: {"description": "the file's bytes (JSON Lines)", "content": _JSONL},
+        **error_responses({**_ANY_ROUTE, **_NO_FILE})})
     async def file_content(file_id: str) -> Response:
         return Response(await service.file_content(file_id), media_type="application/jsonl")
 
-    @router.delete("/{file_id}")
+    @router.delete("/{file_id}", response_model=FileDeleted, responses=error_responses({
+        **_ANY_ROUTE, **_NO_FILE, 409: "the file is the input of a batch that has not ended"}))
     async def delete_file(file_id: str) -> Response:
+        await _refuse_if_in_use(service, file_id)
         await service.delete_file(file_id)
         return json_response({"id": file_id, "object": "file", "deleted": True})
 
     return router
 
 
+async def _refuse_if_in_use(service: BatchService, file_id: str) -> None:
+    """A batch reads its input file until it ends (to expire its unanswered lines, and to
+    requeue them after a restart): without it the batch would stay ``finalizing`` forever."""
+    unfinished = [status for status in BATCH_STATUSES if status not in TERMINAL_STATUSES]
+    batches = await asyncio.to_thread(service.store.batches_with_status, *unfinished)
+    users = [batch.id for batch in batches if batch.input_file_id == file_id]
+    if users:
+        raise APIError(409, f"file {file_id} is the input of batch {users[0]}, which has not "
+                            f"ended: cancel it (POST /v1/batches/{users[0]}/cancel) or wait "
+                            "for it to end, then delete the file", param="file_id",
+                       code="file_in_use")
+
+
 def _batches_router(service: BatchService) -> APIRouter:
     router = APIRouter(prefix="/v1/batches", tags=["batch"])
 
-    @router.post("")
+    @router.post("", response_model=BatchObject, responses=error_responses({
+        **_ANY_ROUTE, **_BODY, 404: "no file with id input_file_id"}))
     async def create_batch(body: BatchCreateRequest) -> Response:
         """Start a batch over an uploaded file; all its lines must use ``endpoint``."""
         batch = await service.create_batch(body.input_file_id, body.endpoint,
                                            body.completion_window, body.metadata)
         return json_response(batch.to_api())
 
-    @router.get("")
+    @router.get("", response_model=BatchList, responses=error_responses({
+        **_ANY_ROUTE, 400: VALIDATION_ERROR, 404: "no batch with the id given as after"}))
     async def list_batches(limit: int = Query(20, ge=1, le=MAX_LIST_LIMIT),
                            after: str | None = None) -> Response:
         """Newest first; pass the last id of a page as ``after`` for the next one."""
@@ -96,11 +133,14 @@ def _batches_router(service: BatchService) -> APIRouter:
                               "last_id": data[-1]["id"] if data else None,
                               "has_more": has_more})
 
-    @router.get("/{batch_id}")
+    @router.get("/{batch_id}", response_model=BatchObject,
+                responses=error_responses({**_ANY_ROUTE, **_NO_BATCH}))
     async def retrieve_batch(batch_id: str) -> Response:
         return json_response((await service.get_batch(batch_id)).to_api())
 
-    @router.post("/{batch_id}/cancel")
+    @router.post("/{batch_id}/cancel", response_model=BatchObject, responses=error_responses({
+        **_ANY_ROUTE, **_NO_BATCH, 413: _BODY[413],
+        409: "the batch already ended (completed, failed or expired)"}))
     async def cancel_batch(batch_id: str) -> Response:
         """Stop dispatching; lines in flight finish, then the batch is ``cancelled``."""
         return json_response((await service.cancel_batch(batch_id)).to_api())

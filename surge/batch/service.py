@@ -42,7 +42,7 @@ from surge.batch.store import (
     new_id,
 )
 from surge.batch.validate import BATCH_URLS, BatchFileError, parse_lines, validate_batch_file
-from surge.batch.worker import BatchWorker
+from surge.batch.worker import BATCH_PRIORITY, BatchWorker
 from surge.server.errors import APIError
 
 __all__ = ["BatchService", "parse_completion_window"]
@@ -143,10 +143,13 @@ class BatchService:
             engine = self.serving.engine
             return (self.serving.refusal is None and engine.is_ready and engine.is_healthy)
 
+        def interactive_waiting() -> int:
+            return self.serving.num_waiting_for_first_token(more_urgent_than=BATCH_PRIORITY)
+
         return BatchWorker(self.queue, client, concurrency=self.settings.concurrency,
                            headers=self.headers, is_active=self.is_active,
                            keep=self.keep_result, interactive_load=interactive_load,
-                           can_run=can_run)
+                           interactive_waiting=interactive_waiting, can_run=can_run)
 
     async def _recover(self) -> None:
         """Pick up where a previous run (or a crash) left every unfinished batch."""

@@ -8,10 +8,31 @@ One ``BatchWorker`` class serves both places work runs:
 - in ``surge batch worker`` processes (RabbitMQ only), sending lines over HTTP to an upstream
   server and publishing results to the results queue the server stores from.
 
-Batch requests run at a low engine priority (``BATCH_PRIORITY`` unless a line sets its own),
-so the scheduler serves interactive requests first. A 429 or 503 means "not now": the worker
-waits (``Retry-After``, capped) and tries again; it never turns back-pressure into a failed
-line. Any other answer, success or error, is the line's result.
+How batch work yields to interactive requests (in ``surge serve``), at two levels:
+
+- the engine: batch requests run at a low priority (``BATCH_PRIORITY`` unless a line sets its
+  own). The scheduler gives a waiting interactive request its prompt tokens before the prompt
+  chunks of running batch requests, and takes a batch request's seat if seats or KV blocks run
+  out; running batch requests keep decoding (one token each per step) meanwhile;
+- the worker: up to ``--batch-concurrency`` lines in flight, minus one per interactive request
+  in flight, and only one while any interactive request waits for its first token or did
+  within the last ``QUIET_SECONDS`` (a new batch prompt would otherwise share, and lengthen,
+  the engine step that prefills it). At least one line always stays in flight, so batch work
+  slows under interactive load but never stops.
+
+Where the time goes with both in place (measured with ``benchmarks/bench_batch.py`` on 2 CPU
+cores): an interactive request's first token waits for the engine step in progress when it
+arrives, then one step with its prompt and the batch requests' decode tokens; batch steps are a
+few decode tokens, so the cost is small unless other processes compete for the cores (torch's
+threads then stall, and bigger steps stall longer).
+
+``surge batch worker`` processes (RabbitMQ) cannot see the server's interactive load: they
+send lines over HTTP at their full concurrency and rely on the engine priority alone, and on
+429/503 from the server's admission control. Run them with a small ``--concurrency``.
+
+A 429 or 503 means "not now": the worker waits (``Retry-After``, capped) and tries again; it
+never turns back-pressure into a failed line. Any other answer, success or error, is the line's
+result.
 """
 
 from __future__ import annotations
@@ -19,6 +40,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,7 +50,7 @@ import httpx
 from surge.batch.queue import BatchQueue, Delivery, LineTask
 from surge.batch.store import LineResult
 
-__all__ = ["BATCH_PRIORITY", "BatchWorker", "call_endpoint"]
+__all__ = ["BATCH_PRIORITY", "QUIET_SECONDS", "BatchWorker", "call_endpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +62,10 @@ MAX_RETRY_SECONDS = 5.0
 MIN_RETRY_SECONDS = 0.05
 # How often a worker that has no room (interactive load) looks again.
 ROOM_POLL_SECONDS = 0.05
+# After interactive requests stop waiting for a first token, how long the worker still keeps
+# to one line: requests often come in bursts, and the next one should not find a new batch
+# prompt in its step.
+QUIET_SECONDS = 0.25
 
 
 def request_body(task: LineTask) -> dict[str, Any]:
@@ -69,18 +96,22 @@ async def call_endpoint(client: httpx.AsyncClient, task: LineTask,
 
 
 class BatchWorker:
-    """Up to ``concurrency`` lines at once, fewer while ``interactive_load()`` is high.
+    """Up to ``concurrency`` lines at once, fewer under interactive load (module docstring).
 
     ``is_active(batch_id)`` says whether the line's batch still runs (cancelled and expired
     batches' lines are skipped); ``keep(result)`` stores or forwards the result and must be
     durable when it returns, because the delivery is acknowledged right after.
+    ``interactive_load()`` counts interactive requests in flight and ``interactive_waiting()``
+    those still waiting for their first token (both 0 where the worker cannot see them).
     """
 
     def __init__(self, queue: BatchQueue, client: httpx.AsyncClient, *, concurrency: int,
                  headers: dict[str, str], is_active: Callable[[str], Awaitable[bool]],
                  keep: Callable[[LineResult], Awaitable[None]],
                  interactive_load: Callable[[], int] = lambda: 0,
-                 can_run: Callable[[], bool] = lambda: True) -> None:
+                 interactive_waiting: Callable[[], int] = lambda: 0,
+                 can_run: Callable[[], bool] = lambda: True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency={concurrency} is invalid: allowed is >= 1")
         self.queue = queue
@@ -90,25 +121,37 @@ class BatchWorker:
         self.is_active = is_active
         self.keep = keep
         self.interactive_load = interactive_load
+        self.interactive_waiting = interactive_waiting
         self.can_run = can_run
+        self.clock = clock
         self.num_in_flight = 0
         self.num_done = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._last_interactive_wait = -math.inf
 
     def allowed_concurrency(self) -> int:
-        """Each interactive request in flight takes one seat from batch work, down to one
-        (batch work slows under load but never starves)."""
+        """Lines that may be in flight now: none while the server cannot take requests; one
+        while interactive requests wait for a first token (or did just now); else one seat
+        fewer per interactive request in flight, down to one (never starved)."""
         if not self.can_run():
             return 0
+        if self._interactive_recently_waiting():
+            return 1
         return max(1, self.concurrency - max(self.interactive_load(), 0))
+
+    def _interactive_recently_waiting(self) -> bool:
+        now = self.clock()
+        if self.interactive_waiting() > 0:
+            self._last_interactive_wait = now
+        return now - self._last_interactive_wait < QUIET_SECONDS
 
     async def run(self) -> None:
         """Work until cancelled; lines in progress then go back to the queue."""
         try:
             while True:
-                while self.num_in_flight >= self.allowed_concurrency():
-                    await asyncio.sleep(ROOM_POLL_SECONDS)  # no event says "load dropped"
+                await self._wait_for_room()
                 delivery = await self.queue.get()
+                await self._wait_for_room()  # load may have risen while the queue was empty
                 self.num_in_flight += 1
                 task = asyncio.create_task(self._process(delivery))
                 self._tasks.add(task)
@@ -117,6 +160,10 @@ class BatchWorker:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _wait_for_room(self) -> None:
+        while self.num_in_flight >= self.allowed_concurrency():
+            await asyncio.sleep(ROOM_POLL_SECONDS)  # no event says "load dropped"
 
     async def _process(self, delivery: Delivery) -> None:
         task = delivery.task

@@ -5,6 +5,13 @@ running request advances ``num_computed_tokens`` toward its length, so a long pr
 over several steps and prompts share steps with decoding requests. Running requests are served
 first, then waiting ones by (priority, arrival). When KV blocks run out, the lowest-priority,
 latest running request is preempted: its blocks are freed and it is recomputed later.
+
+Priority also orders prompt work within a step: while a waiting request outranks a running one
+that is still reading its prompt, that running request's prompt chunk is deferred until after
+the waiting requests (it keeps its seat and blocks, and gets whatever budget is left). Otherwise
+a long low-priority prompt, chunked over many steps, would take the whole budget of each and
+make an urgent request wait for all of them. Decode tokens are never deferred: one token each
+costs little, and stalling them would only hold KV blocks longer.
 """
 
 from __future__ import annotations
@@ -110,22 +117,47 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        budget = self._schedule_running(output, budget)
+        budget, deferred = self._schedule_running(output, budget)
         if not output.preempted:
-            self._schedule_waiting(output, budget)
+            budget = self._schedule_waiting(output, budget)
+            self._schedule_deferred(output, budget, deferred)
         return output
 
-    def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, output: SchedulerOutput,
+                          budget: int) -> tuple[int, list[Request]]:
+        """Advance running requests in rank order; return the budget left and the prompt
+        chunks deferred because a waiting request outranks them."""
+        deferred: list[Request] = []
+        best_waiting = self._waiting[0][1].priority if self._waiting else None
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            index += 1
+            num_remaining = request.num_tokens - request.num_computed_tokens
+            if num_remaining > 1 and best_waiting is not None and best_waiting < request.priority:
+                deferred.append(request)  # outranked: every later request is too
+                continue
+            num_new = min(num_remaining, budget)
             if not self._allocate_or_preempt(request, num_new, output):
                 break  # the request itself was preempted; everyone after it already was
             output.chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
             budget -= num_new
-            index += 1
-        return budget
+        return budget, deferred
+
+    def _schedule_deferred(self, output: SchedulerOutput, budget: int,
+                           deferred: list[Request]) -> None:
+        """Prompt chunks held back for waiting requests get the budget those left over. They
+        preempt nobody: everything else this step outranks them."""
+        for request in deferred:
+            if budget <= 0:
+                return
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted for a waiting request in this step
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.kv.allocate_slots(request, num_new):
+                return
+            output.chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
+            budget -= num_new
 
     def _allocate_or_preempt(self, request: Request, num_new: int,
                              output: SchedulerOutput) -> bool:
@@ -136,7 +168,7 @@ class Scheduler:
                 return False
         return True
 
-    def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
+    def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> int:
         while self._waiting and budget > 0:
             request = self._waiting[0][1]
             if len(self.running) >= self.max_num_seqs:
@@ -164,6 +196,7 @@ class Scheduler:
             bisect.insort(self.running, request, key=lambda r: r.sort_key)
             output.chunks.append(ScheduledChunk(request, num_cached, num_new))
             budget -= num_new
+        return budget
 
     def _outranks_last_running(self, request: Request) -> bool:
         """A waiting request of strictly higher priority may displace the last running one."""

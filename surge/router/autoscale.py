@@ -86,8 +86,10 @@ class Autoscaler:
         """Record one sample; a decision when one is due (the caller applies it)."""
         wanted = self.last_wanted = self.wanted(in_flight)
         self._samples.append((now, wanted))
-        horizon = max(self.config.scale_up_delay, self.config.scale_down_delay)
-        while self._samples and self._samples[0][0] < now - horizon:
+        horizon = now - max(self.config.scale_up_delay, self.config.scale_down_delay)
+        # Keep the newest sample at or before the horizon: it shows the load was sampled
+        # for the whole delay.
+        while len(self._samples) > 1 and self._samples[1][0] <= horizon:
             self._samples.popleft()
         up = self._sustained(now, self.config.scale_up_delay, min)
         if up is not None and up > current:

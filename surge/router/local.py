@@ -1,9 +1,10 @@
 """Local replicas: `surge serve` child processes on free loopback ports, kept at a target count.
 
 Each replica is its own ``surge serve`` (with its own engine process) started with the same
-model and engine flags, ``--host 127.0.0.1 --port 0``; its port is read from its log line. It
-joins the router's replica set at once but gets no work until its ``/health`` answers 200.
-Its output is relayed to ours, each line prefixed with its name.
+model and engine flags on ``127.0.0.1`` and a port that was free a moment before (a replica
+that loses that race fails to bind, exits, and is started again on another). It joins the
+router's replica set at once but gets no work until its ``/health`` answers 200. Its output
+is relayed to ours, each line prefixed with its name.
 
 A replica that dies (killed, crashed) leaves the set at once and a replacement starts at once;
 replicas that die before ever becoming healthy are restarted with growing delays, and if none
@@ -24,26 +25,47 @@ import contextlib
 import itertools
 import logging
 import os
-import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
+from starlette.types import ASGIApp
 
+from surge.router.app import RouterApp, RouterSettings, build_router
+from surge.router.autoscale import AutoscaleConfig, AutoscaleLoop, Autoscaler
 from surge.router.metrics import RouterMetrics
+from surge.router.policies import Policy
 from surge.router.replicas import BreakerConfig, Replica, ReplicaSet
 
-__all__ = ["LocalReplicaConfig", "LocalReplicas", "threads_per_replica"]
+__all__ = ["LocalReplicaConfig", "LocalReplicas", "build_local_router", "threads_per_replica"]
 
 logger = logging.getLogger(__name__)
 
-_LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+)")
 READY_POLL_SECONDS = 0.1
 KILL_GRACE_SECONDS = 10.0
 _OUTPUT_TAIL_LINES = 30
+
+
+def build_local_router(policy: Policy, settings: RouterSettings, config: LocalReplicaConfig,
+                       initial: int, autoscale: AutoscaleConfig | None = None,
+                       fallback: ASGIApp | None = None) -> RouterApp:
+    """The router with its replicas as local processes (and the autoscaler when its bounds
+    allow it): they start with the app and stop, drained, with it."""
+    replicas = ReplicaSet()
+    app = build_router(replicas, policy, settings, fallback)
+    local = LocalReplicas(replicas, config, app.metrics,
+                          on_fatal=lambda code: app.request_exit(code))
+    app.services.append(lambda: local.running(initial))
+    app.status_sections["processes"] = local.status
+    if autoscale is not None and autoscale.enabled:
+        loop = AutoscaleLoop(Autoscaler(autoscale), replicas, local, app.metrics)
+        app.services.append(loop.running)
+        app.status_sections["autoscaler"] = loop.status
+    return app
 
 
 def threads_per_replica(num_replicas: int) -> int:
@@ -56,6 +78,8 @@ def threads_per_replica(num_replicas: int) -> int:
 @dataclass(frozen=True)
 class LocalReplicaConfig:
     serve_args: list[str]  # `surge serve` flags for every replica, without --host/--port
+    # The server to run; it must take --host and --port and answer GET /health.
+    command: tuple[str, ...] = (sys.executable, "-m", "surge.cli", "serve")
     standby: int = 0  # ready replicas held back, to replace a dead one (or scale up) at once
     startup_timeout: float = 300.0
     drain_timeout: float = 30.0
@@ -76,8 +100,7 @@ class _Child:
     replica: Replica | None = None
     ready: bool = False
     retiring: bool = False
-    port: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop()
-                                      .create_future())
+    port: int = 0
     tail: collections.deque[str] = field(
         default_factory=lambda: collections.deque(maxlen=_OUTPUT_TAIL_LINES))
 
@@ -196,8 +219,9 @@ class LocalReplicas:
             self._on_unexpected_exit(child, code, became_healthy)
 
     async def _launch(self, child: _Child) -> asyncio.subprocess.Process:
-        command = [sys.executable, "-m", "surge.cli", "serve", *self.config.serve_args,
-                   "--host", "127.0.0.1", "--port", "0"]
+        child.port = _free_port()
+        command = [*self.config.command, *self.config.serve_args,
+                   "--host", "127.0.0.1", "--port", str(child.port)]
         process = await asyncio.create_subprocess_exec(
             *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, start_new_session=True,
@@ -208,14 +232,11 @@ class LocalReplicas:
         return process
 
     async def _bring_up(self, child: _Child) -> bool:
-        """Wait for the port, join the set, wait for /health 200: False if it never did."""
+        """Join the set, wait for /health 200: False if it never answered."""
         assert child.process is not None
         exited = asyncio.ensure_future(child.process.wait())
         try:
-            port = await self._first_of(child.port, exited)
-            if port is None:
-                return False
-            child.replica = Replica(f"http://127.0.0.1:{port}", child.name, healthy=False,
+            child.replica = Replica(f"http://127.0.0.1:{child.port}", child.name, healthy=False,
                                     standby=child.standby, breaker_config=self.config.breaker,
                                     info={"starting": True, "pid": child.process.pid})
             self.replicas.add(child.replica)
@@ -272,14 +293,10 @@ class LocalReplicas:
         self._rebalance()
 
     async def _relay(self, child: _Child, process: asyncio.subprocess.Process) -> None:
-        """Copy the child's output to ours, and find its port on the way."""
+        """Copy the child's output to ours (and keep its last lines for error reports)."""
         assert process.stdout is not None
         prefix = f"[{child.name}] ".encode()
         async for line in process.stdout:
-            if not child.port.done():
-                match = _LISTENING.search(line)
-                if match:
-                    child.port.set_result(int(match.group(1)))
             child.tail.append(line.decode(errors="replace"))
             if self.config.relay_output:
                 sys.stderr.buffer.write(prefix + line)
@@ -336,6 +353,12 @@ async def _terminate(process: asyncio.subprocess.Process, timeout: float) -> Non
         with contextlib.suppress(ProcessLookupError):
             process.kill()
         await process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _exit_with_parent(parent_pid: int) -> Callable[[], None] | None:

@@ -25,6 +25,7 @@ from surge.server.admission import AdmissionController
 from surge.server.auth import ApiKeyAuth, AuthError, RateLimiter
 from surge.server.errors import APIError, error_response, install_error_handlers
 from surge.server.metrics import ServerMetrics
+from surge.server.openapi import document_validation_as_400, event_stream_content
 from surge.server.pooling import ModelPools, NoGenerationEngine, add_pooling_routes
 from surge.server.schemas import (
     ChatCompletionRequest,
@@ -108,6 +109,7 @@ def build_app(engine: EngineClient | None, tokenizer: ChatTokenizer | None,
     app.state.serving = serving
     app.state.lifecycle = lifecycle
     install_error_handlers(app)
+    document_validation_as_400(app)
     app.add_middleware(_RequestGate, auth=ApiKeyAuth(settings.api_keys),
                        max_body_bytes=settings.max_body_bytes, metrics=metrics)
     serving.can_generate = can_generate
@@ -137,7 +139,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 def _generation_responses(model: type, chunk: type) -> dict[int | str, dict[str, Any]]:
     return {200: {"model": model, "description": f"a {model.__name__}; with stream=true, "
                   f"text/event-stream of `data: <{chunk.__name__}>` then `data: [DONE]`",
-                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                  "content": event_stream_content(
+                      f"a JSON {chunk.__name__}, or [DONE] after the last one")},
             **_ERRORS}
 
 

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 __all__ = [
     "APIError",
@@ -97,9 +98,28 @@ async def _handle_validation_error(request: Request, exc: Exception) -> Response
 async def _handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    headers = dict(exc.headers or {})
     if exc.status_code == 404:
         message = f"{request.method} {request.url.path} does not exist: see GET /docs"
-    return error_response(APIError(exc.status_code, message, headers=exc.headers))
+    elif exc.status_code == 405 and (allowed := _allowed_methods(request)):
+        headers["Allow"] = ", ".join(allowed)
+        message = (f"{request.method} is not allowed on {request.url.path}: allowed is "
+                   f"{', '.join(allowed)}")
+    return error_response(APIError(exc.status_code, message, headers=headers))
+
+
+_HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path. Starlette's own Allow header names only
+    the first route whose path matched, so ``GET`` and ``DELETE /v1/files/{id}`` (two routes)
+    would answer ``Allow: GET``. Asking the routes (included routers too) with each method
+    needs no knowledge of how they are nested."""
+    routes = request.app.router.routes
+    return [method for method in _HTTP_METHODS
+            if any(route.matches({**request.scope, "method": method})[0] is Match.FULL
+                   for route in routes)]
 
 
 async def _handle_unexpected(request: Request, exc: Exception) -> Response:

@@ -50,6 +50,7 @@ from surge.models.tasks import Task
 from surge.server.auth import RateLimited
 from surge.server.errors import APIError, validation_message
 from surge.server.images import ImageLimits, decode_base64_image, decode_image
+from surge.server.openapi import error_responses
 
 if TYPE_CHECKING:
     import torch
@@ -133,13 +134,13 @@ class ClassifyRequest(BaseModel):
     top_k: int = Field(5, description="labels per image, highest probability first")
 
 
-_ERRORS = {status: {"description": text} for status, text in [
-    (400, "invalid request (the message names the field and what is allowed)"),
-    (401, "missing or wrong API key"), (404, "unknown model"),
-    (413, "request body, image bytes or image pixels over the limit"),
-    (415, "not an image in an allowed format"),
-    (429, "rate limited or the model's queue is full (Retry-After)"),
-    (503, "model loading or server shutting down"), (504, "over --request-timeout")]}
+_ERRORS = error_responses({
+    400: "invalid request (the message names the field and what is allowed)",
+    401: "missing or wrong API key", 404: "unknown model",
+    413: "request body, image bytes or image pixels over the limit",
+    415: "not an image in an allowed format",
+    429: "rate limited or the model's queue is full (Retry-After)",
+    503: "model loading or server shutting down", 504: "over --request-timeout"})
 
 
 # -- serving state ---------------------------------------------------------------------------

@@ -220,6 +220,12 @@ class OpenAIServing:
         for run in list(self._runs):
             run.fail(error)
 
+    def num_waiting_for_first_token(self, more_urgent_than: int) -> int:
+        """Requests in flight with a priority value below ``more_urgent_than`` that have no
+        first token yet: the batch worker holds back new lines while there are any."""
+        return sum(1 for run in self._runs
+                   if not run.started and run.priority < more_urgent_than)
+
     # -- tokenization ------------------------------------------------------------------------
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -497,6 +503,14 @@ class _Run:
         self.outputs = [_Accumulated() for _ in prepared.choices]
         self._tasks = [asyncio.ensure_future(self._pump(c)) for c in prepared.choices]
         serving._runs.add(self)
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    @property
+    def priority(self) -> int:
+        return min(choice.priority for choice in self._prepared.choices)
 
     async def deltas(self, deadline: float | None) -> AsyncIterator[_Delta]:
         """Updates of every choice as they come; raises APIError when the run fails."""

@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from surge.batch.config import DATA_DIR_ENV
+
 STARTUP_SECONDS = 120.0
 _LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+)")
 TERMINAL = ("completed", "failed", "expired", "cancelled")
@@ -73,12 +75,13 @@ class Server(Proc):
                              f"{self.batch(batch_id)}\n{self.log()[-3000:]}")
 
 
-def spawn(command: list[str], log_dir: Path, name: str) -> Proc:
+def spawn(command: list[str], log_dir: Path, name: str,
+          env: dict[str, str] | None = None) -> Proc:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}-{time.monotonic_ns()}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, env={**os.environ, **(env or {})})
     return Proc(process, log_path)
 
 
@@ -86,7 +89,9 @@ def start_server(model_dir: Path, log_dir: Path, data_dir: Path, *args: str) -> 
     """`surge serve` on a free port with its batch data in ``data_dir``; waits for /health."""
     proc = spawn([sys.executable, "-m", "surge.cli", "serve", "--model", str(model_dir),
                   "--dtype", "float32", "--port", "0", "--served-model-name", "tiny",
-                  "--batch-data-dir", str(data_dir), *args], log_dir, "serve")
+                  "--batch-data-dir", str(data_dir), *args], log_dir, "serve",
+                 # The web apps' history goes next to the batch data, not into the user's home.
+                 env={DATA_DIR_ENV: str(data_dir)})
     server = Server(proc.process, proc.log_path)
     deadline = time.monotonic() + STARTUP_SECONDS
     try:

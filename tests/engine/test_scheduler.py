@@ -183,6 +183,61 @@ def test_higher_priority_waiting_request_displaces_last_running(short_of: str) -
     assert low.num_output_tokens == 4 and peer.num_output_tokens == 4
 
 
+def chunk_spans(out: SchedulerOutput) -> list[tuple[str, int, int]]:
+    return [(c.request.request_id, c.start, c.num_tokens) for c in out.chunks]
+
+
+def test_waiting_urgent_prompt_goes_before_a_running_low_priority_prompt() -> None:
+    # "batch" reads a 40-token prompt 8 tokens a step; "chat" must not wait for all of it.
+    s = make_scheduler(max_num_batched_tokens=8)
+    batch = make_request("batch", 40, priority=100, max_tokens=2)
+    s.add_request(batch)
+    step(s)
+    chat = make_request("chat", 5, priority=0, max_tokens=3, first_token=500)
+    s.add_request(chat)
+    out, _ = step(s)
+    assert chunk_spans(out) == [("chat", 0, 5), ("batch", 8, 3)]  # batch gets what is left
+    assert chat.num_output_tokens == 1  # its first token, in the step after it arrived
+    out, _ = step(s)  # nothing outranks batch now: its prompt takes the rest of the budget
+    assert chunk_spans(out) == [("chat", 5, 1), ("batch", 11, 7)]
+    assert run_all(s) == ["chat", "batch"]
+    assert batch.num_output_tokens == 2 and batch.num_preemptions == 0
+
+
+def test_equal_priority_keeps_running_prompts_first() -> None:
+    s = make_scheduler(max_num_batched_tokens=8)
+    first = make_request("first", 20, max_tokens=1)
+    s.add_request(first)
+    step(s)
+    s.add_request(make_request("second", 4, max_tokens=1, first_token=500))
+    out, _ = step(s)
+    assert chunk_spans(out) == [("first", 8, 8)]
+    assert run_all(s) == ["first", "second"]
+
+
+def test_outranked_decodes_are_not_deferred() -> None:
+    s = make_scheduler(max_num_batched_tokens=8)
+    low = make_request("low", 4, priority=5, max_tokens=4)
+    s.add_request(low)
+    step(s)  # low's prompt is read: from now on it decodes one token a step
+    s.add_request(make_request("high", 20, priority=0, max_tokens=1, first_token=500))
+    out, _ = step(s)
+    assert chunk_spans(out) == [("low", 4, 1), ("high", 0, 7)]
+
+
+def test_deferred_prompt_preempted_for_a_seat_is_not_scheduled() -> None:
+    s = make_scheduler(max_num_seqs=1, max_num_batched_tokens=8)
+    low = make_request("low", 20, priority=5, max_tokens=1)
+    s.add_request(low)
+    step(s)
+    high = make_request("high", 4, priority=0, max_tokens=2, first_token=500)
+    s.add_request(high)
+    out, _ = step(s)
+    assert out.preempted == [low] and chunk_spans(out) == [("high", 0, 4)]
+    assert low.status is RequestStatus.PREEMPTED and low.block_ids == []
+    assert run_all(s) == ["high", "low"]
+
+
 def test_abort_waiting_and_running_frees_blocks() -> None:
     s = make_scheduler(max_num_seqs=1)
     running = make_request("run", 6, max_tokens=10)

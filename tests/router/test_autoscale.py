@@ -49,6 +49,19 @@ def test_scale_down_waits_for_the_longer_delay_and_respects_the_minimum() -> Non
     assert changes == [(20.0, 1)]
 
 
+def test_samples_at_any_interval_reach_a_decision() -> None:
+    """Samples 0.3 s apart never land exactly on the delay: the decision still comes once
+    the load has been low for the whole delay, not later and not never."""
+    scaler = Autoscaler(CONFIG)
+    decision = None
+    now = 0.0
+    while decision is None and now < 60.0:
+        decision = scaler.observe(now, 4, 0.0)
+        now += 0.3
+    assert decision is not None and decision.desired == 1
+    assert 20.0 <= decision.at < 20.3
+
+
 def test_a_short_lull_scales_nothing_down() -> None:
     scaler = Autoscaler(CONFIG)
     loads = [16.0] * 3 + [0.0] * 15 + [16.0] + [0.0] * 5

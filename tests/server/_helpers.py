@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from surge.batch.config import DATA_DIR_ENV
+
 # Generous: on 2 shared cores the engine process imports torch and loads the model.
 STARTUP_SECONDS = 90.0
 STOP_SECONDS = 30.0
@@ -70,14 +72,19 @@ class ServerProcess:
 
 def start_server(model_dir: Path, log_dir: Path, *args: str,
                  env: dict[str, str] | None = None, wait: bool = True) -> ServerProcess:
-    """`surge serve` on a free port; waits for /health 200 unless ``wait`` is False."""
+    """`surge serve` on a free port; waits for /health 200 unless ``wait`` is False.
+
+    The server keeps its data (web-app history, batch files) in ``log_dir/data`` unless
+    ``env`` names another ``SURGE_DATA_DIR``: never in the user's home, never shared with
+    another test's server."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"serve-{time.monotonic_ns()}.log"
     command = [sys.executable, "-m", "surge.cli", "serve", "--model", str(model_dir),
                "--dtype", "float32", "--port", "0", *args]
+    data_dir = {DATA_DIR_ENV: str(log_dir / "data")}
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **(env or {})})
+                                   env={**os.environ, **data_dir, **(env or {})})
     server = ServerProcess(process, log_path, _wait_for_port(process, log_path))
     if wait:
         server.wait_healthy()

@@ -1,0 +1,53 @@
+"""The Files and Batches routes against a real `surge serve`: a batch's input file cannot be
+deleted before the batch ends (the batch needs it to expire its unanswered lines and to resume
+after a restart; without it the batch stayed `finalizing` forever and the server no longer
+started), and it can be once the batch ended."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.batch._helpers import Server, chat_lines, jsonl, start_server
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("batch_routes")
+    proc = start_server(model_dir, root / "logs", root / "data", "--batch-concurrency", "1")
+    yield proc
+    proc.stop()
+
+
+@pytest.mark.timeout(120)
+def test_the_input_file_of_an_unfinished_batch_cannot_be_deleted(server: Server) -> None:
+    with httpx.Client(base_url=server.url, timeout=30.0) as http:
+        # Enough long lines that the batch is still running when we try.
+        uploaded = http.post("/v1/files", data={"purpose": "batch"},
+                             files={"file": ("in.jsonl", jsonl(chat_lines(64, max_tokens=40)))})
+        assert uploaded.status_code == 200, uploaded.text
+        file_id = uploaded.json()["id"]
+        batch = http.post("/v1/batches", json={"input_file_id": file_id,
+                                               "endpoint": "/v1/chat/completions"}).json()
+
+        refused = http.delete(f"/v1/files/{file_id}")
+        assert refused.status_code == 409, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "file_in_use" and batch["id"] in error["message"]
+        assert http.get(f"/v1/files/{file_id}").status_code == 200  # nothing was lost
+
+        assert http.post(f"/v1/batches/{batch['id']}/cancel").status_code == 200
+        ended = server.wait_batch(batch["id"], timeout=90)
+        assert ended["status"] == "cancelled"
+        deleted = http.delete(f"/v1/files/{file_id}")
+        assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+        assert http.get(f"/v1/files/{file_id}").status_code == 404
+
+
+def test_an_unknown_file_is_404_not_409(server: Server) -> None:
+    response = httpx.delete(f"{server.url}/v1/files/file-unknown", timeout=10.0)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "file_not_found"

@@ -1,0 +1,166 @@
+"""Local replica processes without a model: `surge bench fake-server` children (they start in
+about a second) stand in for `surge serve`, so the supervisor and the autoscaler are tested
+for real (processes, ports, signals) but fast: scale up under load and back down with a
+drain, a killed replica replaced, a standby promoted at once, and a command that cannot start
+stopping the router instead of restarting forever."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from surge.router.app import RouterSettings
+from surge.router.autoscale import AutoscaleConfig
+from surge.router.health import HealthConfig
+from surge.router.local import LocalReplicaConfig, build_local_router
+from surge.router.policies import make_policy
+from tests.router._helpers import RouterThread
+
+FAKE_SERVER = (sys.executable, "-m", "surge.bench", "fake-server")
+WAIT = 30.0
+
+
+def _router(initial: int, *, standby: int = 0, autoscale: AutoscaleConfig | None = None,
+            command: tuple[str, ...] = FAKE_SERVER, ttft: float = 0.0) -> RouterThread:
+    config = LocalReplicaConfig(["--ttft", str(ttft)], command=command, standby=standby,
+                                drain_timeout=5.0, relay_output=False)
+    settings = RouterSettings(health=HealthConfig(path=None))
+    return RouterThread(build_local_router(make_policy("least_outstanding"), settings, config,
+                                           initial, autoscale))
+
+
+def _wait_until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)  # polling interval
+
+
+def _by_state(router: RouterThread) -> dict[str, set[str]]:
+    states: dict[str, set[str]] = {}
+    for replica in router.status()["replicas"]:
+        state = "starting" if replica["starting"] else replica["state"]
+        states.setdefault(state, set()).add(replica["name"])
+    return states
+
+
+class _Load:
+    """``clients`` threads sending requests back to back until stopped."""
+
+    def __init__(self, url: str, clients: int) -> None:
+        self.url = url
+        self.statuses: list[int] = []
+        self.served_by: set[str] = set()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> _Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(WAIT)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=WAIT) as client:
+            while not self._stop.is_set():
+                response = client.post("/v1/completions", json={"max_tokens": 1})
+                self.statuses.append(response.status_code)
+                self.served_by.add(response.headers.get("x-surge-replica", ""))
+
+
+@pytest.fixture
+def processes() -> Iterator[list[int]]:
+    """Pids to make sure of at the end: none may outlive its test."""
+    pids: list[int] = []
+    yield pids
+    deadline = time.monotonic() + 10
+    while (alive := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling interval
+    assert not alive, f"processes left behind: {alive}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _pids(router: RouterThread) -> list[int]:
+    return [p["pid"] for p in router.status()["processes"] if p["pid"]]
+
+
+@pytest.mark.timeout(90)
+def test_autoscaler_scales_up_under_load_and_drains_down_after(processes: list[int]) -> None:
+    autoscale = AutoscaleConfig(min_replicas=1, max_replicas=3, target_in_flight=1.0,
+                                scale_up_delay=0.3, scale_down_delay=1.0, interval=0.05)
+    with _router(1, autoscale=autoscale, ttft=0.2) as router:
+        _wait_until(lambda: _by_state(router).get("healthy") == {"replica-1"}, "replica-1")
+        with _Load(router.url, clients=3) as load:
+            _wait_until(lambda: len(_by_state(router).get("healthy", ())) == 3, "3 replicas")
+            _wait_until(lambda: len(load.served_by) == 3, "traffic on all 3")
+            processes.extend(_pids(router))
+        _wait_until(lambda: len(router.status()["replicas"]) == 1, "scale down to 1")
+        status = router.status()
+        metrics = httpx.get(f"{router.url}/metrics", timeout=5).text
+    assert set(load.statuses) == {200}  # nothing failed while replicas came and went
+    directions = [d["direction"] for d in status["autoscaler"]["decisions"]]
+    assert "up" in directions and directions[-1] == "down"
+    assert 'surge:router_scaling_events_total{direction="down"}' in metrics
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_replica_is_replaced(processes: list[int]) -> None:
+    with _router(2) as router:
+        _wait_until(lambda: len(_by_state(router).get("healthy", ())) == 2, "2 replicas")
+        victim = next(r for r in router.status()["replicas"] if r["name"] == "replica-1")
+        os.kill(victim["pid"], signal.SIGKILL)
+        _wait_until(lambda: _by_state(router).get("healthy") == {"replica-2", "replica-3"},
+                    "the replacement")
+        with router.client() as client:
+            names = {client.post("/v1/completions", json={"max_tokens": 1}
+                                 ).headers["x-surge-replica"] for _ in range(20)}
+            metrics = client.get("/metrics").text
+        processes.extend(_pids(router))
+    assert names == {"replica-2", "replica-3"}
+    assert 'surge:router_scaling_events_total{direction="replace"} 1.0' in metrics
+
+
+@pytest.mark.timeout(90)
+def test_a_standby_takes_over_at_once(processes: list[int]) -> None:
+    with _router(1, standby=1) as router:
+        _wait_until(lambda: _by_state(router) == {"healthy": {"replica-1"},
+                                                  "standby": {"replica-2"}}, "the standby")
+        with router.client() as client:
+            assert {client.post("/v1/completions", json={}).headers["x-surge-replica"]
+                    for _ in range(5)} == {"replica-1"}  # a standby gets no work
+            os.kill(router.status()["replicas"][0]["pid"], signal.SIGKILL)
+            _wait_until(lambda: "replica-2" in _by_state(router).get("healthy", ()),
+                        "the promotion", timeout=2.0)
+            assert client.post("/v1/completions", json={}).headers["x-surge-replica"] == \
+                "replica-2"
+        _wait_until(lambda: _by_state(router).get("standby") == {"replica-3"}, "a new standby")
+        processes.extend(_pids(router))
+
+
+@pytest.mark.timeout(60)
+def test_a_replica_that_cannot_start_stops_the_router() -> None:
+    exits: list[int] = []
+    failing = (sys.executable, "-c", "import sys; sys.exit(3)")
+    with _router(1, command=failing) as router:
+        router.app.request_exit = exits.append
+        _wait_until(lambda: exits == [1], "the router to give up")
+        assert _by_state(router) == {}
+
