@@ -9,7 +9,8 @@ flight, so the next "without" phase is really idle. Alternating phases puts both
 under the same background load of a shared machine.
 
 Prints p50/p95/p99 TTFT of both conditions (samples pooled over the rounds, and per round),
-their ratios (with batch / without; 1.0 means the batch costs interactive users nothing), the
+their ratios (with batch / without; 1.0 means the batch costs interactive users nothing; on a
+shared machine, trust the round whose "without" phase looks like the others), the
 batch's lines per second during the "with" phases (it must keep making progress), and the load
 average before and after.
 
@@ -46,9 +47,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="smollm2-135m")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--rounds", type=int, default=2,
+    parser.add_argument("--rounds", type=int, default=3,
                         help="without/with phase pairs (samples are pooled)")
-    parser.add_argument("--requests", type=int, default=60,
+    parser.add_argument("--requests", type=int, default=50,
                         help="interactive requests per phase")
     parser.add_argument("--clients", type=int, default=2, help="concurrent interactive clients")
     parser.add_argument("--max-tokens", type=int, default=16, help="interactive output tokens")
@@ -130,9 +131,16 @@ async def _measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
     loaded = _summary([t for phase in with_batch for t in phase])
     return {"ttft_without_batch": idle, "ttft_with_batch": loaded,
             "ratios": {name: loaded[name] / idle[name] for name, _ in _PERCENTILES},
-            "rounds": [{"without": _summary(a), "with": _summary(b)}
-                       for a, b in zip(without, with_batch, strict=True)],
+            "rounds": [_round(a, b) for a, b in zip(without, with_batch, strict=True)],
             "batch_lines_per_s": lines_done / with_seconds, "batch_lines_done": lines_done}
+
+
+def _round(without: list[float], with_batch: list[float]) -> dict[str, Any]:
+    """One round's summaries and ratios: phases minutes apart share the machine's load
+    better than the pooled samples do."""
+    idle, loaded = _summary(without), _summary(with_batch)
+    return {"without": idle, "with": loaded,
+            "ratios": {name: loaded[name] / idle[name] for name, _ in _PERCENTILES}}
 
 
 async def _with_batch(http: httpx.AsyncClient,
@@ -234,6 +242,8 @@ def _print(report: dict[str, Any]) -> None:
     for i, round_ in enumerate(report["rounds"], 1):
         print(line(f"round {i} without", round_["without"]))
         print(line(f"round {i} with", round_["with"]))
+        print(f"{'ratio':>22}: " + "  ".join(f"{name} {value:.2f}"
+                                             for name, value in round_["ratios"].items()))
     print(f"{'batch throughput':>22}: {report['batch_lines_per_s']:.2f} lines/s "
           f"({report['batch_lines_done']} lines during the interactive phases)")
     before, after = report["load_average_before"], report["load_average_after"]

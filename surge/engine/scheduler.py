@@ -146,8 +146,8 @@ class Scheduler:
 
     def _schedule_deferred(self, output: SchedulerOutput, budget: int,
                            deferred: list[Request]) -> None:
-        """Prompt chunks held back for waiting requests get the budget those left over. They
-        preempt nobody: everything else this step outranks them."""
+        """Deferred prompt chunks get the budget the waiting requests left over. They preempt
+        nobody: everything else in this step outranks them."""
         for request in deferred:
             if budget <= 0:
                 return

@@ -249,9 +249,54 @@ def make_router_server(app: RouterApp, host: str, port: int, *, drain_timeout: f
                     on_started(bound_host, bound_port)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            access_log=access_log, lifespan="on", server_header=False,
+                            access_log=access_log, lifespan="on", http=_http_protocol(),
+                            server_header=False,
                             date_header=False, timeout_graceful_shutdown=drain_timeout,
                             backlog=4096, timeout_keep_alive=30, proxy_headers=False)
     server = Server(config)
     app.request_exit = server.request_exit
     return server
+
+
+def _http_protocol() -> Any:
+    """uvicorn's httptools protocol, with writes held to the end of the event loop's
+    iteration: uvicorn writes a response's head and body (two ASGI messages) separately, two
+    syscalls per answer; held, they leave as one. Stream chunks wait one loop iteration at
+    most. Without httptools, uvicorn's default."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "auto"
+
+    class CoalescingHttpToolsProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(_CoalescingTransport(transport))
+
+    return CoalescingHttpToolsProtocol
+
+
+class _CoalescingTransport:
+    """A transport whose writes within one loop iteration go out in one call."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._held: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._held is not None:
+            self._held.append(data)
+            return
+        self._held = [data]
+        asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        held, self._held = self._held, None
+        if held and not self._transport.is_closing():
+            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)

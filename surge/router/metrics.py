@@ -51,6 +51,9 @@ class RouterMetrics:
         self.no_replica = Counter(
             f"{PREFIX}no_replica", "Requests answered by the router itself because no "
             "replica could take them", ["reason"], registry=self.registry)
+        self.retries = Counter(
+            f"{PREFIX}retries", "Attempts retried on another replica, all replicas together "
+            "(per replica: surge:router_replica_retries_total)", registry=self.registry)
         self.midstream_failures = Counter(
             f"{PREFIX}midstream_failures", "Streams that lost their replica after the client "
             "had received data (ended with an SSE error event)", registry=self.registry)

@@ -2,8 +2,9 @@
 
 The request body is read once (bounded) so it can be sent again. The policy picks a replica
 among the routable ones; the request goes out on a keep-alive connection of the lean upstream
-client (``upstream.py``: what the client sent is what the replica gets, minus hop-by-hop
-headers, plus ``X-Forwarded-For``; nothing is decompressed or added).
+client (``upstream.py``): what the client sent is what the replica gets, minus hop-by-hop
+headers, plus ``X-Forwarded-For``; what the replica answers is what the client gets, plus
+``x-surge-replica`` naming it. Nothing is decompressed or re-encoded.
 
 Failover follows one rule: an attempt may be retried on another replica only while nothing has
 reached the client. Refused or broken connections and 502/503 answers are retried (bounded
@@ -149,6 +150,7 @@ class Proxy:
                 if not self.budget.try_spend():
                     break
                 failure.replica.num_retries += 1
+                self.metrics.retries.inc()
                 await asyncio.sleep(backoff_seconds(attempt - 1, self.retry))
             replica = self._choose(facts, tried)
             if replica is None:

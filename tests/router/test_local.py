@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -104,21 +105,30 @@ def _pids(router: RouterThread) -> list[int]:
 
 @pytest.mark.timeout(90)
 def test_autoscaler_scales_up_under_load_and_drains_down_after(processes: list[int]) -> None:
-    autoscale = AutoscaleConfig(min_replicas=1, max_replicas=3, target_in_flight=1.0,
+    autoscale = AutoscaleConfig(min_replicas=1, max_replicas=3, target_in_flight=2.0,
                                 scale_up_delay=0.3, scale_down_delay=1.0, interval=0.05)
-    with _router(1, autoscale=autoscale, ttft=0.2) as router:
+    with _router(1, autoscale=autoscale, ttft=0.5) as router:
         _wait_until(lambda: _by_state(router).get("healthy") == {"replica-1"}, "replica-1")
-        with _Load(router.url, clients=3) as load:
-            _wait_until(lambda: len(_by_state(router).get("healthy", ())) == 3, "3 replicas")
-            _wait_until(lambda: len(load.served_by) == 3, "traffic on all 3")
-            processes.extend(_pids(router))
-        _wait_until(lambda: len(router.status()["replicas"]) == 1, "scale down to 1")
+        with _Load(router.url, clients=2) as steady:
+            with _Load(router.url, clients=4) as burst:
+                _wait_until(lambda: len(_by_state(router).get("healthy", ())) == 3,
+                            "3 replicas")
+                _wait_until(lambda: len(steady.served_by | burst.served_by) == 3,
+                            "traffic on all 3")
+                processes.extend(_pids(router))
+            # Two clients go on (each request 0.5 s, so replicas are mid-request when they
+            # are retired) while two of the three replicas are drained and stopped.
+            _wait_until(lambda: len(router.status()["replicas"]) == 1, "scale down to 1")
+            served_before = len(steady.statuses)
+            _wait_until(lambda: len(steady.statuses) > served_before + 3, "more answers")
         status = router.status()
         metrics = httpx.get(f"{router.url}/metrics", timeout=5).text
-    assert set(load.statuses) == {200}  # nothing failed while replicas came and went
+    assert set(steady.statuses) == set(burst.statuses) == {200}
+    # Drained first: no request was cut (and retried) when the two replicas stopped.
+    assert "surge:router_retries_total 0.0" in metrics
     directions = [d["direction"] for d in status["autoscaler"]["decisions"]]
     assert "up" in directions and directions[-1] == "down"
-    assert 'surge:router_scaling_events_total{direction="down"}' in metrics
+    assert 'surge:router_scaling_events_total{direction="down"} 0.0' not in metrics
 
 
 @pytest.mark.timeout(90)
@@ -164,3 +174,36 @@ def test_a_replica_that_cannot_start_stops_the_router() -> None:
         _wait_until(lambda: exits == [1], "the router to give up")
         assert _by_state(router) == {}
 
+
+_ROUTER_SCRIPT = """
+import sys
+from surge.router.app import RouterSettings, run_router
+from surge.router.local import LocalReplicaConfig, build_local_router
+from surge.router.policies import make_policy
+config = LocalReplicaConfig([], command=(sys.executable, "-m", "surge.bench", "fake-server"),
+                            relay_output=False)
+app = build_local_router(make_policy("round_robin"), RouterSettings(), config, 2)
+run_router(app, "127.0.0.1", 0, on_started=lambda host, port: print("port", port, flush=True))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_replicas_do_not_outlive_a_killed_router() -> None:
+    router = subprocess.Popen([sys.executable, "-c", _ROUTER_SCRIPT], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert router.stdout is not None
+        port = int(router.stdout.readline().split()[1])
+        url = f"http://127.0.0.1:{port}"
+        _wait_until(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200 and
+                    httpx.get(f"{url}/health", timeout=5).json()["replicas_routable"] == 2,
+                    "2 replicas")
+        pids = [r["pid"] for r in httpx.get(f"{url}/router/replicas", timeout=5).json()[
+            "replicas"]]
+        router.kill()  # SIGKILL: the router cannot stop them itself
+        router.wait(10)
+        _wait_until(lambda: not any(_alive(pid) for pid in pids), "the replicas to exit",
+                    timeout=10.0)
+    finally:
+        if router.poll() is None:
+            router.kill()

@@ -405,6 +405,24 @@ def test_a_replica_dying_before_its_json_answer_is_retried(
                    for _ in range(6))
 
 
+def test_a_silent_replica_times_out_and_the_request_is_retried(
+        replicas: Callable[..., FakeReplica]) -> None:
+    async def hangs(request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return web.json_response({})
+
+    silent, good = replicas(hangs), replicas()
+    with _router([silent.url, good.url], proxy=ProxyConfig(read_timeout=0.4)) as router, \
+            router.client() as client:
+        started = time.monotonic()
+        response = client.post("/v1/completions", json={})
+        took = time.monotonic() - started
+        status = router.status()["replicas"][0]
+    assert response.status_code == 200 and response.headers["x-surge-replica"] == "r1"
+    assert 0.4 <= took < 5.0
+    assert status["errors"] == {"timeout": 1} and status["in_flight"] == 0
+
+
 # -- the router's own side ---------------------------------------------------------------------
 
 
