@@ -68,7 +68,9 @@ def _find_chromium() -> str | None:
     return next((path for path in CHROMIUM_PATHS if os.access(path, os.X_OK)), None)
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps an event loop running on this thread
+# while it is open, and every later test that calls asyncio.run() would then fail.
+@pytest.fixture(scope="module")
 def browser(chromium_executable: str) -> Iterator[object]:
     from playwright.sync_api import sync_playwright
 

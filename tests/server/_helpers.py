@@ -79,8 +79,11 @@ def start_server(model_dir: Path, log_dir: Path, *args: str,
     another test's server."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"serve-{time.monotonic_ns()}.log"
+    # One torch thread unless a test asks for more: on 2 cores the test process (and a browser)
+    # busy the other core, and two OpenMP threads then wait on each other many times slower.
+    threads = () if "--num-threads" in args else ("--num-threads", "1")
     command = [sys.executable, "-m", "surge.cli", "serve", "--model", str(model_dir),
-               "--dtype", "float32", "--port", "0", *args]
+               "--dtype", "float32", "--port", "0", *threads, *args]
     data_dir = {DATA_DIR_ENV: str(log_dir / "data")}
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
