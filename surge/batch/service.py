@@ -52,7 +52,8 @@ logger = logging.getLogger(__name__)
 MONITOR_SECONDS = 1.0
 MAX_WINDOW_SECONDS = 7 * 24 * 3600
 MAX_METADATA_KEYS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
-_WINDOW = re.compile(r"^\s*(\d+)\s*([hms])\s*$")
+# ASCII only: \d would also take other scripts' digits ("١h").
+_WINDOW = re.compile(r"^\s*(\d+)\s*([hms])\s*$", re.ASCII)
 _UNIT_SECONDS = {"h": 3600, "m": 60, "s": 1}
 _EXPIRED_ERROR = {"code": "batch_expired",
                   "message": "This request could not be executed before the completion window "
