@@ -16,6 +16,7 @@ average before and after.
 
     python benchmarks/bench_batch.py                      # about 5 minutes on 2 cores
     python benchmarks/bench_batch.py --preset tiny-llama --requests 40 --rounds 1
+    python benchmarks/bench_batch.py --batch-prompt-words 600   # long batch prompts
 
 Writes results/bench_batch.json.
 """
@@ -55,6 +56,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16, help="interactive output tokens")
     parser.add_argument("--batch-lines", type=int, default=400, help="lines per batch")
     parser.add_argument("--batch-max-tokens", type=int, default=32)
+    parser.add_argument("--batch-prompt-words", type=int, default=0,
+                        help="filler words per batch prompt (e.g. 600: prompts longer than "
+                             "the CPU token budget, read in chunks)")
     parser.add_argument("--batch-concurrency", type=int, default=4)
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "bench_batch.json")
     args = parser.parse_args()
@@ -187,10 +191,12 @@ async def _interactive(http: httpx.AsyncClient, count: int,
 
 
 async def _submit_batch(http: httpx.AsyncClient, args: argparse.Namespace) -> str:
+    # After the line's own words, so prompts share no cached prefix.
+    filler = "".join(f" word{j % 97}" for j in range(args.batch_prompt_words))
     lines = [{"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
               "body": {"model": "bench", "max_tokens": args.batch_max_tokens,
                        "ignore_eos": True,
-                       "messages": [{"role": "user", "content": f"Summarize item {i}."}]}}
+                       "messages": [{"role": "user", "content": f"Summarize item {i}." + filler}]}}
              for i in range(args.batch_lines)]
     content = "".join(json.dumps(line) + "\n" for line in lines).encode()
     uploaded = await http.post("/v1/files", data={"purpose": "batch"},

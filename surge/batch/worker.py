@@ -12,21 +12,24 @@ How batch work yields to interactive requests (in ``surge serve``), at two level
 
 - the engine: batch requests run at a low priority (``BATCH_PRIORITY`` unless a line sets its
   own). The scheduler gives a waiting interactive request its prompt tokens before the prompt
-  chunks of running batch requests, and takes a batch request's seat if seats or KV blocks run
-  out; running batch requests keep decoding (one token each per step) meanwhile;
+  chunks of running batch requests, lets batch prompts take at most 1/16 of each step's token
+  budget while interactive requests are in the engine and for a second after (so every step
+  stays short), and takes a batch request's seat if seats or KV blocks run out; running batch
+  requests keep decoding (one token each per step) meanwhile;
 - the worker: up to ``--batch-concurrency`` lines in flight, minus one per interactive request
   in flight, and only one while any interactive request waits for its first token or did
   within the last ``QUIET_SECONDS`` (a new batch prompt would otherwise share, and lengthen,
   the engine step that prefills it). At least one line always stays in flight, so batch work
   slows under interactive load but never stops.
 
-Where the time goes with both in place (``benchmarks/bench_batch.py``, smollm2-135m shape on 2
-CPU cores): an interactive request's first token waits for the engine step in progress when it
-arrives, then for one step with its prompt. Two interactive decodes make a step of about 27 ms;
-with three batch decodes it is about 38 ms, and about 90 ms when a batch prompt shares it (which
-the worker's rule above makes rare). The worker's own work on the event loop costs little (loop
-lag under 10 ms at p99). What remains is other processes taking the cores: torch's threads then
-stall, for longer the bigger the step.
+Where the time goes (``benchmarks/bench_batch.py``, smollm2-135m shape on 2 CPU cores): an
+interactive request's first token waits for the engine step in progress when it arrives, then
+for one step with its prompt. Two interactive decodes make a step of about 27 ms; with three
+batch decodes about 38 ms; with a 60-token batch prompt about 90 ms, and a full 512-token batch
+prompt chunk takes seconds (hence the engine's share rule). An interactive request that arrives
+while none is in the engine can still meet one such step. The worker's work on the event loop
+costs little (loop lag under 10 ms at p99). The rest is other processes taking the cores:
+torch's threads then stall, longer for bigger steps.
 
 ``surge batch worker`` processes (RabbitMQ) cannot see the server's interactive load: they
 send lines over HTTP at their full concurrency and rely on the engine priority alone, and on

@@ -10,8 +10,14 @@ Priority also orders prompt work within a step: while a waiting request outranks
 that is still reading its prompt, that running request's prompt chunk is deferred until after
 the waiting requests (it keeps its seat and blocks, and gets whatever budget is left). Otherwise
 a long low-priority prompt, chunked over many steps, would take the whole budget of each and
-make an urgent request wait for all of them. Decode tokens are never deferred: one token each
-costs little, and stalling them would only hold KV blocks longer.
+make an urgent request wait for all of them. And while the engine holds a request of higher
+priority (running or waiting, or did within ``LOWER_PROMPT_GRACE_SECONDS``), prompts of lower
+priority get at most 1/``LOWER_PROMPT_SHARE`` of each step's token budget: where compute is
+scarce (CPU) a step's time grows with its tokens, and an urgent request's next token waits for
+the whole step, its first one too (it may arrive mid-step; the grace period covers clients that
+send their next request right after the last one ended). The small share keeps lower-priority
+prompts moving however much urgent work comes. Decode tokens are never deferred: one token
+each costs little, and stalling them would only hold KV blocks longer.
 """
 
 from __future__ import annotations
@@ -19,13 +25,19 @@ from __future__ import annotations
 import bisect
 import heapq
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from surge.engine.kv_cache import BlockManager
 from surge.engine.request import FinishReason, Request, RequestStatus
 
-__all__ = ["ScheduledChunk", "Scheduler", "SchedulerOutput"]
+__all__ = ["LOWER_PROMPT_GRACE_SECONDS", "LOWER_PROMPT_SHARE", "ScheduledChunk", "Scheduler",
+           "SchedulerOutput"]
+
+# While a higher-priority request is in the engine (or was, within the grace period),
+# lower-priority prompts get at most 1/this of a step's token budget.
+LOWER_PROMPT_SHARE = 16
+LOWER_PROMPT_GRACE_SECONDS = 1.0
 
 
 @dataclass
@@ -40,6 +52,11 @@ class ScheduledChunk:
     def samples(self) -> bool:
         """True when this chunk reaches the end of the request, so its logits are sampled."""
         return self.start + self.num_tokens == self.request.num_tokens
+
+    @property
+    def is_prompt(self) -> bool:
+        """Prompt work (or recomputation after preemption), as opposed to one decode token."""
+        return self.num_tokens > 1 or not self.samples
 
 
 @dataclass
@@ -58,14 +75,19 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int):
+                 max_num_batched_tokens: int, *, clock: Callable[[], float] = time.monotonic):
         self.kv = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_lower_prompt_tokens = max(max_num_batched_tokens // LOWER_PROMPT_SHARE, 1)
         self.running: list[Request] = []  # sorted by sort_key
         self._waiting: list[tuple[tuple, Request]] = []  # heap by sort_key
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.clock = clock
+        # The most urgent priority seen lately and when (for the lower-prompt share).
+        self._recent_urgent: tuple[int, float] | None = None
+        self._step_urgent: int | None = None  # that priority, for the step being scheduled
 
     # -- requests in and out -----------------------------------------------------------------
 
@@ -117,6 +139,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        self._step_urgent = self._most_urgent_priority()
         budget, deferred = self._schedule_running(output, budget)
         if not output.preempted:
             budget = self._schedule_waiting(output, budget)
@@ -126,7 +149,7 @@ class Scheduler:
     def _schedule_running(self, output: SchedulerOutput,
                           budget: int) -> tuple[int, list[Request]]:
         """Advance running requests in rank order; return the budget left and the prompt
-        chunks deferred because a waiting request outranks them."""
+        chunks deferred because a waiting request outranks them or their share is spent."""
         deferred: list[Request] = []
         best_waiting = self._waiting[0][1].priority if self._waiting else None
         index = 0
@@ -134,10 +157,12 @@ class Scheduler:
             request = self.running[index]
             index += 1
             num_remaining = request.num_tokens - request.num_computed_tokens
-            if num_remaining > 1 and best_waiting is not None and best_waiting < request.priority:
-                deferred.append(request)  # outranked: every later request is too
+            room = self._prompt_room(request, budget, output) if num_remaining > 1 else budget
+            outranked = best_waiting is not None and best_waiting < request.priority
+            if num_remaining > 1 and (outranked or room == 0):
+                deferred.append(request)  # every later request is outranked too
                 continue
-            num_new = min(num_remaining, budget)
+            num_new = min(num_remaining, room)
             if not self._allocate_or_preempt(request, num_new, output):
                 break  # the request itself was preempted; everyone after it already was
             output.chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
@@ -149,15 +174,40 @@ class Scheduler:
         """Deferred prompt chunks get the budget the waiting requests left over. They preempt
         nobody: everything else in this step outranks them."""
         for request in deferred:
-            if budget <= 0:
-                return
+            room = self._prompt_room(request, budget, output)
+            if room <= 0:
+                return  # deferred requests are in rank order: later ones get no room either
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted for a waiting request in this step
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens - request.num_computed_tokens, room)
             if not self.kv.allocate_slots(request, num_new):
                 return
             output.chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
             budget -= num_new
+
+    def _prompt_room(self, request: Request, budget: int, output: SchedulerOutput) -> int:
+        """Prompt tokens ``request`` may take in this step: the budget left, or, while a
+        request of higher priority is in the engine, what is left of the lower-priority share."""
+        urgent = self._step_urgent
+        if urgent is None or request.priority <= urgent:
+            return budget
+        lower = sum(chunk.num_tokens for chunk in output.chunks
+                    if chunk.is_prompt and chunk.request.priority > urgent)
+        return max(min(budget, self.max_lower_prompt_tokens - lower), 0)
+
+    def _most_urgent_priority(self) -> int | None:
+        """The lowest priority value in the engine now or within the grace period."""
+        now = self.clock()
+        present = [self.running[0].priority] if self.running else []  # running is sorted
+        if self._waiting:
+            present.append(self._waiting[0][1].priority)
+        recent = self._recent_urgent
+        if recent is not None and now - recent[1] > LOWER_PROMPT_GRACE_SECONDS:
+            recent = None
+        if present and (recent is None or min(present) <= recent[0]):
+            recent = (min(present), now)
+        self._recent_urgent = recent
+        return recent[0] if recent is not None else None
 
     def _allocate_or_preempt(self, request: Request, num_new: int,
                              output: SchedulerOutput) -> bool:
@@ -171,6 +221,9 @@ class Scheduler:
     def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> int:
         while self._waiting and budget > 0:
             request = self._waiting[0][1]
+            room = self._prompt_room(request, budget, output)
+            if room == 0 or request in output.preempted:
+                break  # the rest ranks lower still; one preempted now waits a step at least
             if len(self.running) >= self.max_num_seqs:
                 if not self._outranks_last_running(request):
                     break
@@ -178,7 +231,7 @@ class Scheduler:
                 continue
             cached = self.kv.find_cached_prefix(request)
             num_cached = len(cached) * self.kv.block_size
-            num_new = min(request.num_tokens - num_cached, budget)
+            num_new = min(request.num_tokens - num_cached, room)
             if not self.kv.allocate_slots(request, num_new, cached):
                 # Undo the lookup's counters: the same request is looked up again next step.
                 self.kv.prefix_cache_queries -= request.num_tokens

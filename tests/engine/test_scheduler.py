@@ -2,23 +2,38 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 
 import pytest
 
 from surge.engine.kv_cache import BlockManager
 from surge.engine.request import FinishReason, Request, RequestStatus
-from surge.engine.scheduler import Scheduler, SchedulerOutput
+from surge.engine.scheduler import (
+    LOWER_PROMPT_GRACE_SECONDS,
+    LOWER_PROMPT_SHARE,
+    Scheduler,
+    SchedulerOutput,
+)
 from surge.sampling_params import SamplingParams
 
 EOS = 2
 FILLER = 7  # a sampled token that never stops anything
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
-                   max_num_batched_tokens: int = 64, prefix_caching: bool = False) -> Scheduler:
+                   max_num_batched_tokens: int = 64, prefix_caching: bool = False,
+                   clock: FakeClock | None = None) -> Scheduler:
     bm = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
-    return Scheduler(bm, max_num_seqs, max_num_batched_tokens)
+    return Scheduler(bm, max_num_seqs, max_num_batched_tokens, clock=clock or FakeClock())
 
 
 def make_request(request_id: str, num_prompt: int, priority: int = 0,
@@ -187,21 +202,88 @@ def chunk_spans(out: SchedulerOutput) -> list[tuple[str, int, int]]:
     return [(c.request.request_id, c.start, c.num_tokens) for c in out.chunks]
 
 
+def chat_finished(s: Scheduler) -> bool:
+    return "chat" not in s.requests
+
+
 def test_waiting_urgent_prompt_goes_before_a_running_low_priority_prompt() -> None:
     # "batch" reads a 40-token prompt 8 tokens a step; "chat" must not wait for all of it.
-    s = make_scheduler(max_num_batched_tokens=8)
+    clock = FakeClock()
+    s = make_scheduler(max_num_batched_tokens=8, clock=clock)
     batch = make_request("batch", 40, priority=100, max_tokens=2)
     s.add_request(batch)
     step(s)
     chat = make_request("chat", 5, priority=0, max_tokens=3, first_token=500)
     s.add_request(chat)
     out, _ = step(s)
-    assert chunk_spans(out) == [("chat", 0, 5), ("batch", 8, 3)]  # batch gets what is left
+    assert chunk_spans(out) == [("chat", 0, 5), ("batch", 8, 1)]  # batch: its small share
     assert chat.num_output_tokens == 1  # its first token, in the step after it arrived
-    out, _ = step(s)  # nothing outranks batch now: its prompt takes the rest of the budget
-    assert chunk_spans(out) == [("chat", 5, 1), ("batch", 11, 7)]
-    assert run_all(s) == ["chat", "batch"]
+    out, _ = step(s)  # while chat runs, batch's prompt keeps its small share
+    assert chunk_spans(out) == [("chat", 5, 1), ("batch", 9, 1)]
+    out, _ = step(s)
+    assert chat.is_finished
+    out, _ = step(s)  # within the grace period: chat's user may send the next request now
+    assert chunk_spans(out) == [("batch", 11, 1)]
+    clock.now += LOWER_PROMPT_GRACE_SECONDS + 0.1
+    out, _ = step(s)  # nothing urgent for a while: batch's prompt takes the whole budget
+    assert chunk_spans(out) == [("batch", 12, 8)]
+    assert run_all(s) == ["batch"]
     assert batch.num_output_tokens == 2 and batch.num_preemptions == 0
+
+
+def test_lower_prompts_get_a_small_share_while_an_urgent_request_runs() -> None:
+    clock = FakeClock()
+    s = make_scheduler(max_num_batched_tokens=64, clock=clock)  # lower share: 64 // 16 = 4
+    assert s.max_lower_prompt_tokens == 64 // LOWER_PROMPT_SHARE == 4
+    add(s, [make_request("batch-1", 3, priority=5, max_tokens=2),
+            make_request("batch-2", 40, priority=5, max_tokens=2, first_token=300),
+            make_request("chat", 10, priority=0, max_tokens=2, first_token=500)])
+    out, _ = step(s)  # the two batch prompts share 4 tokens
+    assert chunk_spans(out) == [("chat", 0, 10), ("batch-1", 0, 3), ("batch-2", 0, 1)]
+    out, _ = step(s)  # chat decodes: still urgent work in the engine, so steps stay small
+    assert chunk_spans(out) == [("chat", 10, 1), ("batch-1", 3, 1), ("batch-2", 1, 4)]
+    assert chat_finished(s)
+    clock.now += LOWER_PROMPT_GRACE_SECONDS + 0.1
+    out, _ = step(s)  # chat is long done: batch-2's prompt has the whole budget again
+    assert chunk_spans(out) == [("batch-2", 5, 35)]
+
+
+def test_a_stream_of_urgent_prompts_does_not_starve_a_lower_prompt() -> None:
+    s = make_scheduler(max_num_seqs=16, max_num_batched_tokens=64)
+    batch = make_request("batch", 20, priority=5, max_tokens=1)
+    s.add_request(batch)
+    for i in range(5):  # a new urgent prompt in every step
+        s.add_request(make_request(f"chat-{i}", 8, priority=0, max_tokens=1,
+                                   first_token=1000 + 10 * i))
+        step(s)
+    assert batch.num_output_tokens == 1  # 4 prompt tokens a step: done in the 5th
+    assert batch.finish_reason is FinishReason.LENGTH
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_mixed_priorities_under_pressure_keep_invariants_and_finish(seed: int) -> None:
+    # Few blocks, few seats, a small budget: preemption, chunking, deferral and the lower
+    # share all happen; every request must still finish with all its tokens.
+    rng = random.Random(seed)
+    clock = FakeClock()
+    s = make_scheduler(num_blocks=12, block_size=4, max_num_seqs=3, max_num_batched_tokens=16,
+                       clock=clock)
+    pending = [make_request(f"r{i}", rng.randint(1, 20), priority=rng.choice([0, 1, 5]),
+                            max_tokens=rng.randint(1, 6), first_token=1000 * (i + 1))
+               for i in range(12)]
+    requests = list(pending)
+    for _ in range(400):
+        if pending and rng.random() < 0.5:
+            s.add_request(pending.pop())
+        if not pending and not s.has_unfinished():
+            break
+        clock.now += rng.choice([0.01, 0.5, LOWER_PROMPT_GRACE_SECONDS])
+        step(s)
+    assert not pending and not s.has_unfinished()
+    for request in requests:
+        assert request.finish_reason is FinishReason.LENGTH
+        assert request.num_output_tokens == request.sampling_params.max_tokens
+    assert s.kv.num_free_blocks == s.kv.num_blocks
 
 
 def test_equal_priority_keeps_running_prompts_first() -> None:
