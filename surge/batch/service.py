@@ -19,7 +19,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -154,15 +154,29 @@ class BatchService:
 
     async def _recover(self) -> None:
         """Pick up where a previous run (or a crash) left every unfinished batch."""
-        for batch in await self._db(self.store.batches_with_status, "validating"):
-            await self._enqueue(batch)
+        await self._recover_each("validating", self._enqueue)
         if isinstance(self.queue, SqliteQueue):
             # The queue file could have lost rows the store still owes (or been replaced);
             # re-adding lines without a result is harmless: a line keeps one row.
-            for batch in await self._db(self.store.batches_with_status, "in_progress"):
-                await self.queue.put(await self._unanswered_tasks(batch))
-        for batch in await self._db(self.store.batches_with_status, "finalizing"):
-            await self._finalize(batch.id, _finalizing_target(batch))
+            await self._recover_each("in_progress", self._requeue_unanswered)
+        await self._recover_each(
+            "finalizing", lambda batch: self._finalize(batch.id, _finalizing_target(batch)))
+
+    async def _recover_each(self, status: str,
+                            resume: Callable[[BatchRecord], Awaitable[Any]]) -> None:
+        """One batch that cannot resume (its input file was removed from disk) is marked
+        failed; it must not keep the server, and every other batch, from starting."""
+        for batch in await self._db(self.store.batches_with_status, status):
+            try:
+                await resume(batch)
+            except FileNotFoundError as exc:
+                logger.error("batch %s cannot resume, its input file is gone (%s): marked "
+                             "failed", batch.id, exc)
+                await self.queue.drop_batch(batch.id)
+                await self._db(self.store.set_status, batch.id, "failed", only_from=(status,))
+
+    async def _requeue_unanswered(self, batch: BatchRecord) -> None:
+        await self.queue.put(await self._unanswered_tasks(batch))
 
     async def _monitor(self) -> None:
         while True:

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.batch._helpers import Server, chat_lines, jsonl, start_server
+from tests.batch._helpers import Server, chat_lines, jsonl, start_server, submit
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +51,30 @@ def test_an_unknown_file_is_404_not_409(server: Server) -> None:
     response = httpx.delete(f"{server.url}/v1/files/file-unknown", timeout=10.0)
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "file_not_found"
+
+
+@pytest.mark.timeout(180)
+def test_a_batch_whose_input_file_vanished_fails_and_the_server_still_starts(
+        model_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    first = start_server(model_dir, tmp_path / "logs", data, "--batch-concurrency", "1")
+    try:
+        with httpx.Client(base_url=first.url, timeout=30.0) as http:
+            uploaded = http.post("/v1/files", data={"purpose": "batch"}, files={
+                "file": ("in.jsonl", jsonl(chat_lines(64, max_tokens=40)))}).json()
+            stuck = http.post("/v1/batches", json={"input_file_id": uploaded["id"],
+                                                   "endpoint": "/v1/chat/completions"}).json()
+    finally:
+        first.kill9()
+    # Someone removed the file on disk while the server was down (the API refuses to).
+    [input_path] = data.rglob(f"{uploaded['id']}.jsonl")
+    input_path.unlink()
+
+    second = start_server(model_dir, tmp_path / "logs", data, "--batch-concurrency", "1")
+    try:
+        assert second.batch(stuck["id"])["status"] == "failed"
+        fresh = submit(second, chat_lines(2, max_tokens=2, prefix="after"))
+        assert second.wait_batch(fresh["id"], timeout=90)["status"] == "completed"
+        assert "cannot resume" in second.log()
+    finally:
+        second.stop()
