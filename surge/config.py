@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 
-__all__ = ["DTYPES", "EngineConfig", "add_engine_args"]
+__all__ = ["DATA_DIR_ENV", "DTYPES", "EngineConfig", "add_engine_args", "user_data_dir"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Where the server keeps what must outlive it (web-app history, batch files and queue).
+DATA_DIR_ENV = "SURGE_DATA_DIR"
+
+
+def user_data_dir() -> Path:
+    """``$SURGE_DATA_DIR``, else the platform's user data folder (``~/.local/share/surge``)."""
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV]).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("surge"))
 
 
 @dataclass

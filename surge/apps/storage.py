@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from surge.apps.migrations import MIGRATIONS, applied_versions, apply_migrations
+from surge.config import DATA_DIR_ENV, user_data_dir
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -36,7 +36,6 @@ __all__ = [
     "open_store",
 ]
 
-DATA_DIR_ENV = "SURGE_DATA_DIR"
 # SQLite waits this long for another writer (another request, another process) to commit.
 _SQLITE_BUSY_MS = 30_000
 _TITLE_CHARS = 60
@@ -45,12 +44,7 @@ _TITLE_CHARS = 60
 def default_database_url() -> str:
     """``sqlite:///<data folder>/apps.db``: ``$SURGE_DATA_DIR``, else the platform's user data
     folder (``~/.local/share/surge`` on Linux)."""
-    folder = os.environ.get(DATA_DIR_ENV)
-    if not folder:
-        import platformdirs
-
-        folder = platformdirs.user_data_dir("surge")
-    return f"sqlite:///{Path(folder).expanduser() / 'apps.db'}"
+    return f"sqlite:///{user_data_dir() / 'apps.db'}"
 
 
 def normalize_database_url(url: str) -> str:

@@ -6,11 +6,11 @@ Kept free of heavy imports: building the CLI parser must stay fast.
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from surge.batch.queue import AmqpQueue, open_queue
+from surge.config import DATA_DIR_ENV, user_data_dir
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -20,7 +20,6 @@ __all__ = [
     "default_data_dir",
 ]
 
-DATA_DIR_ENV = "SURGE_DATA_DIR"
 
 
 @dataclass
@@ -46,11 +45,7 @@ class BatchSettings:
 
 def default_data_dir() -> Path:
     """``$SURGE_DATA_DIR/batch``, else the user's data folder (``~/.local/share/surge``)."""
-    if os.environ.get(DATA_DIR_ENV):
-        return Path(os.environ[DATA_DIR_ENV]) / "batch"
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("surge")) / "batch"
+    return user_data_dir() / "batch"
 
 
 def add_batch_args(parser: argparse.ArgumentParser) -> None:
