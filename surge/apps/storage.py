@@ -143,10 +143,6 @@ class Store:
         self.url = normalize_database_url(url)
         self.engine = _create_engine(self.url, pool_size)
 
-    @property
-    def dialect(self) -> str:
-        return self.engine.dialect.name
-
     def migrate(self) -> list[int]:
         """Apply pending migrations; returns the versions applied now ([] when up to date)."""
         known = max(m.version for m in MIGRATIONS)

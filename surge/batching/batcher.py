@@ -35,7 +35,6 @@ import asyncio
 import collections
 import contextlib
 import math
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -160,7 +159,6 @@ class DynamicBatcher(Generic[In, Out]):
         self._throughput = _Throughput()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"surge-{name}")
         self._task: asyncio.Task[None] | None = None
-        self.num_batches = 0
 
     @property
     def queue_depth(self) -> int:
@@ -309,7 +307,6 @@ class DynamicBatcher(Generic[In, Out]):
                 raise
             return
         compute = time.monotonic() - started
-        self.num_batches += 1
         self._throughput.observe(len(batch), compute)
         self._observer.on_batch(len(batch), [started - item.arrival for item in batch], compute)
         for item, result in zip(batch, results, strict=True):
@@ -322,12 +319,6 @@ class DynamicBatcher(Generic[In, Out]):
             raise RuntimeError(f"{self.name}: the model returned {len(results)} results for "
                                f"{len(values)} inputs")
         return results
-
-    @property
-    def worker_thread_ids(self) -> set[int]:
-        """Ids of the worker thread(s) (tests check that the model never runs on the loop)."""
-        return {t.ident for t in threading.enumerate()
-                if t.name.startswith(f"surge-{self.name}") and t.ident is not None}
 
 
 def _is_int(value: Any) -> bool:

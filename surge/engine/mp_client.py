@@ -51,7 +51,7 @@ from surge.engine.process import (
 )
 from surge.engine.protocol import AbortRequests, AddRequest, EngineCoreOutput, EngineStats
 
-__all__ = ["EngineStartError", "MPEngineClient"]
+__all__ = ["EngineStartError", "MPEngineClient", "describe_exit"]
 
 logger = logging.getLogger(__name__)
 
@@ -366,7 +366,7 @@ class MPEngineClient(EngineClient):
         if isinstance(first, StartupFailed | EngineFailed):
             reason = first.error
         else:
-            reason = (f"the engine process exited ({_describe_exit(code)}) before it was "
+            reason = (f"the engine process exited ({describe_exit(code)}) before it was "
                       "ready; see its log above")
         return EngineStartError(f"could not start the engine for {self.model_dir}: {reason}",
                                 code)
@@ -406,7 +406,7 @@ class MPEngineClient(EngineClient):
         self._engine = None
         engine.close()
         self._stats = EngineStats()  # nothing runs now; counters restart with the new engine
-        cause = f"the engine process died ({_describe_exit(code)})"
+        cause = f"the engine process died ({describe_exit(code)})"
         reason = f" (engine error: {engine.failure})" if engine.failure else ""
         logger.error("%s%s", cause, reason)
         self._fail_all(EngineDeadError(f"{cause}; the request was not completed{reason}"))
@@ -425,7 +425,7 @@ class MPEngineClient(EngineClient):
                 code = exc.exit_code
         self._exit_code = code
         self._dead.set()
-        logger.error("the engine is dead (%s) and will not be restarted", _describe_exit(code))
+        logger.error("the engine is dead (%s) and will not be restarted", describe_exit(code))
 
     def _fail_all(self, error: EngineDeadError) -> None:
         streams, self._streams = self._streams, {}
@@ -436,7 +436,7 @@ class MPEngineClient(EngineClient):
         if self._stopping:
             return "the engine is shutting down; the request was not sent"
         if self.dead:
-            return (f"the engine is dead ({_describe_exit(self._exit_code)}) and will not be "
+            return (f"the engine is dead ({describe_exit(self._exit_code)}) and will not be "
                     "restarted; the request was not sent")
         if self.is_ready:
             return "the engine is restarting after a crash; the request was not sent, retry soon"
@@ -485,7 +485,8 @@ def _address(folder: str, name: str) -> str:
     return f"ipc://{folder}/{name}"
 
 
-def _describe_exit(code: int | None) -> str:
+def describe_exit(code: int | None) -> str:
+    """A child process's exit status in words (`exit code -9, killed by SIGKILL`)."""
     if code is None:
         return "exit code unknown"
     if code < 0:

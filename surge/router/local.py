@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from starlette.types import ASGIApp
 
+from surge.engine.mp_client import describe_exit
 from surge.router.app import RouterApp, RouterSettings, build_router
 from surge.router.autoscale import AutoscaleConfig, AutoscaleLoop, Autoscaler
 from surge.router.metrics import RouterMetrics
@@ -279,7 +280,7 @@ class LocalReplicas:
                             became_healthy: bool) -> None:
         assert child.process is not None
         logger.error("%s (pid %d) exited unexpectedly with %s", child.name, child.process.pid,
-                     _describe(code))
+                     describe_exit(code))
         if not became_healthy:
             self._start_failures += 1
             if not self._ever_healthy and \
@@ -376,12 +377,6 @@ def _exit_with_parent(parent_pid: int) -> Callable[[], None] | None:
             os._exit(1)
 
     return prepare
-
-
-def _describe(code: int | None) -> str:
-    if code is not None and code < 0:
-        return f"signal {signal.Signals(-code).name}"
-    return f"status {code}"
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

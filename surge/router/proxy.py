@@ -35,7 +35,7 @@ from surge.router.policies import Policy, RequestFacts
 from surge.router.replicas import Replica, ReplicaSet
 from surge.router.retry import RetryBudget, RetryConfig, backoff_seconds
 from surge.router.upstream import UpstreamError, UpstreamPool, UpstreamResponse
-from surge.server.errors import APIError
+from surge.server.errors import APIError, sse_error_event
 
 __all__ = ["PROXIED_PREFIXES", "Proxy", "ProxyConfig", "error_response_messages"]
 
@@ -486,7 +486,7 @@ def _midstream_error(replica: Replica, exc: BaseException) -> bytes:
     error = APIError(502, f"the replica serving this stream ({replica.name}) failed before it "
                      f"ended ({type(exc).__name__}); the output so far is incomplete",
                      code="replica_failed")
-    return b"data: " + msgspec.json.encode(error.body()) + b"\n\n" + _DONE
+    return sse_error_event(error) + _DONE
 
 
 def _too_large(size: int, limit: int) -> APIError:

@@ -52,7 +52,6 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
-        self.reused = False
         self.response: UpstreamResponse | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
@@ -129,12 +128,6 @@ class UpstreamResponse:
         self._responded = False
         self._until_close = False
         self.last_activity = self._loop.time()  # the pool's sweep fails silent ones
-
-    def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -330,7 +323,6 @@ class UpstreamPool:
         while idle:
             connection = idle.pop()
             if not connection.closed:
-                connection.reused = True
                 return connection
         return None
 
