@@ -250,7 +250,8 @@ class BatchService:
             raise APIError(400, f"file {input_file_id} has purpose {source.purpose!r}: a "
                                 "batch needs a file uploaded with purpose 'batch'",
                            param="input_file_id", code="invalid_value")
-        self._check_one_endpoint(source, endpoint)
+        # Reads and parses the whole input file: on the store thread, not the event loop.
+        await self._db(self._check_one_endpoint, source, endpoint)
         batch = await self._db(self.store.add_batch, endpoint, source.id, completion_window,
                                window, source.num_lines, metadata)
         return await self._enqueue(batch)
