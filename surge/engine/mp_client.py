@@ -18,7 +18,6 @@ import logging
 import multiprocessing
 import os
 import shutil
-import signal
 import tempfile
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
@@ -50,8 +49,9 @@ from surge.engine.process import (
     run_engine_process,
 )
 from surge.engine.protocol import AbortRequests, AddRequest, EngineCoreOutput, EngineStats
+from surge.procs import describe_exit
 
-__all__ = ["EngineStartError", "MPEngineClient", "describe_exit"]
+__all__ = ["EngineStartError", "MPEngineClient"]
 
 logger = logging.getLogger(__name__)
 
@@ -483,13 +483,3 @@ def _bound(sock: SocketT, address: str) -> SocketT:
 
 def _address(folder: str, name: str) -> str:
     return f"ipc://{folder}/{name}"
-
-
-def describe_exit(code: int | None) -> str:
-    """A child process's exit status in words (`exit code -9, killed by SIGKILL`)."""
-    if code is None:
-        return "exit code unknown"
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"exit code {code}, killed by {signal.Signals(-code).name}"
-    return f"exit code {code}"

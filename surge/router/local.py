@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from starlette.types import ASGIApp
 
-from surge.engine.mp_client import describe_exit
+from surge.procs import describe_exit
 from surge.router.app import RouterApp, RouterSettings, build_router
 from surge.router.autoscale import AutoscaleConfig, AutoscaleLoop, Autoscaler
 from surge.router.metrics import RouterMetrics
