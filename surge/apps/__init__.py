@@ -96,7 +96,7 @@ def _register_service(app: Starlette,
     before it stops); on any other app, wrapped around the app's own lifespan."""
     lifecycle = getattr(app.state, "lifecycle", None)
     if lifecycle is not None and hasattr(lifecycle, "services"):
-        lifecycle.services.append(service)
+        lifecycle.services.add(lambda: service(app))
         return
     inner = app.router.lifespan_context
 

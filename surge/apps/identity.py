@@ -15,8 +15,8 @@ from http.cookies import SimpleCookie
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from surge.server.auth import ApiKeyAuth, AuthError
-from surge.server.errors import APIError, error_response
+from surge.http.auth import ApiKeyAuth, AuthError
+from surge.http.errors import APIError, error_response
 
 __all__ = ["COOKIE_NAME", "USER_HEADER", "ApiKeyGuard", "UserIdentity", "user_id"]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from surge.server.errors import APIError
+from surge.http.errors import APIError
 
 __all__ = [
     "SESSION_HEADER",

@@ -29,8 +29,8 @@ from surge.apps.llm_backend import LLMBackend
 from surge.apps.status import StatusWindow, parse_metrics
 from surge.apps.storage import GenerationRecord, Store, new_id
 from surge.apps.writing import LENGTHS, TEMPLATES, TONES, build_prompt, cache_key, check_request
-from surge.server.errors import APIError
-from surge.server.openapi import error_responses, event_stream_content
+from surge.http.errors import APIError
+from surge.http.openapi import error_responses, event_stream_content
 
 __all__ = ["API_PREFIX", "AppsRuntime", "build_router"]
 

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 
 from surge.apps.migrations import MIGRATIONS, applied_versions, apply_migrations
 from surge.config import DATA_DIR_ENV, user_data_dir
+from surge.http import sqlite
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -36,8 +37,6 @@ __all__ = [
     "open_store",
 ]
 
-# SQLite waits this long for another writer (another request, another process) to commit.
-_SQLITE_BUSY_MS = 30_000
 _TITLE_CHARS = 60
 
 
@@ -320,7 +319,7 @@ def _create_engine(url: str, pool_size: int) -> sa.Engine:
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size,
                               connect_args={"check_same_thread": False,
-                                            "timeout": _SQLITE_BUSY_MS / 1000})
+                                            "timeout": sqlite.BUSY_TIMEOUT_MS / 1000})
     sa.event.listen(engine, "connect", _configure_sqlite)
     sa.event.listen(engine, "begin", _begin_sqlite)
     return engine
@@ -329,12 +328,7 @@ def _create_engine(url: str, pool_size: int) -> sa.Engine:
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     # Let SQLAlchemy, not the driver, say when transactions begin (see _begin_sqlite).
     dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    # WAL: readers never wait for the writer, so history loads while answers are stored.
-    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
-                   f"busy_timeout={_SQLITE_BUSY_MS}"):
-        cursor.execute(f"PRAGMA {pragma}")
-    cursor.close()
+    sqlite.configure(dbapi_connection, synchronous="NORMAL", foreign_keys=True)
 
 
 def _begin_sqlite(conn: sa.Connection) -> None:

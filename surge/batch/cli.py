@@ -235,7 +235,9 @@ def _worker(args: argparse.Namespace) -> int:
         raise ValueError(f"--concurrency={args.concurrency} is invalid: allowed is >= 1")
     import logging
 
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from surge.http.logs import configure_logging
+
+    configure_logging("info")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
     asyncio.run(_run_worker(args))
     return 0

@@ -36,6 +36,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import msgspec
 
 from surge.batch.store import LineResult
+from surge.http import sqlite
 
 __all__ = [
     "DEFAULT_AMQP_QUEUE",
@@ -221,10 +222,7 @@ class SqliteQueue(BatchQueue):
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0,
-                               check_same_thread=False)
-        for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=30000"):
-            conn.execute(f"PRAGMA {pragma}")
+        conn = sqlite.connect(self.path, synchronous="FULL")
         conn.executescript(_QUEUE_SCHEMA)
         self._conn = conn
 
@@ -232,16 +230,10 @@ class SqliteQueue(BatchQueue):
         now = time.time()
         rows = [(t.batch_id, t.line_no, t.custom_id, t.url, msgspec.json.encode(t.body).decode(),
                  now) for t in tasks]
-        conn = self._require_conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with sqlite.write_transaction(self._require_conn()) as conn:
             # Enqueueing again (recovery after a crash) keeps the one row a line already has.
             conn.executemany("INSERT INTO queue (batch_id, line_no, custom_id, url, body, "
                              "enqueued) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", rows)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
 
     def _claim(self) -> LineTask | None:
         now = time.time()

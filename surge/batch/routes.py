@@ -19,9 +19,9 @@ from surge.batch.config import BatchSettings
 from surge.batch.schemas import BatchList, BatchObject, FileDeleted, FileList, FileObject
 from surge.batch.service import BatchService
 from surge.batch.store import BATCH_STATUSES, TERMINAL_STATUSES
-from surge.server.errors import APIError
-from surge.server.openapi import VALIDATION_ERROR, error_responses
-from surge.server.serving import json_response
+from surge.http.errors import APIError
+from surge.http.openapi import VALIDATION_ERROR, error_responses
+from surge.http.responses import json_response
 
 __all__ = ["BatchCreateRequest", "add_batch_routes"]
 
@@ -51,7 +51,7 @@ def add_batch_routes(app: FastAPI, settings: BatchSettings, api_keys: list[str])
     """Mount the routes and register the service (queue, worker, monitor) with the app."""
     service = BatchService(app, settings, api_keys)
     app.state.batch = service
-    app.state.lifecycle.services.append(service.running)
+    app.state.lifecycle.services.add(lambda: service.running(app))
     app.include_router(_files_router(service))
     app.include_router(_batches_router(service))
 

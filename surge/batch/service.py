@@ -43,7 +43,7 @@ from surge.batch.store import (
 )
 from surge.batch.validate import BATCH_URLS, BatchFileError, parse_lines, validate_batch_file
 from surge.batch.worker import BATCH_PRIORITY, BatchWorker
-from surge.server.errors import APIError
+from surge.http.errors import APIError
 
 __all__ = ["BatchService", "parse_completion_window"]
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from surge.http import sqlite
+
 __all__ = [
     "ACTIVE_STATUSES",
     "BATCH_STATUSES",
@@ -50,8 +52,6 @@ TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
 ACTIVE_STATUSES = frozenset({"validating", "in_progress", "cancelling"})
 # Lines of these batches are worth running; the others' are skipped.
 RUNNABLE_STATUSES = frozenset({"validating", "in_progress"})
-# How long a writer waits for another process's transaction before giving up.
-BUSY_TIMEOUT_MS = 30_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -157,12 +157,8 @@ class BatchStore:
         self.files_dir = self.data_dir / "files"
         self.files_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.data_dir / "batch.db", isolation_level=None,
-                                     check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+        self._conn = sqlite.connect(self.data_dir / "batch.db", synchronous="FULL")
         self._conn.row_factory = sqlite3.Row
-        for pragma in ("journal_mode=WAL", "synchronous=FULL",
-                       f"busy_timeout={BUSY_TIMEOUT_MS}"):
-            self._conn.execute(f"PRAGMA {pragma}")
         self._conn.executescript(_SCHEMA)
 
     def close(self) -> None:
@@ -334,14 +330,8 @@ class BatchStore:
     def _transaction(self) -> Iterator[None]:
         # IMMEDIATE takes the write lock up front: a read-then-write cannot be overtaken by
         # another process between its read and its write.
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+        with self._lock, sqlite.write_transaction(self._conn):
+            yield
 
     def _query_one(self, sql: str, args: tuple[Any, ...]) -> sqlite3.Row | None:
         with self._lock:

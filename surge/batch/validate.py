@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from surge.server.errors import validation_message
+from surge.http.errors import validation_message
 
 __all__ = [
     "BATCH_URLS",

@@ -17,15 +17,18 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import surge
 from surge.engine.client import EngineClient
+from surge.http.auth import ApiKeyAuth, RateLimiter
+from surge.http.errors import APIError
+from surge.http.gate import RequestGate, key_id
+from surge.http.handlers import install_error_handlers
+from surge.http.openapi import document_validation_as_400, event_stream_content
+from surge.http.responses import json_response
+from surge.http.services import Services
 from surge.server.admission import AdmissionController
-from surge.server.auth import ApiKeyAuth, AuthError, RateLimiter
-from surge.server.errors import APIError, error_response, install_error_handlers
 from surge.server.metrics import ServerMetrics
-from surge.server.openapi import document_validation_as_400, event_stream_content
 from surge.server.pooling import ModelPools, NoGenerationEngine, add_pooling_routes
 from surge.server.schemas import (
     ChatCompletionRequest,
@@ -42,7 +45,7 @@ from surge.server.schemas import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from surge.server.serving import OpenAIServing, ServingLimits, json_response
+from surge.server.serving import OpenAIServing, ServingLimits
 from surge.tokenizer import ChatTokenizer
 
 __all__ = ["ServerSettings", "build_app"]
@@ -58,7 +61,6 @@ ENGINE_SHUTDOWN_SECONDS = 15.0
 # Requests still running this long before the drain timeout are ended with an error event.
 DRAIN_MARGIN_SECONDS = 0.5
 _AUTH_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
-_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 @dataclass
@@ -110,8 +112,9 @@ def build_app(engine: EngineClient | None, tokenizer: ChatTokenizer | None,
     app.state.lifecycle = lifecycle
     install_error_handlers(app)
     document_validation_as_400(app)
-    app.add_middleware(_RequestGate, auth=ApiKeyAuth(settings.api_keys),
-                       max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(RequestGate, auth=ApiKeyAuth(settings.api_keys),
+                       max_body_bytes=settings.max_body_bytes, auth_prefixes=_AUTH_PREFIXES,
+                       on_reject=metrics.record_rejected)
     serving.can_generate = can_generate
     _add_openai_routes(app, serving)
     _add_operator_routes(app, serving)
@@ -226,89 +229,7 @@ def _add_operator_routes(app: FastAPI, serving: OpenAIServing) -> None:
 
 
 def _key_id(request: Request) -> str | None:
-    return request.scope.get("state", {}).get("surge_key_id")
-
-
-# -- the request gate ------------------------------------------------------------------------
-
-
-class _RequestGate:
-    """Pure ASGI middleware in front of every route: the API key (401), then the body size
-    (413, from Content-Length and again while reading, so a chunked body cannot slip past)."""
-
-    def __init__(self, app: ASGIApp, auth: ApiKeyAuth, max_body_bytes: int,
-                 metrics: ServerMetrics) -> None:
-        self.app = app
-        self.auth = auth
-        self.max_body_bytes = max_body_bytes
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        try:
-            if scope["path"].startswith(_AUTH_PREFIXES):
-                scope.setdefault("state", {})["surge_key_id"] = self._authenticate(scope)
-            if scope["method"] in _BODY_METHODS:
-                body = await self._read_body(scope, receive)
-                if body is None:
-                    return  # the client left while sending
-                receive = _replay(body, receive)
-        except APIError as exc:
-            return await error_response(exc)(scope, receive, send)
-        await self.app(scope, receive, send)
-
-    def _authenticate(self, scope: Scope) -> str | None:
-        try:
-            return self.auth.authenticate(_header(scope, b"authorization"))
-        except AuthError as exc:
-            self.metrics.record_rejected("unauthorized")
-            raise APIError(401, exc.message, code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"}) from exc
-
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
-        declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise self._too_large(int(declared))
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise self._too_large(size)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
-    def _too_large(self, size: int) -> APIError:
-        self.metrics.record_rejected("body_too_large")
-        return APIError(413, f"the request body has {'at least ' if size else ''}{size} bytes: "
-                        f"allowed is at most {self.max_body_bytes} (--max-body-bytes)",
-                        code="request_too_large")
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """Hand the already-read body to the app once, then pass through (disconnect events)."""
-    delivered = False
-
-    async def replay() -> Message:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
+    return key_id(request.scope)
 
 
 # -- engine lifecycle ------------------------------------------------------------------------
@@ -328,19 +249,17 @@ class _EngineLifecycle:
         self._draining = False
         # serve.py replaces this with "stop uvicorn and exit with this code".
         self.request_exit: Callable[[int], None] = lambda code: None
-        # Features with their own background work (batch workers, model pools, storage) add an
-        # async context manager factory here before the app starts; they are entered after the
-        # engine's loader task starts and exited, in reverse order, before the engine stops.
-        self.services: list[Callable[[FastAPI], contextlib.AbstractAsyncContextManager[Any]]] = []
+        # Features with their own background work (batch workers, model pools, storage) add
+        # theirs here before the app starts; they are entered after the engine's loader task
+        # starts and exited, in reverse order, before the engine stops.
+        self.services = Services()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._run())
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                for service in self.services:
-                    await stack.enter_async_context(service(app))
+            async with self.services.running():
                 yield
         finally:
             await self._stop()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from surge.server.errors import APIError
+from surge.http.errors import APIError
 
 __all__ = ["ALLOWED_FORMATS", "ImageLimits", "decode_base64_image", "decode_image"]
 

@@ -46,11 +46,11 @@ from surge.batching import (
 )
 from surge.engine.client import EngineClient, EngineInfo
 from surge.engine.protocol import AddRequest, EngineCoreOutput, EngineStats
+from surge.http.auth import RateLimited
+from surge.http.errors import APIError, validation_message
+from surge.http.openapi import error_responses
 from surge.models.tasks import Task
-from surge.server.auth import RateLimited
-from surge.server.errors import APIError, validation_message
 from surge.server.images import ImageLimits, decode_base64_image, decode_image
-from surge.server.openapi import error_responses
 
 if TYPE_CHECKING:
     import torch
@@ -304,8 +304,8 @@ def add_pooling_routes(app: FastAPI, serving: OpenAIServing, pools: ModelPools) 
     serving.other_models = {name: TASK_WORDS[task] for name, task in pools.tasks().items()}
     handler = _PoolingHandler(serving, pools)
     lifecycle = app.state.lifecycle
-    lifecycle.services.append(
-        lambda app: pools.serve(serving.metrics.registry, lifecycle.request_exit))
+    lifecycle.services.add(
+        lambda: pools.serve(serving.metrics.registry, lifecycle.request_exit))
 
     @app.post("/v1/embeddings", tags=["openai"], response_model=None,
               responses={200: {"description": "OpenAI's embeddings list"}, **_ERRORS})

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from surge.http.openapi import ErrorResponse
 from surge.sampling_params import MAX_LOGPROBS
 
 __all__ = [
@@ -136,17 +137,6 @@ class DetokenizeRequest(_Request):
 
 
 # -- responses (documentation of what the handlers build) ----------------------------------
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
 
 
 class Usage(BaseModel):

@@ -23,31 +23,33 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
 
 from surge.engine.client import EngineClient, EngineDeadError
 from surge.engine.detokenize import IncrementalDetokenizer
 from surge.engine.protocol import AddRequest
 from surge.engine.request import FinishReason
+from surge.http.auth import RateLimited, RateLimiter
+from surge.http.errors import APIError, sse_error_event
+from surge.http.responses import (
+    SSE_DONE,
+    SSEResponse,
+    json_response,
+    sse_event,
+    unless_disconnected,
+)
 from surge.outputs import TokenLogprobs
 from surge.sampling_params import SamplingParams
 from surge.server.admission import AdmissionController, AdmissionRejected, Ticket
-from surge.server.auth import RateLimited, RateLimiter
-from surge.server.errors import APIError, sse_error_event
 from surge.server.metrics import ServerMetrics
 from surge.server.schemas import ChatCompletionRequest, CompletionRequest, _SamplingRequest
 from surge.tokenizer import ChatTokenizer
 
-__all__ = ["OpenAIServing", "ServingLimits", "json_response"]
+__all__ = ["OpenAIServing", "ServingLimits"]
 
 logger = logging.getLogger(__name__)
 
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_DONE = b"data: [DONE]\n\n"
-_encode = msgspec.json.encode
 # Prompts longer than this many characters are tokenized on a worker thread, so one huge
 # prompt does not stall every other request's stream.
 _INLINE_TOKENIZE_CHARS = 20_000
@@ -162,7 +164,7 @@ class OpenAIServing:
         prepared = self._prepare(body, prompts, texts, body.max_tokens, body.logprobs,
                                  key_id, _COMPLETION_PREFIX)
         if body.stream:
-            return _SSEResponse(self._stream_completion(prepared, body),
+            return SSEResponse(self._stream_completion(prepared, body),
                                 functools.partial(self._release, prepared))
         outputs = await self._run_to_end(prepared, request)
         return json_response(self._completion_body(prepared, body, outputs))
@@ -176,7 +178,7 @@ class OpenAIServing:
         prepared = self._prepare(body, [prompt], [None], max_tokens, logprobs, key_id,
                                  _CHAT_PREFIX)
         if body.stream:
-            return _SSEResponse(self._stream_chat(prepared, body),
+            return SSEResponse(self._stream_chat(prepared, body),
                                 functools.partial(self._release, prepared))
         outputs = await self._run_to_end(prepared, request)
         return json_response(self._chat_body(prepared, body, outputs))
@@ -319,16 +321,9 @@ class OpenAIServing:
     async def _run_to_end(self, prepared: _Prepared, request: Request) -> list[_Accumulated]:
         """Every choice's whole output; ends early (aborting) if the client leaves."""
         run = _Run(self, prepared)
-        work = asyncio.ensure_future(run.collect(self._deadline()))
-        gone = asyncio.ensure_future(_wait_for_disconnect(request.receive))
         try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():
-                raise APIError(499, "the client closed the connection", code="client_closed")
-            return work.result()
+            return await unless_disconnected(request.receive, run.collect(self._deadline()))
         finally:
-            work.cancel()
-            gone.cancel()
             await run.close()
             self._release(prepared)
 
@@ -351,7 +346,7 @@ class OpenAIServing:
                     yield data
             if usage_chunk is not None:
                 yield usage_chunk(run.outputs)
-            yield _DONE
+            yield SSE_DONE
         except APIError as exc:
             yield sse_error_event(exc)
         except Exception as exc:  # a bug must still end the stream in a way clients read
@@ -383,11 +378,11 @@ class OpenAIServing:
                       "finish_reason": delta.finish_reason}
             if delta.finish_reason is not None:
                 choice["stop_reason"] = delta.stop_reason
-            return _sse({**head, "choices": [choice],
+            return sse_event({**head, "choices": [choice],
                          **({"usage": None} if include_usage else {})})
 
         def usage(outputs: list[_Accumulated]) -> bytes:
-            return _sse({**head, "choices": [], "usage": self._usage(prepared, outputs)})
+            return sse_event({**head, "choices": [], "usage": self._usage(prepared, outputs)})
 
         return self._stream_events(prepared, [], chunk, usage if include_usage else None)
 
@@ -433,7 +428,7 @@ class OpenAIServing:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         usage_field = {"usage": None} if include_usage else {}
         # As OpenAI does: the first chunk of every choice carries the role.
-        first = [_sse({**head, "choices": [{"index": c.index, "delta": {
+        first = [sse_event({**head, "choices": [{"index": c.index, "delta": {
             "role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}],
             **usage_field}) for c in prepared.choices]
 
@@ -446,10 +441,10 @@ class OpenAIServing:
                       "finish_reason": delta.finish_reason}
             if delta.finish_reason is not None:
                 choice["stop_reason"] = delta.stop_reason
-            return _sse({**head, "choices": [choice], **usage_field})
+            return sse_event({**head, "choices": [choice], **usage_field})
 
         def usage(outputs: list[_Accumulated]) -> bytes:
-            return _sse({**head, "choices": [], "usage": self._usage(prepared, outputs)})
+            return sse_event({**head, "choices": [], "usage": self._usage(prepared, outputs)})
 
         return self._stream_events(prepared, first, chunk, usage if include_usage else None)
 
@@ -723,39 +718,3 @@ def _message_text(content: Any, index: int) -> str:
     if isinstance(content, str):
         return content
     return "".join(part.text for part in content)
-
-
-# -- HTTP plumbing -----------------------------------------------------------------------------
-
-
-def _sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + _encode(payload) + b"\n\n"
-
-
-def json_response(payload: dict[str, Any]) -> Response:
-    return Response(_encode(payload), media_type="application/json")
-
-
-async def _wait_for_disconnect(receive: Receive) -> None:
-    """Returns when the client hangs up (the body was read, so nothing else can arrive)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-class _SSEResponse(StreamingResponse):
-    """A StreamingResponse that always closes its generator, so cleanup (aborting engine
-    requests, releasing the admission ticket) runs as soon as the client goes away rather
-    than whenever the generator is garbage-collected."""
-
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
-        super().__init__(content, media_type="text/event-stream", headers=_SSE_HEADERS)
-        self._events = content
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._events.aclose()  # type: ignore[attr-defined]
-            # A generator closed before its first step never ran its own cleanup.
-            self._on_close()

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from surge.server.errors import APIError
+from surge.http.errors import APIError
 from surge.server.images import ImageLimits, decode_base64_image, decode_image
 from tests.server._images import declared_only_png, encoded, png_bomb
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from surge.server.auth import ApiKeyAuth, AuthError, RateLimited, RateLimiter
+from surge.http.auth import ApiKeyAuth, AuthError, RateLimited, RateLimiter
 
 pytestmark = pytest.mark.timeout(10)
 

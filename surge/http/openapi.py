@@ -14,11 +14,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI
-
-from surge.server.schemas import ErrorResponse
+from pydantic import BaseModel
 
 __all__ = [
     "VALIDATION_ERROR",
+    "ErrorDetail",
+    "ErrorResponse",
     "document_validation_as_400",
     "error_responses",
     "event_stream_content",
@@ -27,6 +28,19 @@ __all__ = [
 VALIDATION_ERROR = "invalid request (the message names the field and what is allowed)"
 _ERROR_REF = "#/components/schemas/ErrorResponse"
 _FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (``surge.http.errors.APIError.body``)."""
+
+    error: ErrorDetail
 
 
 def error_responses(descriptions: Mapping[int, str]) -> dict[int | str, dict[str, Any]]:

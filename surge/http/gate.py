@@ -1,0 +1,124 @@
+"""The request gate: what every request passes before any route sees it, in server and router.
+
+A plain ASGI piece (no FastAPI), so the raw-ASGI router uses the same code as ``surge serve``:
+the API key (401) on the paths that need one, then the body size (413, from Content-Length and
+again while reading, so a chunked body cannot slip past). The body read here is handed to the
+app again (``replay``), so the app reads it as if nothing had happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from surge.http.auth import ApiKeyAuth, AuthError
+from surge.http.errors import APIError, send_error
+
+__all__ = ["KEY_ID_STATE", "RequestGate", "header", "key_id", "read_body", "replay",
+           "too_large"]
+
+# Where the gate leaves the caller's key id (``key0``, ...) in ``scope["state"]``.
+KEY_ID_STATE = "surge_key_id"
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+# Told why a request was refused ("unauthorized", "body_too_large"), for metrics.
+OnReject = Callable[[str], None]
+
+
+def _ignore(reason: str) -> None:
+    return None
+
+
+class RequestGate:
+    """ASGI middleware: ``auth`` on paths starting with ``auth_prefixes``, then the body
+    limit on POST, PUT and PATCH."""
+
+    def __init__(self, app: ASGIApp, *, auth: ApiKeyAuth, max_body_bytes: int,
+                 auth_prefixes: tuple[str, ...], on_reject: OnReject = _ignore) -> None:
+        self.app = app
+        self.auth = auth
+        self.max_body_bytes = max_body_bytes
+        self.auth_prefixes = auth_prefixes
+        self.on_reject = on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        try:
+            if scope["path"].startswith(self.auth_prefixes):
+                scope.setdefault("state", {})[KEY_ID_STATE] = self._authenticate(scope)
+            if scope["method"] in BODY_METHODS:
+                body = await read_body(scope, receive, self.max_body_bytes, self.on_reject)
+                if body is None:
+                    return  # the client left while sending
+                receive = replay(body, receive)
+        except APIError as exc:
+            return await send_error(send, exc)
+        await self.app(scope, receive, send)
+
+    def _authenticate(self, scope: Scope) -> str | None:
+        try:
+            return self.auth.authenticate(header(scope, b"authorization"))
+        except AuthError as exc:
+            self.on_reject("unauthorized")
+            raise APIError(401, exc.message, code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"}) from exc
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int,
+                    on_reject: OnReject = _ignore) -> bytes | None:
+    """The whole request body, or None when the client hung up while sending it; raises
+    413 as soon as the declared or received size passes ``limit``."""
+    declared = header(scope, b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        on_reject("body_too_large")
+        raise too_large(int(declared), limit, declared=True)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            on_reject("body_too_large")
+            raise too_large(size, limit, declared=False)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def too_large(size: int, limit: int, *, declared: bool) -> APIError:
+    # A body cut off while reading is larger than what was read: say "at least".
+    amount = f"{size}" if declared else f"at least {size}"
+    return APIError(413, f"the request body has {amount} bytes: allowed is at most {limit} "
+                    "(--max-body-bytes)", code="request_too_large")
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """Hand the already-read body to the app once, then pass through (disconnect events)."""
+    delivered = False
+
+    async def replayed() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """The first value of header ``name`` (lower case), or None."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def key_id(scope: Scope) -> str | None:
+    """The caller's API key id that the gate found (None when auth is off)."""
+    return scope.get("state", {}).get(KEY_ID_STATE)

@@ -1,0 +1,47 @@
+"""The uvicorn server that runs ``surge serve`` and ``surge route``.
+
+Over uvicorn's own: SIGTERM or Ctrl-C first call the app's drain hook (new requests get 503
+while in-flight ones finish), a clean drain exits 0 rather than re-raising the signal, the app
+can ask for an exit with a status (a dependency died for good), and whoever started the server
+learns the address it bound (``--port 0`` picks one). Import this module only to run a server:
+it imports uvicorn, which building a command line should not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+
+__all__ = ["DrainingServer"]
+
+
+class DrainingServer(uvicorn.Server):
+    """``on_signal`` starts the app's drain; ``on_started(host, port)`` runs once bound."""
+
+    def __init__(self, config: uvicorn.Config, *, on_signal: Callable[[], None] | None = None,
+                 on_started: Callable[[str, int], None] | None = None) -> None:
+        super().__init__(config)
+        self.exit_code = 0
+        self._on_signal = on_signal
+        self._on_started = on_started
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self._on_signal is not None:
+            self._on_signal()
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises the signal once it has shut down, which would make a clean
+        # drain look like a crash (status -15); we drained, so we exit 0.
+        self._captured_signals.clear()
+
+    def request_exit(self, code: int) -> None:
+        """Stop serving (after the usual drain) and exit with ``code``."""
+        self.exit_code = code
+        self.should_exit = True
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        if self.started and self._on_started is not None:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            self._on_started(host, port)
