@@ -99,7 +99,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     model_dir = resolve_model_arg(args.model) if args.model else _demo_model()
     _check_model_dir(model_dir)
-    from surge.router.cli import run_replicated, wants_router
+    from surge.entrypoints.replicated import run_replicated
+    from surge.router.cli import wants_router
 
     if wants_router(args):  # N replicas of this server behind a router on --host/--port
         return run_replicated(args, model_dir, settings)

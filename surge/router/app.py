@@ -5,7 +5,12 @@ No framework routing on the hot path: a request for ``/v1/*``, ``/tokenize`` or
 one replica can take work), ``/metrics`` and ``/router/replicas`` itself. Every other path goes
 to the optional *fallback* ASGI app (the web UI mounts there), or gets an OpenAI-shaped 404.
 
-Background work (health checks, local replica processes, the autoscaler) are *services*:
+The replicas are either a fixed set (``surge route``) or run by a *replica backend*
+(``backend.py``: local processes, or anything else implementing it) given in a
+``ReplicaPlan``; the router then enters the backend with itself and adds the autoscaler when
+the plan's bounds allow it.
+
+Background work (health checks, the replica backend, the autoscaler) are *services*:
 async context managers entered at startup and left, in reverse order, at shutdown, after
 uvicorn has let in-flight requests finish. The fallback app's own lifespan runs inside ours.
 """
@@ -24,6 +29,8 @@ import aiohttp
 import msgspec
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from surge.router.autoscale import AutoscaleLoop, Autoscaler
+from surge.router.backend import BackendHost, ReplicaPlan
 from surge.router.health import HealthChecker, HealthConfig
 from surge.router.metrics import RouterMetrics
 from surge.router.policies import Policy
@@ -51,7 +58,7 @@ class RouterApp:
     """``await app(scope, receive, send)``; ``services`` may grow until the app starts."""
 
     def __init__(self, replicas: ReplicaSet, policy: Policy, settings: RouterSettings,
-                 fallback: ASGIApp | None = None,
+                 fallback: ASGIApp | None = None, plan: ReplicaPlan | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.replicas = replicas
         self.policy = policy
@@ -66,6 +73,20 @@ class RouterApp:
         self.services: list[Service] = []
         # Extra sections of GET /router/replicas (the autoscaler adds its decisions).
         self.status_sections: dict[str, Callable[[], Any]] = {}
+        if plan is not None:
+            self._run_replicas(plan)
+
+    def _run_replicas(self, plan: ReplicaPlan) -> None:
+        # request_exit is looked up when called: run_router sets it after this.
+        host = BackendHost(self.replicas, self.metrics, lambda code: self.request_exit(code))
+        backend = plan.backend
+        self.services.append(lambda: backend.running(host, plan.initial))
+        self.status_sections["processes"] = backend.status
+        if plan.autoscale is not None and plan.autoscale.enabled:
+            loop = AutoscaleLoop(Autoscaler(plan.autoscale), self.replicas, backend,
+                                 self.metrics)
+            self.services.append(loop.running)
+            self.status_sections["autoscaler"] = loop.status
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -204,8 +225,10 @@ async def _send_json_error(send: Send, error: APIError) -> None:
 
 
 def build_router(replicas: ReplicaSet, policy: Policy, settings: RouterSettings | None = None,
-                 fallback: ASGIApp | None = None) -> RouterApp:
-    return RouterApp(replicas, policy, settings or RouterSettings(), fallback)
+                 fallback: ASGIApp | None = None, plan: ReplicaPlan | None = None) -> RouterApp:
+    """The router over ``replicas``; with a ``plan``, its backend starts and stops them (the
+    set starts empty). ``fallback`` answers the paths the router neither forwards nor owns."""
+    return RouterApp(replicas, policy, settings or RouterSettings(), fallback, plan)
 
 
 def run_router(app: RouterApp, host: str, port: int, *, drain_timeout: float = 30.0,

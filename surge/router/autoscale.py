@@ -117,7 +117,10 @@ class Autoscaler:
 
 
 class Scalable(Protocol):
-    count: int
+    """What the loop drives: a replica backend."""
+
+    @property
+    def count(self) -> int: ...
 
     def scale_to(self, target: int) -> None: ...
 

@@ -7,30 +7,26 @@
   port, and the router on the public ``--host/--port``.
 
 The router's flags are one argument group, shared by both commands; ``surge serve`` adds it
-with ``add_replica_args`` and hands over to ``run_replicated`` when more than one replica is
-asked for.
+with ``add_replica_args`` and, when ``wants_router``, hands over to
+``surge.entrypoints.replicated`` (which knows how to start a replica; the router does not).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from surge.router.policies import POLICIES
 
 if TYPE_CHECKING:
-    from starlette.types import ASGIApp
-
     from surge.router.app import RouterSettings
     from surge.router.autoscale import AutoscaleConfig
     from surge.router.replicas import BreakerConfig
-    from surge.server.app import ServerSettings
 
-__all__ = ["add_replica_args", "add_route_parser", "replica_serve_args", "replica_threads",
-           "run_replicated", "run_route", "wants_router"]
+__all__ = ["add_replica_args", "add_route_parser", "autoscale_config", "breaker_config",
+           "router_settings", "run_route", "wants_router"]
 
 logger = logging.getLogger("surge.route")
 
@@ -185,116 +181,6 @@ def wants_router(args: argparse.Namespace) -> bool:
     if args.replicas < 1:
         raise ValueError(f"--replicas {args.replicas} is invalid: allowed is an integer >= 1")
     return args.replicas > 1 or (args.max_replicas or 0) > 1
-
-
-def run_replicated(args: argparse.Namespace, model_dir: str, settings: ServerSettings) -> int:
-    """`surge serve` with several replicas: ``model_dir`` is resolved (the demo model is written
-    once, here) and ``settings`` validated by the caller. The web apps, unless turned off, run
-    once, on the router (their chat goes through it, one session per replica); the replicas
-    run without them."""
-    from surge.router.app import run_router
-    from surge.router.local import LocalReplicaConfig, build_local_router
-    from surge.router.policies import make_policy
-
-    autoscale = autoscale_config(args)
-    threads = replica_threads(args, autoscale.max_replicas)
-    serve_args = replica_serve_args(args, model_dir, settings.model_names, threads)
-    if args.standby_replicas < 0:
-        raise ValueError(f"--standby-replicas {args.standby_replicas} is invalid: allowed is "
-                         "an integer >= 0")
-    ui = _web_apps(args, settings)
-    app = build_local_router(
-        make_policy(args.policy), router_settings(args, args.max_body_bytes),
-        LocalReplicaConfig(serve_args, standby=args.standby_replicas,
-                           drain_timeout=args.drain_timeout, breaker=breaker_config(args)),
-        args.replicas, autoscale, ui)
-    logger.info("starting %d replica(s) of %s (%d torch thread(s) each)%s", args.replicas,
-                model_dir, threads, f", autoscaling {autoscale.min_replicas}.."
-                f"{autoscale.max_replicas}" if autoscale.enabled else "")
-    return run_router(app, args.host, args.port, drain_timeout=args.drain_timeout,
-                      log_level=args.log_level, access_log=args.access_log,
-                      on_started=_tell_apps_the_address(ui))
-
-
-def _web_apps(args: argparse.Namespace, settings: ServerSettings) -> ASGIApp | None:
-    if not getattr(args, "apps", False):
-        return None
-    from fastapi import FastAPI
-
-    from surge.apps import apps_settings_from_args, mount_apps
-
-    ui = FastAPI(title="Surge apps")
-    mount_apps(ui, apps_settings_from_args(args, settings.api_keys))
-    return ui
-
-
-def _tell_apps_the_address(ui: ASGIApp | None) -> Callable[[str, int], None] | None:
-    """The apps send their model requests to the address the server listens on: here, the
-    router's."""
-    if ui is None:
-        return None
-
-    def tell(host: str, port: int) -> None:
-        ui.state.listen_address = (host, port)  # type: ignore[attr-defined]
-
-    return tell
-
-
-def replica_serve_args(args: argparse.Namespace, model_dir: str, model_names: list[str],
-                       num_threads: int) -> list[str]:
-    """The `surge serve` flags of each replica: every flag the user gave except the router's
-    and --host/--port, with the model resolved and the thread count set."""
-    from surge.entrypoints.serve import add_serve_args
-
-    parser = argparse.ArgumentParser(add_help=False)
-    add_serve_args(parser)
-    skip = _router_dests() | _apps_dests() | {"host", "port", "model", "served_model_name",
-                                              "num_threads"}
-    argv = ["--model", model_dir, "--served-model-name", *model_names,
-            "--num-threads", str(num_threads)]
-    if _apps_dests():
-        argv.append("--no-apps")  # the web apps run once, on the router
-    for action in parser._actions:
-        if action.dest in skip or not action.option_strings:
-            continue
-        argv += _flag(action, getattr(args, action.dest, action.default))
-    return argv
-
-
-def _flag(action: argparse.Action, value: object) -> list[str]:
-    if value == action.default or value is None:
-        return []
-    option = action.option_strings[0]
-    if action.nargs == 0:  # store_true / store_false / store_const
-        return [option]
-    if isinstance(action, argparse._AppendAction):
-        return [item for v in value for item in (option, str(v))]  # type: ignore[attr-defined]
-    if isinstance(value, list):
-        return [option, *map(str, value)]
-    return [option, str(value)]
-
-
-def _apps_dests() -> set[str]:
-    try:
-        from surge.apps.config import add_apps_args
-    except ImportError:
-        return set()
-    parser = argparse.ArgumentParser(add_help=False)
-    add_apps_args(parser)
-    return {action.dest for action in parser._actions}
-
-
-def _router_dests() -> set[str]:
-    parser = argparse.ArgumentParser(add_help=False)
-    add_replica_args(parser)
-    return {action.dest for action in parser._actions}
-
-
-def replica_threads(args: argparse.Namespace, max_replicas: int) -> int:
-    """The user's --num-threads, else a share of the cores, so replicas do not fight."""
-    from surge.router.local import threads_per_replica
-
-    return args.num_threads or threads_per_replica(max_replicas)
 
 
 # -- shared ------------------------------------------------------------------------------------

@@ -92,8 +92,8 @@ class HealthChecker:
             return False
 
     async def check_all(self) -> None:
-        # Starting replicas are watched by their supervisor; draining ones get no work anyway.
-        replicas = [r for r in self.replicas if not r.info.get("starting") and not r.draining]
+        # Starting replicas are watched by their backend; draining ones get no work anyway.
+        replicas = [r for r in self.replicas if not r.starting and not r.draining]
         results = await asyncio.gather(*(self.check(r) for r in replicas))
         for replica, ok in zip(replicas, results, strict=True):
             self.tracker.record(replica, ok)

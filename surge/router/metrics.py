@@ -161,4 +161,4 @@ class _ReplicaCollector(Collector):
 
 
 def _state(replica: Replica) -> str:
-    return "starting" if replica.info.get("starting") else replica.state
+    return "starting" if replica.starting else replica.state

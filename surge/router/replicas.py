@@ -62,6 +62,9 @@ class Replica:
     weight: float = 1.0
     breaker_config: BreakerConfig = field(default_factory=BreakerConfig)
     healthy: bool = True  # the active health check's verdict
+    # Started by a replica backend and not yet ready: the backend watches it (not the active
+    # health check) and sets ``healthy`` when it answers.
+    starting: bool = False
     draining: bool = False
     standby: bool = False  # started and ready, held back until a replica must be replaced
     # Live load and its history.
@@ -78,7 +81,7 @@ class Replica:
     open_until: float = 0.0
     ejections_in_a_row: int = 0
     trial_in_flight: bool = False
-    # Set by whoever manages the replica's lifetime (local processes): extra facts for status.
+    # Set by the replica backend that manages its lifetime: extra facts for status (a pid).
     info: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -170,7 +173,8 @@ class Replica:
     def status(self, now: float) -> dict[str, object]:
         return {
             "name": self.name, "url": self.url, "state": self.state, "weight": self.weight,
-            "healthy": self.healthy, "draining": self.draining, "standby": self.standby,
+            "healthy": self.healthy, "starting": self.starting, "draining": self.draining,
+            "standby": self.standby,
             "breaker": self.breaker.value,
             "ejected_for_s": round(max(self.open_until - now, 0.0), 3)
             if self.breaker is Breaker.OPEN else 0.0,

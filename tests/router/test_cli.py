@@ -18,13 +18,9 @@ import httpx
 import pytest
 
 from surge.cli import main
+from surge.entrypoints.replicated import replica_serve_args, replica_threads
 from surge.entrypoints.serve import add_serve_args
-from surge.router.cli import (
-    autoscale_config,
-    replica_serve_args,
-    replica_threads,
-    wants_router,
-)
+from surge.router.cli import autoscale_config, wants_router
 from tests.router._helpers import FakeReplica, json_handler
 
 

@@ -1,0 +1,137 @@
+"""`surge serve --replicas N`: N local `surge serve` processes behind the router.
+
+This is where the router meets the server: the router knows neither `surge serve` nor the web
+apps, so this module gives it what it needs. The local replica backend gets the command of
+each replica (`surge serve` with every flag the user gave except the router's and
+--host/--port, the model resolved and the thread count set); the web apps, unless turned off,
+run once, as the router's fallback app (their chat goes through the router, one session per
+replica), and the replicas run without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from surge.router.cli import add_replica_args, autoscale_config, breaker_config, router_settings
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+
+    from surge.server.app import ServerSettings
+
+__all__ = ["replica_serve_args", "replica_threads", "run_replicated"]
+
+logger = logging.getLogger("surge.route")
+
+# Each replica: this Python, running `surge serve`.
+SERVE_COMMAND = (sys.executable, "-m", "surge.cli", "serve")
+
+
+def run_replicated(args: argparse.Namespace, model_dir: str, settings: ServerSettings) -> int:
+    """`surge serve` with several replicas: ``model_dir`` is resolved (the demo model is written
+    once, here) and ``settings`` validated by the caller."""
+    from surge.router.app import run_router
+    from surge.router.local import LocalReplicaConfig, build_local_router
+    from surge.router.policies import make_policy
+
+    autoscale = autoscale_config(args)
+    threads = replica_threads(args, autoscale.max_replicas)
+    serve_args = replica_serve_args(args, model_dir, settings.model_names, threads)
+    if args.standby_replicas < 0:
+        raise ValueError(f"--standby-replicas {args.standby_replicas} is invalid: allowed is "
+                         "an integer >= 0")
+    ui = _web_apps(args, settings)
+    app = build_local_router(
+        make_policy(args.policy), router_settings(args, args.max_body_bytes),
+        LocalReplicaConfig(serve_args, command=SERVE_COMMAND, standby=args.standby_replicas,
+                           drain_timeout=args.drain_timeout, breaker=breaker_config(args)),
+        args.replicas, autoscale, ui)
+    logger.info("starting %d replica(s) of %s (%d torch thread(s) each)%s", args.replicas,
+                model_dir, threads, f", autoscaling {autoscale.min_replicas}.."
+                f"{autoscale.max_replicas}" if autoscale.enabled else "")
+    return run_router(app, args.host, args.port, drain_timeout=args.drain_timeout,
+                      log_level=args.log_level, access_log=args.access_log,
+                      on_started=_tell_apps_the_address(ui))
+
+
+def _web_apps(args: argparse.Namespace, settings: ServerSettings) -> ASGIApp | None:
+    if not getattr(args, "apps", False):
+        return None
+    from fastapi import FastAPI
+
+    from surge.apps import apps_settings_from_args, mount_apps
+
+    ui = FastAPI(title="Surge apps")
+    mount_apps(ui, apps_settings_from_args(args, settings.api_keys))
+    return ui
+
+
+def _tell_apps_the_address(ui: ASGIApp | None) -> Callable[[str, int], None] | None:
+    """The apps send their model requests to the address the server listens on: here, the
+    router's."""
+    if ui is None:
+        return None
+
+    def tell(host: str, port: int) -> None:
+        ui.state.listen_address = (host, port)  # type: ignore[attr-defined]
+
+    return tell
+
+
+def replica_serve_args(args: argparse.Namespace, model_dir: str, model_names: list[str],
+                       num_threads: int) -> list[str]:
+    """The `surge serve` flags of each replica: every flag the user gave except the router's
+    and --host/--port, with the model resolved and the thread count set."""
+    from surge.entrypoints.serve import add_serve_args
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_serve_args(parser)
+    skip = _router_dests() | _apps_dests() | {"host", "port", "model", "served_model_name",
+                                              "num_threads"}
+    argv = ["--model", model_dir, "--served-model-name", *model_names,
+            "--num-threads", str(num_threads), "--no-apps"]  # the web apps run on the router
+    for action in parser._actions:
+        if action.dest in skip or not action.option_strings:
+            continue
+        argv += _flag(action, getattr(args, action.dest, action.default))
+    return argv
+
+
+def _flag(action: argparse.Action, value: object) -> list[str]:
+    if value == action.default or value is None:
+        return []
+    option = action.option_strings[0]
+    if action.nargs == 0:  # store_true / store_false / store_const
+        return [option]
+    if isinstance(action, argparse._AppendAction):
+        return [item for v in value for item in (option, str(v))]  # type: ignore[attr-defined]
+    if isinstance(value, list):
+        return [option, *map(str, value)]
+    return [option, str(value)]
+
+
+def _apps_dests() -> set[str]:
+    from surge.apps.config import add_apps_args
+
+    return _dests(add_apps_args)
+
+
+def _router_dests() -> set[str]:
+    return _dests(add_replica_args)
+
+
+def _dests(add_args: Callable[[argparse.ArgumentParser], None]) -> set[str]:
+    parser = argparse.ArgumentParser(add_help=False)
+    add_args(parser)
+    return {action.dest for action in parser._actions}
+
+
+def replica_threads(args: argparse.Namespace, max_replicas: int) -> int:
+    """The user's --num-threads, else a share of the cores, so replicas do not fight."""
+    from surge.router.local import threads_per_replica
+
+    return args.num_threads or threads_per_replica(max_replicas)
