@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-__all__ = ["DATA_DIR_ENV", "DTYPES", "EngineConfig", "add_engine_args", "user_data_dir"]
+__all__ = ["DATA_DIR_ENV", "DTYPES", "EngineConfig", "add_engine_args", "require", "user_data_dir"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Where the server keeps what must outlive it (web-app history, batch files and queue).
@@ -51,20 +51,20 @@ class EngineConfig:
     num_threads: int | None = None
 
     def __post_init__(self) -> None:
-        _require(self.dtype in DTYPES, "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
-        _require(self.block_size >= 1, "block_size", self.block_size, "an integer >= 1")
-        _require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "an integer >= 1")
-        _require(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+        require(self.dtype in DTYPES, "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        require(self.block_size >= 1, "block_size", self.block_size, "an integer >= 1")
+        require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "an integer >= 1")
+        require(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
                  "max_num_batched_tokens", self.max_num_batched_tokens, "an integer >= 1")
-        _require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len",
+        require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len",
                  self.max_model_len, "an integer >= 1")
-        _require(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
+        require(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
                  "kv_cache_memory_bytes", self.kv_cache_memory_bytes, "a positive integer")
-        _require(0 < self.kv_cache_fraction <= 1, "kv_cache_fraction", self.kv_cache_fraction,
+        require(0 < self.kv_cache_fraction <= 1, "kv_cache_fraction", self.kv_cache_fraction,
                  "(0, 1]")
-        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed",
+        require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed",
                  self.seed, "an integer")
-        _require(self.num_threads is None or self.num_threads >= 1, "num_threads",
+        require(self.num_threads is None or self.num_threads >= 1, "num_threads",
                  self.num_threads, "an integer >= 1")
 
     @classmethod
@@ -93,6 +93,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="torch threads of the engine (default: torch's, all cores)")
 
 
-def _require(ok: bool, name: str, value: object, allowed: str) -> None:
+def require(ok: bool, name: str, value: object, allowed: str) -> None:
+    """The one check of a configuration value: ``ValueError`` naming it and what is allowed."""
     if not ok:
         raise ValueError(f"{name}={value!r} is invalid: allowed is {allowed}")
