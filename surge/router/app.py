@@ -26,25 +26,24 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import aiohttp
-import msgspec
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from surge.http.errors import APIError, send_error
+from surge.http.responses import send_json
+from surge.http.services import Services, run_lifespan
 from surge.router.autoscale import AutoscaleLoop, Autoscaler
 from surge.router.backend import BackendHost, ReplicaPlan
 from surge.router.health import HealthChecker, HealthConfig
 from surge.router.metrics import RouterMetrics
 from surge.router.policies import Policy
-from surge.router.proxy import PROXIED_PREFIXES, Proxy, ProxyConfig, error_response_messages
+from surge.router.proxy import PROXIED_PREFIXES, Proxy, ProxyConfig
 from surge.router.replicas import ReplicaSet
 from surge.router.retry import RetryConfig
-from surge.server.errors import APIError
 
-__all__ = ["RouterApp", "RouterSettings", "Service", "build_router", "run_router"]
+__all__ = ["RouterApp", "RouterSettings", "build_router", "run_router"]
 
 logger = logging.getLogger(__name__)
 
-Service = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
-_encode = msgspec.json.encode
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ class RouterApp:
         self.health: HealthChecker | None = None  # set at startup, when the session exists
         # Services call this to stop the router with a status (run_router sets it).
         self.request_exit: Callable[[int], None] = lambda code: None
-        self.services: list[Service] = []
+        self.services = Services()
         # Extra sections of GET /router/replicas (the autoscaler adds its decisions).
         self.status_sections: dict[str, Callable[[], Any]] = {}
         if plan is not None:
@@ -80,12 +79,12 @@ class RouterApp:
         # request_exit is looked up when called: run_router sets it after this.
         host = BackendHost(self.replicas, self.metrics, lambda code: self.request_exit(code))
         backend = plan.backend
-        self.services.append(lambda: backend.running(host, plan.initial))
+        self.services.add(lambda: backend.running(host, plan.initial))
         self.status_sections["processes"] = backend.status
         if plan.autoscale is not None and plan.autoscale.enabled:
             loop = AutoscaleLoop(Autoscaler(plan.autoscale), self.replicas, backend,
                                  self.metrics)
-            self.services.append(loop.running)
+            self.services.add(loop.running)
             self.status_sections["autoscaler"] = loop.status
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -102,7 +101,7 @@ class RouterApp:
         if self.fallback is not None:
             return await self.fallback(scope, receive, send)
         if kind == "http":
-            await _send_json_error(send, APIError(404, f"{scope['method']} {scope['path']} "
+            await send_error(send, APIError(404, f"{scope['method']} {scope['path']} "
                                                   "does not exist on the router: it forwards "
                                                   "/v1/*, /tokenize and /detokenize"))
 
@@ -111,11 +110,11 @@ class RouterApp:
     async def _health(self, scope: Scope, send: Send) -> None:
         routable = self.replicas.num_routable(self.clock())
         if routable == 0:
-            return await _send_json_error(send, APIError(
+            return await send_error(send, APIError(
                 503, f"no replica can take requests ({len(self.replicas)} known): they are "
                 "starting, unhealthy, ejected or draining", code="no_healthy_replica",
                 headers={"Retry-After": "1"}))
-        await _send_json(send, {"status": "ok", "replicas": len(self.replicas),
+        await send_json(send, {"status": "ok", "replicas": len(self.replicas),
                                 "replicas_routable": routable})
 
     async def _metrics(self, scope: Scope, send: Send) -> None:
@@ -130,7 +129,7 @@ class RouterApp:
         }
         for name, section in self.status_sections.items():
             payload[name] = section()
-        await _send_json(send, payload)
+        await send_json(send, payload)
 
     _own_routes: ClassVar[dict[str, Callable[[RouterApp, Scope, Send], Any]]] = {
         "/health": _health, "/metrics": _metrics, "/router/replicas": _status}
@@ -138,28 +137,18 @@ class RouterApp:
     # -- lifespan ----------------------------------------------------------------------------
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await receive()  # lifespan.startup
-        stack = contextlib.AsyncExitStack()
-        try:
+        await run_lifespan(receive, send, "router", self._running(scope))
+
+    @contextlib.asynccontextmanager
+    async def _running(self, scope: Scope) -> AsyncIterator[None]:
+        """Health checks, then the services in order, then the fallback app's own lifespan;
+        left in reverse order."""
+        async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(self._core())
-            for service in self.services:
-                await stack.enter_async_context(service())
+            await stack.enter_async_context(self.services.running())
             if self.fallback is not None:
                 await stack.enter_async_context(_child_lifespan(self.fallback, scope))
-        except Exception as exc:
-            logger.exception("the router could not start")
-            await stack.aclose()
-            await send({"type": "lifespan.startup.failed", "message": repr(exc)})
-            return
-        await send({"type": "lifespan.startup.complete"})
-        await receive()  # lifespan.shutdown
-        try:
-            await stack.aclose()
-        except Exception as exc:
-            logger.exception("the router did not shut down cleanly")
-            await send({"type": "lifespan.shutdown.failed", "message": repr(exc)})
-            return
-        await send({"type": "lifespan.shutdown.complete"})
+            yield
 
     @contextlib.asynccontextmanager
     async def _core(self) -> AsyncIterator[None]:
@@ -207,21 +196,11 @@ async def _next_reply(outbox: asyncio.Queue[Message], task: asyncio.Task[Any]
     return None
 
 
-async def _send_json(send: Send, payload: dict[str, Any], status: int = 200) -> None:
-    await _send_body(send, status, _encode(payload), b"application/json")
-
-
 async def _send_body(send: Send, status: int, body: bytes, content_type: bytes) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", content_type),
                             (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
-
-
-async def _send_json_error(send: Send, error: APIError) -> None:
-    start, body = error_response_messages(error)
-    await send(start)
-    await send(body)
 
 
 def build_router(replicas: ReplicaSet, policy: Policy, settings: RouterSettings | None = None,
@@ -246,37 +225,27 @@ def run_router(app: RouterApp, host: str, port: int, *, drain_timeout: float = 3
 def make_router_server(app: RouterApp, host: str, port: int, *, drain_timeout: float = 30.0,
                        log_level: str = "info", access_log: bool = False,
                        on_started: Callable[[str, int], None] | None = None) -> Any:
-    """uvicorn's server for the router: uvloop and httptools when installed, no Server or
-    Date header of its own (the replica's pass through), a clean drain exits 0, and services
-    may ask for an exit with a status (``app.request_exit``)."""
+    """uvicorn's server for the router (the one of ``surge serve`` too: a clean drain exits 0,
+    services may ask for an exit with a status through ``app.request_exit``), with uvloop and
+    httptools when installed and no Server or Date header of its own (the replica's pass
+    through)."""
     import uvicorn
 
-    class Server(uvicorn.Server):
-        exit_code = 0
+    from surge.http.server import DrainingServer
 
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            super().handle_exit(sig, frame)
-            self._captured_signals.clear()  # we drain, so a signal is a clean exit
-
-        def request_exit(self, code: int) -> None:
-            self.exit_code = code
-            self.should_exit = True
-
-        async def startup(self, sockets: Any = None) -> None:
-            await super().startup(sockets)
-            if self.started:
-                bound_host, bound_port = self.servers[0].sockets[0].getsockname()[:2]
-                logger.info("router listening on http://%s:%d (policy %s, %d replica(s))",
-                            bound_host, bound_port, app.policy.name, len(app.replicas))
-                if on_started is not None:
-                    on_started(bound_host, bound_port)
+    def started(bound_host: str, bound_port: int) -> None:
+        logger.info("router listening on http://%s:%d (policy %s, %d replica(s))",
+                    bound_host, bound_port, app.policy.name, len(app.replicas))
+        if on_started is not None:
+            on_started(bound_host, bound_port)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             access_log=access_log, lifespan="on", http=_http_protocol(),
                             server_header=False,
                             date_header=False, timeout_graceful_shutdown=drain_timeout,
                             backlog=4096, timeout_keep_alive=30, proxy_headers=False)
-    server = Server(config)
+    # No drain hook: uvicorn's own graceful shutdown lets in-flight proxied requests finish.
+    server = DrainingServer(config, on_started=started)
     app.request_exit = server.request_exit
     return server
 

@@ -14,7 +14,6 @@ with ``add_replica_args`` and, when ``wants_router``, hands over to
 from __future__ import annotations
 
 import argparse
-import logging
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -27,8 +26,6 @@ if TYPE_CHECKING:
 
 __all__ = ["add_replica_args", "add_route_parser", "autoscale_config", "breaker_config",
            "router_settings", "run_route", "wants_router"]
-
-logger = logging.getLogger("surge.route")
 
 DEFAULT_POLICY = "least_outstanding"
 
@@ -119,11 +116,12 @@ def add_route_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_route(args: argparse.Namespace) -> int:
+    from surge.http.logs import configure_logging
     from surge.router.app import build_router, run_router
     from surge.router.policies import make_policy
     from surge.router.replicas import Replica, ReplicaSet
 
-    _configure_logging(args.log_level)
+    configure_logging(args.log_level)
     settings = router_settings(args, args.max_body_bytes)
     breaker = breaker_config(args)
     weights = _weights(args.weights, len(args.backend), args.policy)
@@ -223,8 +221,3 @@ def autoscale_config(args: argparse.Namespace) -> AutoscaleConfig:
                            target_in_flight=args.target_inflight_per_replica,
                            scale_up_delay=args.scale_up_delay,
                            scale_down_delay=args.scale_down_delay)
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -30,14 +30,16 @@ from typing import Any
 import msgspec
 from starlette.types import Receive, Scope, Send
 
+from surge.http.errors import APIError, send_error, sse_error_event
+from surge.http.gate import header, read_body
+from surge.http.responses import SSE_DONE
 from surge.router.metrics import RouterMetrics
 from surge.router.policies import Policy, RequestFacts
 from surge.router.replicas import Replica, ReplicaSet
 from surge.router.retry import RetryBudget, RetryConfig, backoff_seconds
 from surge.router.upstream import UpstreamError, UpstreamPool, UpstreamResponse
-from surge.server.errors import APIError, sse_error_event
 
-__all__ = ["PROXIED_PREFIXES", "Proxy", "ProxyConfig", "error_response_messages"]
+__all__ = ["PROXIED_PREFIXES", "Proxy", "ProxyConfig"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,6 @@ _RETRY_STATUSES = frozenset({502, 503})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 WATCH_DISCONNECT_AFTER = 0.02
 _SSE = b"text/event-stream"
-_DONE = b"data: [DONE]\n\n"
 _decode = msgspec.json.decode
 
 
@@ -117,9 +118,9 @@ class Proxy:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            body = await self._read_body(scope, receive)
-        except APIError as exc:
-            return await _send_error(send, exc)
+            body = await read_body(scope, receive, self.config.max_body_bytes)
+        except APIError as exc:  # 413
+            return await send_error(send, exc)
         if body is None:
             return  # the client left while sending
         outbound = _outbound(scope, body)
@@ -173,13 +174,13 @@ class Proxy:
             return await _send_whole(send, status, headers, content, failure.replica)
         if failure is not None:
             self.metrics.no_replica.labels("all_failed").inc()
-            return await _send_error(send, APIError(
+            return await send_error(send, APIError(
                 502, f"no replica could answer: the last one ({failure.replica.name}) failed "
                 f"with {failure.reason}", code="replica_unavailable",
                 headers={"Retry-After": "1"}))
         reason = self._why_none_routable()
         self.metrics.no_replica.labels(reason.code or "none").inc()
-        await _send_error(send, reason)
+        await send_error(send, reason)
 
     def _why_none_routable(self) -> APIError:
         now = self.clock()
@@ -303,30 +304,11 @@ class Proxy:
 
     # -- the request's side ------------------------------------------------------------------
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
-        limit = self.config.max_body_bytes
-        declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise _too_large(int(declared), limit)
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(size, limit)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
     def _facts(self, scope: Scope, body: bytes) -> RequestFacts:
         """Only what the policy uses; the JSON body is parsed only when it must be."""
         if not self.policy.needs_body:
             return _NO_FACTS
-        session = _header(scope, b"x-session-id")
+        session = header(scope, b"x-session-id")
         if session and self.policy.name == "consistent_hash":
             return RequestFacts(session_key=session)
         try:
@@ -464,13 +446,6 @@ def _response_headers(raw: Any, replica: Replica,
     return out
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
 def _is_stream(response: UpstreamResponse) -> bool:
     return response.content_type.startswith(_SSE)
 
@@ -486,12 +461,7 @@ def _midstream_error(replica: Replica, exc: BaseException) -> bytes:
     error = APIError(502, f"the replica serving this stream ({replica.name}) failed before it "
                      f"ended ({type(exc).__name__}); the output so far is incomplete",
                      code="replica_failed")
-    return sse_error_event(error) + _DONE
-
-
-def _too_large(size: int, limit: int) -> APIError:
-    return APIError(413, f"the request body has {size} bytes: allowed is at most {limit} "
-                    "(--max-body-bytes)", code="request_too_large")
+    return sse_error_event(error) + SSE_DONE
 
 
 async def _send_whole(send: Send, status: int, headers: list[tuple[bytes, bytes]],
@@ -499,19 +469,3 @@ async def _send_whole(send: Send, status: int, headers: list[tuple[bytes, bytes]
     await send({"type": "http.response.start", "status": status,
                 "headers": _response_headers(headers, replica)})
     await send({"type": "http.response.body", "body": content})
-
-
-def error_response_messages(error: APIError) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The two ASGI messages of an OpenAI-shaped error answer from the router itself."""
-    body = msgspec.json.encode(error.body())
-    headers = [(b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-    return ({"type": "http.response.start", "status": error.status, "headers": headers},
-            {"type": "http.response.body", "body": body})
-
-
-async def _send_error(send: Send, error: APIError) -> None:
-    start, body = error_response_messages(error)
-    await send(start)
-    await send(body)
