@@ -49,6 +49,8 @@ class EngineConfig:
     # Torch intra-op threads of the engine; None leaves torch's default (all cores). Replicas
     # sharing a machine each take a share, so they do not fight over the cores.
     num_threads: int | None = None
+    # A Jinja chat template file, for checkpoints that ship none; replaces a shipped one.
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         require(self.dtype in DTYPES, "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
@@ -66,6 +68,8 @@ class EngineConfig:
                  self.seed, "an integer")
         require(self.num_threads is None or self.num_threads >= 1, "num_threads",
                  self.num_threads, "an integer >= 1")
+        require(self.chat_template is None or Path(self.chat_template).is_file(),
+                "chat_template", self.chat_template, "a path to an existing Jinja file")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EngineConfig:
@@ -91,6 +95,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="allow loading pickle (.bin) weights; they can run arbitrary code")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch threads of the engine (default: torch's, all cores)")
+    parser.add_argument("--chat-template", default=None, metavar="FILE",
+                        help="Jinja chat template for checkpoints without one (replaces theirs)")
 
 
 def require(ok: bool, name: str, value: object, allowed: str) -> None:

@@ -1,16 +1,26 @@
-"""Tokenizer of a checkpoint: `tokenizer.json`, special tokens and the chat template."""
+"""Tokenizer of a checkpoint: `tokenizer.json` or a GGUF file's vocabulary, special tokens and
+the chat template.
+
+A checkpoint directory keeps its chat template in one of three places (transformers 5 writes
+`chat_template.jinja`; older versions `chat_template.json` or a key of tokenizer_config.json);
+a GGUF file keeps it in its metadata. `--chat-template FILE` supplies one for checkpoints that
+ship none (base models) and replaces a shipped one.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Tokenizer
+from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, processors
 
-__all__ = ["ChatTokenizer", "eos_token_ids", "load_tokenizer"]
+from surge.models.gguf import GGUFVocab, is_gguf, open_vocab
 
+__all__ = ["SUPPORTED_GGUF_PRE_TOKENIZERS", "ChatTokenizer", "eos_token_ids", "gguf_tokenizer",
+           "load_tokenizer"]
 
 class ChatTokenizer:
     """A `tokenizers.Tokenizer` plus what generation needs from tokenizer_config.json."""
@@ -31,8 +41,9 @@ class ChatTokenizer:
     def apply_chat_template(self, messages: list[dict[str, str]],
                             add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
-            raise ValueError("this model's tokenizer_config.json has no chat_template; "
-                             "use generate() with a plain prompt instead of chat()")
+            raise ValueError("this model has no chat template (chat_template.jinja, "
+                             "chat_template.json or tokenizer_config.json); pass one with "
+                             "--chat-template FILE, or use generate() with a plain prompt")
         _check_messages(messages)
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_template_error
@@ -42,23 +53,181 @@ class ChatTokenizer:
             eos_token=_token_text(self.config.get("eos_token")))
 
 
-def load_tokenizer(model_dir: str | Path) -> ChatTokenizer:
-    model_dir = Path(model_dir)
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: Surge needs a fast tokenizer (tokenizer.json)")
-    tokenizer = Tokenizer.from_file(str(path))
-    config = _read_json(model_dir / "tokenizer_config.json")
-    return ChatTokenizer(tokenizer, config, _eos_ids(model_dir, tokenizer, config))
+def load_tokenizer(model: str | Path, chat_template: str | Path | None = None) -> ChatTokenizer:
+    """The tokenizer of a checkpoint directory or a `.gguf` file.
+
+    `chat_template` is a Jinja file that replaces the checkpoint's template (or supplies one).
+    """
+    model = Path(model)
+    if is_gguf(model):
+        vocab = open_vocab(model)
+        tokenizer, config = gguf_tokenizer(vocab)
+        eos = {i for i in (vocab.eos_token_id, vocab.eot_token_id) if i is not None}
+    else:
+        path = model / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: Surge needs a fast tokenizer "
+                                    "(tokenizer.json)")
+        tokenizer = Tokenizer.from_file(str(path))
+        config = _read_json(model / "tokenizer_config.json")
+        config["chat_template"] = _directory_chat_template(model, config)
+        eos = _eos_ids(model, tokenizer, config)
+    if chat_template is not None:
+        config["chat_template"] = _read_template_file(Path(chat_template))
+    return ChatTokenizer(tokenizer, config, eos)
 
 
-def eos_token_ids(model_dir: str | Path) -> frozenset[int]:
+def eos_token_ids(model: str | Path) -> frozenset[int]:
     """Every id that ends generation for this checkpoint (without building a ChatTokenizer)."""
-    model_dir = Path(model_dir)
-    path = model_dir / "tokenizer.json"
+    model = Path(model)
+    if is_gguf(model):
+        vocab = open_vocab(model)
+        return frozenset(i for i in (vocab.eos_token_id, vocab.eot_token_id) if i is not None)
+    path = model / "tokenizer.json"
     tokenizer = Tokenizer.from_file(str(path)) if path.is_file() else None
-    return frozenset(_eos_ids(model_dir, tokenizer, _read_json(model_dir /
-                                                                "tokenizer_config.json")))
+    return frozenset(_eos_ids(model, tokenizer, _read_json(model / "tokenizer_config.json")))
+
+
+def _directory_chat_template(model_dir: Path, config: dict[str, Any]) -> str | None:
+    """The template a transformers-saved directory ships, newest layout first."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    template = _read_json(model_dir / "chat_template.json").get("chat_template")
+    if template is None:
+        template = config.get("chat_template")
+    # A list holds named templates (e.g. "default", "tool_use"); plain chat uses "default".
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
+
+
+def _read_template_file(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"chat template {path} not found: --chat-template takes a "
+                                "Jinja file such as chat_template.jinja")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":  # a chat_template.json as transformers writes it
+        text = json.loads(text).get("chat_template", "")
+    if not text.strip():
+        raise ValueError(f"chat template {path} is empty")
+    return text
+
+
+# -- tokenizers from GGUF metadata -------------------------------------------------------------
+
+# The split regexes of llama.cpp's pre-tokenizer types (llama-vocab.cpp), by `tokenizer.ggml.pre`.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_PRE_TOKENIZER_STYLES = {
+    # GPT-2's own regex (built into ByteLevel).
+    "default": "gpt2", "gpt-2": "gpt2", "gpt2": "gpt2",
+    # Each digit alone, then GPT-2's regex (SmolLM, StarCoder).
+    "smollm": "digits", "starcoder": "digits", "refact": "digits", "codeshell": "digits",
+    "llama-bpe": "llama3", "llama3": "llama3", "llama-v3": "llama3", "smaug-bpe": "llama3",
+    "dbrx": "llama3", "falcon3": "llama3",
+    "qwen2": "qwen2", "deepseek-r1-qwen": "qwen2",
+}
+SUPPORTED_GGUF_PRE_TOKENIZERS = tuple(_PRE_TOKENIZER_STYLES)
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def gguf_tokenizer(vocab: GGUFVocab) -> tuple[Tokenizer, dict[str, Any]]:
+    """A byte-level BPE `Tokenizer` equal to the one llama.cpp builds from the same metadata,
+    plus the tokenizer_config-like dict (special tokens, chat template) ChatTokenizer reads."""
+    if vocab.model != "gpt2":
+        raise ValueError(f"GGUF tokenizer model {vocab.model!r} is not supported; Surge reads "
+                         "byte-level BPE vocabularies (tokenizer.ggml.model = 'gpt2')")
+    if vocab.pre not in _PRE_TOKENIZER_STYLES:
+        raise ValueError(f"GGUF pre-tokenizer {vocab.pre!r} is not supported; supported: "
+                         f"{', '.join(SUPPORTED_GGUF_PRE_TOKENIZERS)}")
+    tokenizer = Tokenizer.from_str(json.dumps(_bpe_json(vocab)))
+    tokenizer.pre_tokenizer = _pre_tokenizer(_PRE_TOKENIZER_STYLES[vocab.pre])
+    tokenizer.decoder = decoders.ByteLevel()
+    post = _post_processor(vocab)
+    if post is not None:
+        tokenizer.post_processor = post
+    return tokenizer, _gguf_config(vocab)
+
+
+def _bpe_json(vocab: GGUFVocab) -> dict[str, Any]:
+    """tokenizer.json text for the model and added tokens: the only way to give an added token
+    an id of its own choosing, which control tokens spelled outside the byte alphabet need."""
+    spelled = [_byte_level_spelling(token) for token in vocab.tokens]
+    kinds = enumerate(zip(vocab.tokens, vocab.token_types, strict=True))
+    added = [{"id": index, "content": token, "single_word": False, "lstrip": False,
+              "rstrip": False, "normalized": False, "special": kind == _CONTROL}
+             for index, (token, kind) in kinds if kind in (_CONTROL, _USER_DEFINED)]
+    return {"version": "1.0", "added_tokens": added, "model": {
+        "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+        "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+        "ignore_merges": False,
+        "vocab": {token: index for index, token in enumerate(spelled)},
+        "merges": [merge.split(" ", 1) for merge in vocab.merges]}}
+
+
+def _pre_tokenizer(style: str) -> pre_tokenizers.PreTokenizer:
+    if style == "gpt2":
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if style == "digits":
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    split = _LLAMA3_SPLIT if style == "llama3" else _QWEN2_SPLIT
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def _post_processor(vocab: GGUFVocab) -> processors.PostProcessor | None:
+    """Adds BOS/EOS around an encoded text where the file's add_bos/add_eos flags say so."""
+    before = [vocab.bos_token_id] if vocab.add_bos_token and vocab.bos_token_id is not None else []
+    after = [vocab.eos_token_id] if vocab.add_eos_token and vocab.eos_token_id is not None else []
+    if not before and not after:
+        return None
+    names = {i: vocab.tokens[i] for i in before + after}
+    single = [names[i] for i in before] + ["$A"] + [names[i] for i in after]
+    pair = single + ["$B:1"] + [f"{names[i]}:1" for i in after]
+    return processors.TemplateProcessing(single=single, pair=pair,
+                                         special_tokens=[(text, i) for i, text in names.items()])
+
+
+def _gguf_config(vocab: GGUFVocab) -> dict[str, Any]:
+    def text(token_id: int | None) -> str | None:
+        return vocab.tokens[token_id] if token_id is not None else None
+
+    return {"chat_template": vocab.chat_template, "bos_token": text(vocab.bos_token_id),
+            "eos_token": text(vocab.eos_token_id), "unk_token": text(vocab.unk_token_id),
+            "pad_token": text(vocab.pad_token_id), "add_bos_token": vocab.add_bos_token,
+            "add_eos_token": vocab.add_eos_token}
+
+
+@functools.cache
+def _byte_alphabet() -> tuple[dict[int, str], frozenset[str]]:
+    """GPT-2's byte -> printable character table, and its characters (the alphabet that
+    byte-level BPE tokens are spelled in)."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)}
+    table: dict[int, str] = {}
+    unprintable = 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:  # control bytes and space move past 255, in byte order
+            table[byte] = chr(256 + unprintable)
+            unprintable += 1
+    return table, frozenset(table.values())
+
+
+def _byte_level_spelling(token: str) -> str:
+    """The token as byte-level BPE spells it: llama.cpp stores added tokens as raw text."""
+    table, alphabet = _byte_alphabet()
+    if all(ch in alphabet for ch in token):
+        return token
+    return "".join(table[b] for b in token.encode("utf-8"))
 
 
 def _eos_ids(model_dir: Path, tokenizer: Tokenizer | None,
