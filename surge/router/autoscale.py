@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
+from surge.config import require
 from surge.router.metrics import RouterMetrics
 from surge.router.replicas import ReplicaSet
 
@@ -43,16 +44,16 @@ class AutoscaleConfig:
     interval: float = 0.5  # seconds between samples
 
     def __post_init__(self) -> None:
-        _require(self.min_replicas >= 1, "min_replicas", self.min_replicas, "an integer >= 1")
-        _require(self.max_replicas >= self.min_replicas, "max_replicas", self.max_replicas,
-                 f"an integer >= min_replicas ({self.min_replicas})")
-        _require(self.target_in_flight > 0, "target_inflight_per_replica",
-                 self.target_in_flight, "a number > 0")
-        _require(self.scale_up_delay >= 0, "scale_up_delay", self.scale_up_delay,
-                 "seconds >= 0")
-        _require(self.scale_down_delay >= 0, "scale_down_delay", self.scale_down_delay,
-                 "seconds >= 0")
-        _require(self.interval > 0, "interval", self.interval, "seconds > 0")
+        require(self.min_replicas >= 1, "min_replicas", self.min_replicas, "an integer >= 1")
+        require(self.max_replicas >= self.min_replicas, "max_replicas", self.max_replicas,
+                f"an integer >= min_replicas ({self.min_replicas})")
+        require(self.target_in_flight > 0, "target_inflight_per_replica",
+                self.target_in_flight, "a number > 0")
+        require(self.scale_up_delay >= 0, "scale_up_delay", self.scale_up_delay,
+                "seconds >= 0")
+        require(self.scale_down_delay >= 0, "scale_down_delay", self.scale_down_delay,
+                "seconds >= 0")
+        require(self.interval > 0, "interval", self.interval, "seconds > 0")
 
     @property
     def enabled(self) -> bool:
@@ -167,8 +168,3 @@ class AutoscaleLoop:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-def _require(ok: bool, name: str, value: object, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}={value!r} is invalid: allowed is {allowed}")

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from surge.config import require
 from surge.router.autoscale import AutoscaleConfig
 from surge.router.metrics import RouterMetrics
 from surge.router.replicas import ReplicaSet
@@ -76,5 +77,4 @@ class ReplicaPlan:
     autoscale: AutoscaleConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.initial < 0:
-            raise ValueError(f"initial={self.initial!r} is invalid: allowed is an integer >= 0")
+        require(self.initial >= 0, "initial", self.initial, "an integer >= 0")

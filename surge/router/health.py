@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from surge.config import require
 from surge.router.replicas import Replica, ReplicaSet
 
 __all__ = ["HealthChecker", "HealthConfig", "HealthTracker"]
@@ -34,17 +35,13 @@ class HealthConfig:
     success_threshold: int = 2
 
     def __post_init__(self) -> None:
-        if self.path is not None and not self.path.startswith("/"):
-            raise ValueError(f"health_path={self.path!r} is invalid: allowed is a path "
-                             "starting with '/', or 'none' to turn active checks off")
+        require(self.path is None or self.path.startswith("/"), "health_path", self.path,
+                "a path starting with '/', or 'none' to turn active checks off")
         for name, value in [("interval", self.interval), ("timeout", self.timeout)]:
-            if not value > 0:
-                raise ValueError(f"health_{name}={value!r} is invalid: allowed is seconds > 0")
+            require(value > 0, f"health_{name}", value, "seconds > 0")
         for name, count in [("fail_threshold", self.fail_threshold),
                             ("success_threshold", self.success_threshold)]:
-            if count < 1:
-                raise ValueError(f"health_{name}={count!r} is invalid: allowed is an "
-                                 "integer >= 1")
+            require(count >= 1, f"health_{name}", count, "an integer >= 1")
 
 
 class HealthTracker:

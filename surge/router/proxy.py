@@ -30,6 +30,7 @@ from typing import Any
 import msgspec
 from starlette.types import Receive, Scope, Send
 
+from surge.config import require
 from surge.http.errors import APIError, send_error, sse_error_event
 from surge.http.gate import header, read_body
 from surge.http.responses import SSE_DONE
@@ -66,12 +67,10 @@ class ProxyConfig:
     buffer_bytes: int = 16 << 20
 
     def __post_init__(self) -> None:
-        if self.max_body_bytes < 1024:
-            raise ValueError(f"max_body_bytes={self.max_body_bytes!r} is invalid: allowed is "
-                             "an integer >= 1024")
-        if self.read_timeout is not None and self.read_timeout <= 0:
-            raise ValueError(f"read_timeout={self.read_timeout!r} is invalid: allowed is "
-                             "seconds > 0, or 0 for no limit")
+        require(self.max_body_bytes >= 1024, "max_body_bytes", self.max_body_bytes,
+                "an integer >= 1024")
+        require(self.read_timeout is None or self.read_timeout > 0, "read_timeout",
+                self.read_timeout, "seconds > 0, or 0 for no limit")
 
 
 @dataclass

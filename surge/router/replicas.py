@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from surge.config import require
+
 __all__ = ["Breaker", "BreakerConfig", "Replica", "ReplicaSet"]
 
 logger = logging.getLogger(__name__)
@@ -45,12 +47,12 @@ class BreakerConfig:
     max_in_flight: int | None = None  # per replica; None: no cap
 
     def __post_init__(self) -> None:
-        _require(self.eject_after >= 1, "eject_after", self.eject_after, "an integer >= 1")
-        _require(self.eject_seconds > 0, "eject_seconds", self.eject_seconds, "seconds > 0")
-        _require(self.max_eject_seconds >= self.eject_seconds, "max_eject_seconds",
-                 self.max_eject_seconds, f"seconds >= eject_seconds ({self.eject_seconds})")
-        _require(self.max_in_flight is None or self.max_in_flight >= 1, "max_in_flight",
-                 self.max_in_flight, "an integer >= 1 or None")
+        require(self.eject_after >= 1, "eject_after", self.eject_after, "an integer >= 1")
+        require(self.eject_seconds > 0, "eject_seconds", self.eject_seconds, "seconds > 0")
+        require(self.max_eject_seconds >= self.eject_seconds, "max_eject_seconds",
+                self.max_eject_seconds, f"seconds >= eject_seconds ({self.eject_seconds})")
+        require(self.max_in_flight is None or self.max_in_flight >= 1, "max_in_flight",
+                self.max_in_flight, "an integer >= 1 or None")
 
 
 @dataclass(eq=False)
@@ -86,10 +88,10 @@ class Replica:
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
-        _require(self.weight > 0, "weight", self.weight, "a number > 0")
+        require(self.weight > 0, "weight", self.weight, "a number > 0")
         parts = urlsplit(self.url)
-        _require(parts.scheme in ("http", "https") and bool(parts.hostname), "url", self.url,
-                 "an http:// or https:// base URL")
+        require(parts.scheme in ("http", "https") and bool(parts.hostname), "url", self.url,
+                "an http:// or https:// base URL")
         # Where the proxy connects, and the Host header it sends.
         self.host: str = parts.hostname or ""
         self.tls = parts.scheme == "https"
@@ -220,8 +222,3 @@ class ReplicaSet:
 
     def total_in_flight(self) -> int:
         return sum(r.in_flight for r in self._replicas)
-
-
-def _require(ok: bool, name: str, value: object, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}={value!r} is invalid: allowed is {allowed}")

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from surge.config import require
+
 __all__ = ["RetryBudget", "RetryConfig", "backoff_seconds"]
 
 
@@ -28,12 +30,10 @@ class RetryConfig:
     retry_429: bool = True  # a replica's 429: try another replica (True) or return it
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts={self.max_attempts!r} is invalid: allowed is an "
-                             "integer >= 1 (1: never retry)")
-        if not 0 <= self.budget_ratio <= 1:
-            raise ValueError(f"retry_budget={self.budget_ratio!r} is invalid: allowed is a "
-                             "fraction of requests in [0, 1]")
+        require(self.max_attempts >= 1, "max_attempts", self.max_attempts,
+                "an integer >= 1 (1: never retry)")
+        require(0 <= self.budget_ratio <= 1, "retry_budget", self.budget_ratio,
+                "a fraction of requests in [0, 1]")
 
 
 class RetryBudget:

@@ -29,6 +29,7 @@ from typing import Protocol
 
 import aiohttp
 
+from surge.config import require
 from surge.router.backend import BackendHost
 from surge.router.replicas import BreakerConfig, Replica
 
@@ -82,14 +83,12 @@ class SupervisorConfig:
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
     def __post_init__(self) -> None:
-        for name, value, low in [("standby", self.standby, 0),
-                                 ("max_start_failures", self.max_start_failures, 1)]:
-            if value < low:
-                raise ValueError(f"{name}={value!r} is invalid: allowed is an integer >= {low}")
+        require(self.standby >= 0, "standby", self.standby, "an integer >= 0")
+        require(self.max_start_failures >= 1, "max_start_failures", self.max_start_failures,
+                "an integer >= 1")
         for name, seconds in [("startup_timeout", self.startup_timeout),
                               ("drain_timeout", self.drain_timeout)]:
-            if seconds < 0:
-                raise ValueError(f"{name}={seconds!r} is invalid: allowed is seconds >= 0")
+            require(seconds >= 0, name, seconds, "seconds >= 0")
 
 
 @dataclass(eq=False)
