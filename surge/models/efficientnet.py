@@ -7,14 +7,15 @@ fixed rather than scaled. Convolutions pad like TensorFlow's ``SAME`` (asymmetri
 because the weights were trained in TensorFlow.
 
 The checkpoint keeps the original tensors and names (``_blocks.3._depthwise_conv.weight``,
-``_blocks.3._bn1.running_var``, ...). Each batch norm is folded into the convolution before it at
-load time: one conv with a bias instead of conv + four per-channel tensors, same maths.
+``_blocks.3._bn1.running_var``, ...). Each batch norm is folded into the convolution before it
+once the weights are loaded: one conv with a bias instead of a conv and a normalisation.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surge.models.weights import iter_safetensors, load_weights, read_config
-
-__all__ = ["ARCHITECTURE", "LITE0_STAGES", "EfficientNetLiteConfig",
-           "EfficientNetLiteForImageClassification", "Stage", "fold_batch_norms",
-           "load_efficientnet", "write_checkpoint"]
+__all__ = ["ARCHITECTURE", "LITE0_PREPROCESSOR", "LITE0_STAGES", "EfficientNetLiteConfig",
+           "EfficientNetLiteForImageClassification", "Stage", "load_efficientnet",
+           "write_checkpoint"]
 
 ARCHITECTURE = "EfficientNetLiteForImageClassification"
 
@@ -95,7 +94,7 @@ class SameConv2d(nn.Conv2d):
                  groups: int = 1) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride,
                          padding=kernel_size // 2 if stride == 1 else 0, groups=groups,
-                         bias=True)
+                         bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride[0] == 1:
@@ -110,17 +109,46 @@ def _same_padding(size: int, kernel: int, stride: int) -> int:
     return max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
 
 
+class ConvBN(nn.Module):
+    """A convolution and its batch norm, as trained; ``fold()`` merges them into one conv with a
+    bias (done once at load: same maths, one op instead of two)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 groups: int = 1, eps: float = 1e-3) -> None:
+        super().__init__()
+        self.conv = SameConv2d(in_channels, out_channels, kernel_size, stride, groups)
+        self.bn: nn.BatchNorm2d | None = nn.BatchNorm2d(out_channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        return self.bn(x) if self.bn is not None else x
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """conv weight * gamma / sqrt(var + eps) per output channel, bias beta - mean * that
+        scale; computed in float64, so folding only rounds once, to the serving dtype."""
+        if self.bn is None:
+            return
+        bn, weight = self.bn, self.conv.weight
+        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        folded = weight.double() * scale[:, None, None, None]
+        bias = bn.bias.double() - bn.running_mean.double() * scale
+        self.conv.weight = nn.Parameter(folded.to(weight.dtype), requires_grad=False)
+        self.conv.bias = nn.Parameter(bias.to(weight.dtype), requires_grad=False)
+        self.bn = None
+
+
 class MBConvBlock(nn.Module):
-    """Inverted bottleneck, batch norms already folded: [expand 1x1 -> ReLU6] -> depthwise kxk
-    -> ReLU6 -> project 1x1 (linear), plus the input when stride and width are unchanged."""
+    """Inverted bottleneck: [expand 1x1 -> ReLU6] -> depthwise kxk -> ReLU6 -> project 1x1
+    (linear), plus the input when stride and width are unchanged. No squeeze-and-excite."""
 
     def __init__(self, kernel: int, stride: int, expand_ratio: int, in_channels: int,
-                 out_channels: int) -> None:
+                 out_channels: int, eps: float) -> None:
         super().__init__()
         hidden = in_channels * expand_ratio
-        self.expand = SameConv2d(in_channels, hidden, 1) if expand_ratio != 1 else None
-        self.depthwise = SameConv2d(hidden, hidden, kernel, stride, groups=hidden)
-        self.project = SameConv2d(hidden, out_channels, 1)
+        self.expand = ConvBN(in_channels, hidden, 1, eps=eps) if expand_ratio != 1 else None
+        self.depthwise = ConvBN(hidden, hidden, kernel, stride, groups=hidden, eps=eps)
+        self.project = ConvBN(hidden, out_channels, 1, eps=eps)
         self.residual = stride == 1 and in_channels == out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,15 +157,33 @@ class MBConvBlock(nn.Module):
         return h + x if self.residual else h
 
 
+# Checkpoint names (EfficientNet-PyTorch's, which mirror TensorFlow's) -> this module's.
+_RENAMES = [
+    (re.compile(r"^_conv_stem\."), "stem.conv."), (re.compile(r"^_bn0\."), "stem.bn."),
+    (re.compile(r"^_conv_head\."), "head.conv."), (re.compile(r"^_bn1\."), "head.bn."),
+    (re.compile(r"^_fc\."), "classifier."),
+    (re.compile(r"^_blocks\.(\d+)\._expand_conv\."), r"blocks.\1.expand.conv."),
+    (re.compile(r"^_blocks\.(\d+)\._bn0\."), r"blocks.\1.expand.bn."),
+    (re.compile(r"^_blocks\.(\d+)\._depthwise_conv\."), r"blocks.\1.depthwise.conv."),
+    (re.compile(r"^_blocks\.(\d+)\._bn1\."), r"blocks.\1.depthwise.bn."),
+    (re.compile(r"^_blocks\.(\d+)\._project_conv\."), r"blocks.\1.project.conv."),
+    (re.compile(r"^_blocks\.(\d+)\._bn2\."), r"blocks.\1.project.bn."),
+]
+
+
 class EfficientNetLiteForImageClassification(nn.Module):
-    """Pixels [batch, 3, H, W] (normalised as preprocessor_config.json says) -> logits."""
+    """Pixels [batch, 3, H, W] (normalised as preprocessor_config.json says) -> logits.
+
+    Built with its batch norms; ``finish_loading`` folds them once the weights are in.
+    """
 
     def __init__(self, config: EfficientNetLiteConfig) -> None:
         super().__init__()
         self.config = config
-        self.stem = SameConv2d(config.num_channels, config.stem_channels, 3, stride=2)
-        self.blocks = nn.ModuleList(MBConvBlock(*spec) for spec in config.blocks())
-        self.head = SameConv2d(config.stages[-1].out_channels, config.head_channels, 1)
+        eps = config.batch_norm_eps
+        self.stem = ConvBN(config.num_channels, config.stem_channels, 3, stride=2, eps=eps)
+        self.blocks = nn.ModuleList(MBConvBlock(*spec, eps=eps) for spec in config.blocks())
+        self.head = ConvBN(config.stages[-1].out_channels, config.head_channels, 1, eps=eps)
         self.classifier = nn.Linear(config.head_channels, config.num_labels)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -147,65 +193,75 @@ class EfficientNetLiteForImageClassification(nn.Module):
         x = F.relu6(self.head(x))
         return self.classifier(x.mean(dim=(2, 3)))
 
+    # Loader hooks (surge.models.loader) -------------------------------------------------------
 
-# --------------------------------------------------------------------------------------------
-# Loading: the original (unfolded) tensors -> folded convolutions
-# --------------------------------------------------------------------------------------------
+    @staticmethod
+    def checkpoint_name(name: str) -> str | None:
+        for pattern, replacement in _RENAMES:
+            renamed, count = pattern.subn(replacement, name)
+            if count:
+                return renamed
+        return name  # unknown: the loader names it as not belonging to the model
 
-def _folds(config: EfficientNetLiteConfig) -> list[tuple[str, str, str]]:
-    """(checkpoint conv, its batch norm, module name) for every convolution."""
-    folds = [("_conv_stem", "_bn0", "stem")]
-    for index, (_, _, expand_ratio, _, _) in enumerate(config.blocks()):
-        prefix = f"_blocks.{index}"
-        if expand_ratio != 1:
-            folds.append((f"{prefix}._expand_conv", f"{prefix}._bn0", f"blocks.{index}.expand"))
-        folds.append((f"{prefix}._depthwise_conv", f"{prefix}._bn1",
-                      f"blocks.{index}.depthwise"))
-        folds.append((f"{prefix}._project_conv", f"{prefix}._bn2", f"blocks.{index}.project"))
-    folds.append(("_conv_head", "_bn1", "head"))
-    return folds
+    @staticmethod
+    def optional_tensor(name: str) -> bool:
+        return name.endswith("num_batches_tracked")  # a training counter
 
-
-def fold_batch_norms(tensors: dict[str, torch.Tensor], config: EfficientNetLiteConfig
-                     ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's (name, tensor) pairs: each conv scaled by gamma / sqrt(var + eps) per output
-    channel, with bias beta - mean * scale (computed in float64: folding is exact up to the
-    final rounding)."""
-    used = set()
-    for conv, norm, module in _folds(config):
-        weight = _take(tensors, f"{conv}.weight", used).double()
-        gamma, beta, mean, var = (_take(tensors, f"{norm}.{part}", used).double()
-                                  for part in ("weight", "bias", "running_mean", "running_var"))
-        scale = gamma / torch.sqrt(var + config.batch_norm_eps)
-        yield f"{module}.weight", (weight * scale[:, None, None, None]).float()
-        yield f"{module}.bias", (beta - mean * scale).float()
-    yield "classifier.weight", _take(tensors, "_fc.weight", used).float()
-    yield "classifier.bias", _take(tensors, "_fc.bias", used).float()
-    unused = sorted(name for name in tensors
-                    if name not in used and not name.endswith("num_batches_tracked"))
-    if unused:
-        raise ValueError(f"checkpoint tensors {unused[:5]} do not belong to EfficientNet-Lite "
-                         f"with these stages; is config.json the right one?")
+    def finish_loading(self, device: torch.device | None = None,
+                       max_positions: int | None = None) -> None:
+        for module in self.modules():
+            if isinstance(module, ConvBN):
+                module.fold()
+        self.to(memory_format=torch.channels_last)  # what oneDNN's CPU convolutions prefer
 
 
-def _take(tensors: dict[str, torch.Tensor], name: str, used: set[str]) -> torch.Tensor:
-    if name not in tensors:
-        raise ValueError(f"checkpoint has no tensor {name!r}: not an EfficientNet-Lite "
-                         "checkpoint with the stages config.json describes")
-    used.add(name)
-    return tensors[name]
+def _model_state(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors under the model's names, checked one to one (names and shapes)."""
+    expected = model.state_dict()
+    state = {}
+    for name, tensor in tensors.items():
+        target = model.checkpoint_name(name)
+        if target not in expected:
+            raise ValueError(f"checkpoint tensor {name!r} does not belong to EfficientNet-Lite "
+                             "with these stages; is config.json the right one?")
+        if tuple(tensor.shape) != tuple(expected[target].shape):
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, the "
+                             f"model expects {tuple(expected[target].shape)}")
+        state[target] = tensor
+    missing = sorted(n for n in expected if n not in state and not model.optional_tensor(n))
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} EfficientNet-Lite tensors, e.g. "
+                         f"{missing[:3]}")
+    return state
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a model folder in Hugging Face layout has "
+                                "config.json and model.safetensors")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def load_efficientnet(model_dir: str | Path, dtype: torch.dtype = torch.float32,
                       device: str | torch.device = "cpu"
                       ) -> EfficientNetLiteForImageClassification:
-    config = EfficientNetLiteConfig.from_hf(read_config(model_dir))
+    """The classifier in ``model_dir`` (config.json + model.safetensors), batch norms folded."""
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    config = EfficientNetLiteConfig.from_hf(_read_json(model_dir / "config.json"))
     with torch.device("meta"):
         model = EfficientNetLiteForImageClassification(config)
-    tensors = dict(iter_safetensors(model_dir))
-    load_weights(model, fold_batch_norms(tensors, config), lambda name: name, dtype)
-    model = model.to(device).eval().requires_grad_(False)
-    return model.to(memory_format=torch.channels_last)
+    weights = model_dir / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: `surge pull efficientnet-lite0` writes it")
+    state = _model_state(load_file(weights), model)
+    counters = {n: torch.zeros((), dtype=torch.long) for n in model.state_dict()
+                if n not in state}
+    state = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}
+    model.load_state_dict({**state, **counters}, strict=True, assign=True)
+    model.finish_loading()
+    return model.to(device).eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,9 +289,9 @@ def write_checkpoint(state_dict: dict[str, torch.Tensor], labels: Sequence[str],
     config = EfficientNetLiteConfig(num_labels=len(labels))
     tensors = {k: v.contiguous() for k, v in state_dict.items()
                if not k.endswith("num_batches_tracked")}
-    # Fail here, at conversion, rather than at first serve: every tensor must fold.
-    for _ in fold_batch_norms(tensors, config):
-        pass
+    # Fail here, at conversion, rather than at first serve: every tensor must belong.
+    with torch.device("meta"):
+        _model_state(tensors, EfficientNetLiteForImageClassification(config))
     hf = {"architectures": [ARCHITECTURE], "model_type": "efficientnet_lite", "name": name,
           "num_channels": config.num_channels, "stem_channels": config.stem_channels,
           "head_channels": config.head_channels, "batch_norm_eps": config.batch_norm_eps,
