@@ -8,14 +8,15 @@ raw-ASGI app that speaks the lifespan protocol itself, through ``run_lifespan``)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from starlette.types import Receive, Send
 
-__all__ = ["Service", "Services", "run_lifespan"]
+__all__ = ["Service", "Services", "in_background", "run_lifespan"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,20 @@ class Services:
             for service in self._services:
                 await stack.enter_async_context(service())
             yield
+
+
+@contextlib.asynccontextmanager
+async def in_background(work: Coroutine[Any, Any, None],
+                        name: str) -> AsyncIterator[asyncio.Task[None]]:
+    """A service that is one task (a polling loop): ``work`` runs while the context is
+    entered, and is cancelled and awaited when it is left."""
+    task = asyncio.create_task(work, name=name)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def run_lifespan(receive: Receive, send: Send, name: str,

@@ -21,11 +21,12 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from surge.config import require
+from surge.http.services import in_background
 from surge.router.metrics import RouterMetrics
 from surge.router.replicas import ReplicaSet
 
@@ -159,12 +160,5 @@ class AutoscaleLoop:
             await asyncio.sleep(self.autoscaler.config.interval)  # the sampling period
             self.step()
 
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
-        task = asyncio.create_task(self.run(), name="surge-router-autoscaler")
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    def running(self) -> contextlib.AbstractAsyncContextManager[object]:
+        return in_background(self.run(), "surge-router-autoscaler")

@@ -13,12 +13,12 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
 
 from surge.config import require
+from surge.http.services import in_background
 from surge.router.replicas import Replica, ReplicaSet
 
 __all__ = ["HealthChecker", "HealthConfig", "HealthTracker"]
@@ -100,15 +100,7 @@ class HealthChecker:
             await self.check_all()
             await asyncio.sleep(self.config.interval)  # the polling period itself
 
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
+    def running(self) -> contextlib.AbstractAsyncContextManager[object]:
         if self.config.path is None:
-            yield
-            return
-        task = asyncio.create_task(self.run(), name="surge-router-health")
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            return contextlib.nullcontext()
+        return in_background(self.run(), "surge-router-health")
