@@ -24,7 +24,8 @@ import torch
 from surge import LLM, SamplingParams
 from surge.engine.kv_cache import BlockManager
 from surge.engine.request import Request
-from surge.models.layers import PackedLinear, RMSNorm
+from surge.models.layers import RMSNorm
+from surge.models.linear import Linear
 from surge.testing.make_model import write_checkpoint
 
 W1_REQUESTS, W1_PROMPT, W1_OUTPUT = 16, 128, 64
@@ -108,8 +109,8 @@ def matrix_bytes(model: torch.nn.Module) -> int:
     """Bytes of every linear layer's weight and bias, prepacked or not, and the norms."""
     total = 0
     for module in model.modules():
-        if isinstance(module, PackedLinear):
-            total += module.packed.element_size() * module.out_features * module.in_features
+        if isinstance(module, Linear):
+            total += module.weight_bytes()
         elif isinstance(module, torch.nn.Linear | RMSNorm | torch.nn.LayerNorm):
             total += sum(p.nbytes for p in module.parameters(recurse=False))
     return total

@@ -22,9 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surge.models.weights import iter_safetensors, load_weights, read_config
-
-__all__ = ["BertConfig", "BertModel", "Pooling", "load_bert", "read_pooling"]
+__all__ = ["BertConfig", "BertModel", "Pooling", "read_pooling"]
 
 logger = logging.getLogger(__name__)
 
@@ -194,15 +192,6 @@ class BertModel(nn.Module):
         # Old checkpoints (TF ports) name LayerNorm parameters gamma and beta.
         return name.replace("LayerNorm.gamma", "LayerNorm.weight").replace(
             "LayerNorm.beta", "LayerNorm.bias")
-
-
-def load_bert(model_dir: str | Path, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu") -> BertModel:
-    config = BertConfig.from_hf(read_config(model_dir))
-    with torch.device("meta"):
-        model = BertModel(config)
-    load_weights(model, iter_safetensors(model_dir), BertModel.checkpoint_name, dtype)
-    return model.to(device).eval().requires_grad_(False)
 
 
 def read_pooling(model_dir: str | Path) -> Pooling:

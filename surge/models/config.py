@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelConfig", "read_hf_config"]
+__all__ = ["ModelConfig", "eos_ids_of", "rope_settings", "stored_dtype"]
 
 
 @dataclass
@@ -38,14 +36,10 @@ class ModelConfig:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_size
 
 
-def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: --model must be a directory in Hugging Face layout "
-            "(config.json, *.safetensors, tokenizer.json); write one with "
-            "`surge make-model --preset tiny-llama --out DIR`")
-    return json.loads(path.read_text())
+def stored_dtype(hf: dict[str, Any]) -> str:
+    """The dtype a checkpoint's weights were saved in ("torch_dtype", or transformers 5's
+    "dtype"), e.g. "bfloat16"; float32 when it does not say."""
+    return str(hf.get("torch_dtype") or hf.get("dtype") or "float32").replace("torch.", "")
 
 
 def eos_ids_of(hf: dict[str, Any]) -> list[int]:

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from surge.models.attention import paged_attention
-from surge.models.config import ModelConfig
+from surge.models.config import ModelConfig, eos_ids_of, stored_dtype
+from surge.models.linear import Linear, LinearMethod
 
-__all__ = ["GPT2LMHeadModel"]
+__all__ = ["GPT2LMHeadModel", "gpt2_config"]
 
 # GPT-2 checkpoints use Conv1D, which stores weights as [in, out]; nn.Linear wants [out, in].
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
@@ -19,11 +20,12 @@ _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 
 
 class GPT2Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, linear_method: LinearMethod | None):
         super().__init__()
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
-        self.c_attn = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.c_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        size = config.hidden_size
+        self.c_attn = Linear(size, 3 * size, True, linear_method)
+        self.c_proj = Linear(size, size, True, linear_method)
         self.scale = self.head_dim ** -0.5
         self.k_cache = self.v_cache = torch.empty(0)  # set by the runner
 
@@ -34,22 +36,22 @@ class GPT2Attention(nn.Module):
 
 
 class GPT2MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, linear_method: LinearMethod | None):
         super().__init__()
-        self.c_fc = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.c_fc = Linear(config.hidden_size, config.intermediate_size, True, linear_method)
+        self.c_proj = Linear(config.intermediate_size, config.hidden_size, True, linear_method)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, linear_method: LinearMethod | None):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
-        self.attn = GPT2Attention(config)
+        self.attn = GPT2Attention(config, linear_method)
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
-        self.mlp = GPT2MLP(config)
+        self.mlp = GPT2MLP(config, linear_method)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden + self.attn(self.ln_1(hidden))
@@ -57,11 +59,11 @@ class GPT2Block(nn.Module):
 
 
 class GPT2Model(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, linear_method: LinearMethod | None):
         super().__init__()
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.h = nn.ModuleList(GPT2Block(config) for _ in range(config.num_layers))
+        self.h = nn.ModuleList(GPT2Block(config, linear_method) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -72,15 +74,18 @@ class GPT2Model(nn.Module):
 
 
 class GPT2LMHeadModel(nn.Module):
-    packed_modules: ClassVar[dict[str, tuple[str, int]]] = {}
-
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, linear_method: LinearMethod | None = None):
+        """``linear_method``: as for ``LlamaForCausalLM``; the tied LM head stays unquantized."""
         super().__init__()
         self.config = config
-        self.transformer = GPT2Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.transformer = GPT2Model(config, linear_method)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, False)
 
-    def finish_loading(self, device: torch.device, max_positions: int) -> None:
+    @staticmethod
+    def optional_tensor(name: str) -> bool:
+        return name == "lm_head.weight"
+
+    def finish_loading(self, device: torch.device, max_positions: int | None) -> None:
         """GPT-2 always ties its LM head to the token embedding."""
         self.lm_head.weight = self.transformer.wte.weight
 
@@ -103,3 +108,24 @@ class GPT2LMHeadModel(nn.Module):
     @staticmethod
     def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.t() if name.endswith(_CONV1D_WEIGHTS) else tensor
+
+
+def gpt2_config(hf: dict[str, Any]) -> ModelConfig:
+    hidden = hf["n_embd"]
+    return ModelConfig(
+        architecture="GPT2LMHeadModel",
+        hidden_size=hidden,
+        num_layers=hf["n_layer"],
+        num_heads=hf["n_head"],
+        num_kv_heads=hf["n_head"],
+        head_dim=hidden // hf["n_head"],
+        intermediate_size=hf.get("n_inner") or 4 * hidden,
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf.get("n_positions", 1024),
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        tie_word_embeddings=True,
+        hidden_act=hf.get("activation_function", "gelu_new"),
+        torch_dtype=stored_dtype(hf),
+        eos_token_ids=eos_ids_of(hf),
+        bos_token_id=hf.get("bos_token_id"),
+    )

@@ -6,32 +6,33 @@ scaling and sliding windows (Mistral), all read from ``ModelConfig``.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from surge.models.attention import paged_attention
-from surge.models.config import ModelConfig
-from surge.models.layers import MergedLinear, RMSNorm
+from surge.models.config import ModelConfig, eos_ids_of, rope_settings, stored_dtype
+from surge.models.layers import RMSNorm
+from surge.models.linear import Linear, LinearMethod
 from surge.models.rope import RotaryEmbedding, apply_rotary
 
-__all__ = ["LlamaForCausalLM"]
+__all__ = ["LlamaForCausalLM", "llama_config"]
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) of this step's positions
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, linear_method: LinearMethod | None):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(config.hidden_size, [self.q_size, kv_size, kv_size],
-                                     bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, [self.q_size, kv_size, kv_size],
+                               config.attention_bias, linear_method)
+        self.o_proj = Linear(self.q_size, config.hidden_size, False, linear_method)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
@@ -55,11 +56,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, linear_method: LinearMethod | None):
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=False)
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, [size, size], False, linear_method)
+        self.down_proj = Linear(size, config.hidden_size, False, linear_method)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -67,10 +68,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, linear_method: LinearMethod | None):
         super().__init__()
-        self.self_attn = LlamaAttention(config)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, linear_method)
+        self.mlp = LlamaMLP(config, linear_method)
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
 
@@ -80,10 +81,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, linear_method: LinearMethod | None):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, linear_method)
+                                    for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.rotary: RotaryEmbedding | None = None  # derived, built after loading
 
@@ -102,19 +104,25 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, linear_method: LinearMethod | None = None):
+        """``linear_method`` stores and applies the decoder layers' projections (None: the
+        serving dtype, unquantized); the LM head stays unquantized."""
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = LlamaModel(config, linear_method)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, False)
 
-    def finish_loading(self, device: torch.device, max_positions: int) -> None:
+    def optional_tensor(self, name: str) -> bool:
+        return name == "lm_head.weight" and self.config.tie_word_embeddings
+
+    def finish_loading(self, device: torch.device, max_positions: int | None) -> None:
         """Tie embeddings and build the rope tables once real weights are in place."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.model.rotary = RotaryEmbedding(self.config.head_dim, max_positions,
-                                            self.config.rope_theta, self.config.rope_scaling,
-                                            device)
+        limit = self.config.max_position_embeddings
+        self.model.rotary = RotaryEmbedding(
+            self.config.head_dim, min(max_positions or limit, limit), self.config.rope_theta,
+            self.config.rope_scaling, device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
@@ -125,6 +133,35 @@ class LlamaForCausalLM(nn.Module):
     def attention_layers(self) -> list[LlamaAttention]:
         return [layer.self_attn for layer in self.model.layers]
 
-    @staticmethod
-    def checkpoint_name(name: str) -> str:
-        return name
+
+
+def llama_config(hf: dict[str, Any], architecture: str) -> ModelConfig:
+    """The decoder config of a Llama, Qwen2, Qwen3 or Mistral config.json."""
+    if hf.get("use_sliding_window"):
+        raise ValueError("Qwen2 sliding-window attention (use_sliding_window: true) is not "
+                         "supported; set it to false in config.json")
+    num_heads = hf["num_attention_heads"]
+    theta, scaling = rope_settings(hf)
+    return ModelConfig(
+        architecture=architecture,
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+        intermediate_size=hf["intermediate_size"],
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        # Qwen2 always biases q/k/v; the others say so in `attention_bias`.
+        attention_bias=architecture == "Qwen2ForCausalLM" or hf.get("attention_bias", False),
+        qk_norm=architecture == "Qwen3ForCausalLM",
+        sliding_window=hf.get("sliding_window") if architecture == "MistralForCausalLM" else None,
+        hidden_act=hf.get("hidden_act", "silu"),
+        torch_dtype=stored_dtype(hf),
+        eos_token_ids=eos_ids_of(hf),
+        bos_token_id=hf.get("bos_token_id"),
+    )

@@ -1,71 +1,114 @@
-"""Build a model from a Hugging Face checkpoint directory: config, then weights.
+"""Build any registered model from a checkpoint: config, then weights, for every task.
 
-The model is constructed on the meta device (no memory, no random init), materialised
-empty on the target device, and filled tensor by tensor from safetensors, so peak memory is
-one copy of the weights.
+The model is constructed on the meta device (no memory, no random init) in the serving dtype,
+materialised empty on the target device, and filled tensor by tensor from the checkpoint, so
+peak memory is one copy of the weights. Every checkpoint tensor must belong to the model with
+the right shape, and every model tensor must be found.
+
+A model class may define these hooks (all optional):
+
+- ``checkpoint_name(name) -> str | None``: checkpoint name -> the model's (None: skip it).
+- ``transform(name, tensor) -> tensor``: e.g. GPT-2's Conv1D weights, stored transposed.
+- ``packed_modules``: checkpoint projection -> (the module that holds it, shard index), for
+  projections that share one GEMM here (``q_proj`` -> ``("qkv_proj", 0)``).
+- ``optional_tensor(name) -> bool``: model tensors a checkpoint may leave out (a tied LM head,
+  BatchNorm's step counter); absent ones are zero-filled before ``finish_loading``.
+- ``finish_loading(device, max_positions)``: derived state once weights are in (tie the LM head,
+  rope tables, fold batch norms, memory format).
+
+A module with ``weight_loaders`` (``surge.models.linear.Linear``) loads its tensors through them,
+then its method's ``process_weights_after_loading`` runs; any other parameter or buffer is a
+checked copy.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from surge.models.config import ModelConfig, read_hf_config
-from surge.models.layers import can_pack, pack_linears
-from surge.models.registry import resolve_architecture
+from surge.models.checkpoint import open_checkpoint
+from surge.models.config import stored_dtype
+from surge.models.linear import Linear, copy_checked
+from surge.models.registry import Architecture, Task, find_architecture
 
-__all__ = ["LoadedModel", "load_model", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "LoadedModel", "build_model", "load_model", "load_weights",
+           "resolve_device", "resolve_dtype"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# (tensor, shard index or None) -> None: fills one model tensor (or one shard of it).
+_Load = Callable[[torch.Tensor, "int | None"], None]
 
 
+@dataclass
 class LoadedModel:
-    def __init__(self, model: nn.Module, config: ModelConfig, dtype: torch.dtype,
-                 device: torch.device):
-        self.model, self.config, self.dtype, self.device = model, config, dtype, device
+    model: nn.Module
+    config: Any  # the architecture's config object (ModelConfig for text generation)
+    dtype: torch.dtype
+    device: torch.device
+    architecture: Architecture | None = None
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but no CUDA GPU is available; use --device cpu")
+        raise ValueError(f"device={str(device)!r} but no CUDA GPU is available; use --device cpu")
     return resolved
 
 
-def resolve_dtype(dtype: str, config: ModelConfig, device: torch.device) -> torch.dtype:
-    if dtype != "auto":
-        return _DTYPES[dtype]
-    resolved = _DTYPES.get(config.torch_dtype.replace("torch.", ""), torch.float32)
-    # CPUs without native fp16 matmul run it far slower than bf16, which has the same size.
-    if resolved == torch.float16 and device.type == "cpu":
-        return torch.bfloat16
-    return resolved
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device,
+                  auto: str = "float32") -> torch.dtype:
+    """The serving dtype for ``dtype`` ("auto" means ``auto``, e.g. the checkpoint's own)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is invalid: allowed is one of auto, "
+                         f"{', '.join(DTYPES)}")
+    if dtype == "float16" and device.type == "cpu":
+        raise ValueError("dtype='float16' is slow or unsupported on CPU: allowed on CPU are auto, "
+                         "float32 and bfloat16 (the same size as float16, and native here)")
+    if dtype == "auto":
+        resolved = DTYPES.get(auto, torch.float32)
+        # CPUs without native fp16 matmul run it far slower than bf16, which has the same size.
+        return torch.bfloat16 if resolved == torch.float16 and device.type == "cpu" else resolved
+    return DTYPES[dtype]
 
 
-def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "auto",
-               allow_pickle: bool = False, max_positions: int | None = None) -> LoadedModel:
-    model_dir = Path(model_dir)
-    model_cls, config = resolve_architecture(read_hf_config(model_dir))
+def load_model(path: str | Path, dtype: str | torch.dtype = "auto",
+               device: str | torch.device = "auto", allow_pickle: bool = False,
+               max_positions: int | None = None, task: Task | None = "generate") -> LoadedModel:
+    """The model at ``path`` (a Hugging Face directory or a .gguf file), ready for inference.
+
+    ``task`` refuses a checkpoint of another task (None: any); ``max_positions`` caps the rope
+    tables a decoder precomputes.
+    """
+    checkpoint = open_checkpoint(path, allow_pickle)
+    hf = checkpoint.read_config()
+    arch = find_architecture(hf, task)
+    config = arch.read_config(hf)
     target = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, config, target)
-    with torch.device("meta"), _default_dtype(torch_dtype):
-        model = model_cls(config)
-    model.to_empty(device=target)
-    _load_weights(model, _iter_checkpoint(model_dir, allow_pickle), config)
-    limit = config.max_position_embeddings
-    model.finish_loading(target, min(max_positions or limit, limit))
-    model.eval().requires_grad_(False)
-    if can_pack(target, torch_dtype):
-        pack_linears(model)
-    return LoadedModel(model, config, torch_dtype, target)
+    torch_dtype = resolve_dtype(dtype, target, arch.auto_dtype or stored_dtype(hf))
+    model = build_model(arch.model_class, config, torch_dtype, target)
+    load_weights(model, checkpoint.iter_tensors())
+    _finish(model, target, max_positions)
+    return LoadedModel(model, config, torch_dtype, target, arch)
+
+
+def build_model(model_class: type[nn.Module], config: Any, dtype: torch.dtype,
+                device: torch.device, **kwargs: Any) -> nn.Module:
+    """``model_class(config, **kwargs)`` with uninitialised tensors of ``dtype`` on ``device``."""
+    with torch.device("meta"), _default_dtype(dtype):
+        model = model_class(config, **kwargs)
+    return model.to_empty(device=device)
 
 
 @contextlib.contextmanager
@@ -78,74 +121,79 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def _load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
-                  config: ModelConfig) -> None:
-    params = dict(model.named_parameters())
-    modules = dict(model.named_modules())
-    expected = set(params)
-    if config.tie_word_embeddings:
-        expected.discard("lm_head.weight")
+def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Fill ``model`` (materialised, uninitialised) from (checkpoint name, tensor) pairs."""
+    loaders = _tensor_loaders(model)
+    rename = getattr(model, "checkpoint_name", lambda name: name)
+    transform = getattr(model, "transform", lambda _, tensor: tensor)
+    packed: dict[str, tuple[str, int]] = getattr(model, "packed_modules", {})
     loaded: set[str] = set()
-    for raw_name, tensor in weights:
-        name = model.checkpoint_name(raw_name)
+    for raw_name, tensor in tensors:
+        name = rename(raw_name)
         if name is None:
             continue
-        tensor = getattr(model, "transform", lambda _, t: t)(name, tensor)
-        module_path, _, leaf = name.rpartition(".")
-        parent, _, proj = module_path.rpartition(".")
-        if proj in model.packed_modules:
-            merged, shard = model.packed_modules[proj]
-            modules[f"{parent}.{merged}"].load_shard(leaf, shard, tensor)
-            loaded.add(f"{parent}.{merged}.{leaf}")
-            continue
-        if name not in params:
-            if name == "lm_head.weight" and config.tie_word_embeddings:
-                continue
+        target, shard = _packed_target(name, packed)
+        if target not in loaders:
             raise ValueError(f"checkpoint tensor {raw_name!r} does not belong to "
-                             f"{config.architecture}; is config.json the right one?")
-        _copy_checked(params[name], tensor, raw_name)
-        loaded.add(name)
-    missing = sorted(expected - loaded)
-    if missing:
-        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
+                             f"{type(model).__name__}; is config.json the right one?")
+        loaders[target](transform(name, tensor), shard)
+        loaded.add(target)
+    _check_complete(model, set(loaders) - loaded)
 
 
-def _copy_checked(param: nn.Parameter, tensor: torch.Tensor, name: str) -> None:
-    if tuple(param.shape) != tuple(tensor.shape):
-        raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
-                         f"the model expects {tuple(param.shape)}")
-    param.data.copy_(tensor)
+def _tensor_loaders(model: nn.Module) -> dict[str, _Load]:
+    """Every tensor name a checkpoint fills -> the function that fills it."""
+    loaders: dict[str, _Load] = {}
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        own: dict[str, Callable[..., None]] | None = getattr(module, "weight_loaders", None)
+        if own is not None:
+            loaders.update({prefix + leaf: partial(load, module) for leaf, load in own.items()})
+            continue
+        for leaf, tensor in _own_tensors(module):
+            loaders[prefix + leaf] = partial(_copy_whole, tensor, prefix + leaf)
+    return loaders
 
 
-def _iter_checkpoint(model_dir: Path,
-                     allow_pickle: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    safetensor_files = _weight_files(model_dir, "model.safetensors")
-    if safetensor_files:
-        for path in safetensor_files:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    yield key, f.get_tensor(key)
-        return
-    pickle_files = _weight_files(model_dir, "pytorch_model.bin")
-    if not pickle_files:
-        raise FileNotFoundError(f"no weights in {model_dir}: expected model.safetensors or "
-                                "model.safetensors.index.json with its shards")
-    if not allow_pickle:
-        raise ValueError(
-            f"{model_dir} has only pickle (.bin) weights, which can run arbitrary code when "
-            "loaded; convert them to safetensors, or pass --allow-pickle (LLM(..., "
-            "allow_pickle=True)) if you trust their source")
-    for path in pickle_files:
-        yield from torch.load(path, map_location="cpu", weights_only=True).items()
+def _own_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from ((n, p) for n, p in module._parameters.items() if p is not None)
+    yield from ((n, b) for n, b in module._buffers.items()
+                if b is not None and n not in module._non_persistent_buffers_set)
 
 
-def _weight_files(model_dir: Path, single_name: str) -> list[Path]:
-    """The single weights file, or every shard named by its `.index.json`."""
-    single = model_dir / single_name
-    if single.is_file():
-        return [single]
-    index = model_dir / f"{single_name}.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / shard for shard in shards]
-    return []
+def _copy_whole(target: torch.Tensor, name: str, tensor: torch.Tensor,
+                shard: int | None) -> None:
+    if shard is not None:
+        raise ValueError(f"{name} is one tensor: it has no shard {shard}")
+    copy_checked(target.data, tensor, name)
+
+
+def _packed_target(name: str, packed: dict[str, tuple[str, int]]) -> tuple[str, int | None]:
+    """``...q_proj.weight`` -> (``...qkv_proj.weight``, 0) where q/k/v share one module."""
+    module_path, _, leaf = name.rpartition(".")
+    parent, _, proj = module_path.rpartition(".")
+    if proj not in packed:
+        return name, None
+    merged, shard = packed[proj]
+    return f"{parent}.{merged}.{leaf}" if parent else f"{merged}.{leaf}", shard
+
+
+def _check_complete(model: nn.Module, missing: set[str]) -> None:
+    optional = getattr(model, "optional_tensor", lambda name: False)
+    required = sorted(name for name in missing if not optional(name))
+    if required:
+        raise ValueError(f"checkpoint is missing {len(required)} tensors, e.g. {required[:5]}")
+    state = model.state_dict(keep_vars=True)
+    for name in missing:
+        if name in state:  # e.g. BatchNorm's step counter: a training statistic
+            state[name].data.zero_()
+
+
+def _finish(model: nn.Module, device: torch.device, max_positions: int | None) -> None:
+    finish_loading = getattr(model, "finish_loading", None)
+    if finish_loading is not None:
+        finish_loading(device, max_positions)
+    model.eval().requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.method.process_weights_after_loading(module)

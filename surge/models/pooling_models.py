@@ -20,30 +20,22 @@ import torch
 from PIL import Image
 from torch import nn
 
-from surge.models.bert import Pooling, load_bert, read_pooling
+from surge.models.bert import Pooling, read_pooling
+from surge.models.checkpoint import read_config
 from surge.models.image_processor import ImageProcessor
-from surge.models.resnet import load_resnet
+from surge.models.loader import load_model, resolve_device, resolve_dtype
 from surge.models.tasks import Task, detect_task
-from surge.models.vit import load_vit
-from surge.models.weights import read_config
 
 __all__ = ["ImageClassifier", "PoolModel", "TextEmbedder", "load_pool_model", "pool_dtype",
            "warm_up"]
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
-           "float16": torch.float16}
 
 
 def pool_dtype(name: str, device: torch.device) -> torch.dtype:
     """float32 unless asked: these models are small and their outputs are compared closely."""
-    if name not in _DTYPES:
-        raise ValueError(f"dtype={name!r} is invalid: allowed is one of {', '.join(_DTYPES)}")
-    if name == "float16" and device.type == "cpu":
-        raise ValueError("dtype='float16' is slow or unsupported on CPU for these models: "
-                         "allowed on CPU are float32 and bfloat16")
-    return _DTYPES[name]
+    return resolve_dtype(name, device, auto="float32")
 
 
 class TextEmbedder:
@@ -51,14 +43,13 @@ class TextEmbedder:
 
     task: Task = "embed"
 
-    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32,
+    def __init__(self, model_dir: str | Path, dtype: str | torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> None:
         from tokenizers import Tokenizer
 
         self.model_dir = Path(model_dir)
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.model = load_bert(model_dir, dtype, self.device)
+        loaded = load_model(model_dir, dtype, device, task="embed")
+        self.model, self.dtype, self.device = loaded.model, loaded.dtype, loaded.device
         self.pooling: Pooling = read_pooling(model_dir)
         tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
         tokenizer.no_padding()
@@ -114,18 +105,16 @@ class ImageClassifier:
 
     task: Task = "classify"
 
-    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32,
+    def __init__(self, model_dir: str | Path, dtype: str | torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> None:
         self.model_dir = Path(model_dir)
-        self.device = torch.device(device)
-        self.dtype = dtype
-        hf = read_config(model_dir)
-        architectures = hf.get("architectures") or []
-        loader = load_vit if "ViTForImageClassification" in architectures else load_resnet
-        self.model: nn.Module = loader(model_dir, dtype, self.device)
+        loaded = load_model(model_dir, dtype, device, task="classify")
+        self.model: nn.Module = loaded.model
+        self.dtype, self.device = loaded.dtype, loaded.device
         self.processor = ImageProcessor.from_pretrained(model_dir)
-        self.labels = _Labels.from_config(hf).names
-        self.architecture = architectures[0] if architectures else "?"
+        self.labels = _Labels.from_config(read_config(model_dir)).names
+        assert loaded.architecture is not None
+        self.architecture = loaded.architecture.name
 
     @property
     def num_labels(self) -> int:
@@ -149,15 +138,13 @@ PoolModel = TextEmbedder | ImageClassifier
 
 def load_pool_model(model_dir: str | Path, dtype: str = "auto",
                     device: str = "cpu") -> PoolModel:
-    """The embedder or classifier ``model_dir`` holds (its task read from config.json)."""
-    target = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                          else "cpu" if device == "auto" else device)
-    torch_dtype = pool_dtype(dtype, target)
+    """The embedder or classifier ``model_dir`` holds (its task read from the registry)."""
+    target = resolve_device(device)
     task = detect_task(model_dir)
     if task == "embed":
-        return TextEmbedder(model_dir, torch_dtype, target)
+        return TextEmbedder(model_dir, dtype, target)
     if task == "classify":
-        return ImageClassifier(model_dir, torch_dtype, target)
+        return ImageClassifier(model_dir, dtype, target)
     raise ValueError(f"{model_dir} is a text-generation model: it is served by the LLM engine, "
                      "not as an embedding or classification model")
 

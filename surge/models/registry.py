@@ -1,81 +1,113 @@
-"""Supported architectures: the `architectures` name in config.json -> model class and config."""
+"""Every architecture Surge serves, in one table: its task, its config reader and its class.
+
+A checkpoint's config names its architecture in ``architectures`` (``["LlamaForCausalLM"]``);
+checkpoints that leave it out (written by newer transformers releases, or converted from GGUF)
+are matched by ``model_type`` (``"llama"``). The task says how it is served: "generate" by the
+LLM engine, "embed" and "classify" by the dynamic batcher.
+
+To add an architecture: write its model file (a class built from one config object, see
+``surge.models.loader`` for the hooks it may define), then add one ``Architecture`` to
+``_BUILTIN`` below (or call ``register`` from code that must not edit this file).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
 
 from torch import nn
 
-from surge.models.config import ModelConfig, eos_ids_of, rope_settings
-from surge.models.gpt2 import GPT2LMHeadModel
-from surge.models.llama import LlamaForCausalLM
+from surge.models.bert import BertConfig, BertModel
+from surge.models.gpt2 import GPT2LMHeadModel, gpt2_config
+from surge.models.llama import LlamaForCausalLM, llama_config
+from surge.models.resnet import ResNetConfig, ResNetForImageClassification
+from surge.models.vit import ViTConfig, ViTForImageClassification
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "resolve_architecture"]
+__all__ = ["ARCHITECTURES", "SUPPORTED_ARCHITECTURES", "Architecture", "Task",
+           "find_architecture", "names_for", "register", "resolve_architecture"]
 
-_LLAMA_FAMILY = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                 "MistralForCausalLM")
-SUPPORTED_ARCHITECTURES = (*_LLAMA_FAMILY, "GPT2LMHeadModel")
+Task = Literal["generate", "embed", "classify"]
+TASKS: tuple[Task, ...] = ("generate", "embed", "classify")
 
 
-def resolve_architecture(hf: dict[str, Any]) -> tuple[type[nn.Module], ModelConfig]:
+@dataclass(frozen=True)
+class Architecture:
+    """One servable architecture.
+
+    ``read_config`` turns a config.json dict into the object ``model_class`` is built from
+    (refusing unsupported options with a clear message). ``auto_dtype`` is what ``dtype="auto"``
+    means: None for the checkpoint's own ``torch_dtype`` (LLMs are served as stored), or a fixed
+    dtype name (small encoders and classifiers serve in float32, their outputs compared closely).
+    """
+
+    name: str
+    task: Task
+    model_class: type[nn.Module]
+    read_config: Callable[[dict[str, Any]], Any]
+    model_types: tuple[str, ...] = ()
+    auto_dtype: str | None = None
+
+
+def _llama(name: str, model_type: str) -> Architecture:
+    reader = partial(llama_config, architecture=name)
+    return Architecture(name, "generate", LlamaForCausalLM, reader, (model_type,))
+
+
+_BUILTIN = (
+    _llama("LlamaForCausalLM", "llama"),
+    _llama("Qwen2ForCausalLM", "qwen2"),
+    _llama("Qwen3ForCausalLM", "qwen3"),
+    _llama("MistralForCausalLM", "mistral"),
+    Architecture("GPT2LMHeadModel", "generate", GPT2LMHeadModel, gpt2_config, ("gpt2",)),
+    Architecture("BertModel", "embed", BertModel, BertConfig.from_hf, ("bert",), "float32"),
+    Architecture("ResNetForImageClassification", "classify", ResNetForImageClassification,
+                 ResNetConfig.from_hf, ("resnet",), "float32"),
+    Architecture("ViTForImageClassification", "classify", ViTForImageClassification,
+                 ViTConfig.from_hf, ("vit",), "float32"),
+)
+ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in _BUILTIN}
+
+
+def register(arch: Architecture) -> None:
+    """Add an architecture (its name must be new)."""
+    if arch.name in ARCHITECTURES:
+        raise ValueError(f"architecture {arch.name!r} is already registered")
+    if arch.task not in TASKS:
+        raise ValueError(f"task={arch.task!r} is invalid: allowed is one of {', '.join(TASKS)}")
+    ARCHITECTURES[arch.name] = arch
+
+
+def names_for(task: Task) -> list[str]:
+    """Registered architecture names of one task, in registration order."""
+    return [name for name, arch in ARCHITECTURES.items() if arch.task == task]
+
+
+def find_architecture(hf: dict[str, Any], task: Task | None = None) -> Architecture:
+    """The architecture a config.json describes (by ``architectures``, else ``model_type``);
+    with ``task``, one that serves that task, or a ValueError naming those that do."""
     names = hf.get("architectures") or []
-    for name in names:
-        if name in _LLAMA_FAMILY:
-            return LlamaForCausalLM, _llama_config(name, hf)
-        if name == "GPT2LMHeadModel":
-            return GPT2LMHeadModel, _gpt2_config(hf)
-    raise ValueError(
-        f"architecture {names or hf.get('model_type')!r} is not supported; supported: "
-        f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    found = next((ARCHITECTURES[n] for n in names if n in ARCHITECTURES), None)
+    if found is None and not names:
+        model_type = hf.get("model_type")
+        found = next((a for a in ARCHITECTURES.values() if model_type in a.model_types), None)
+    described = names or hf.get("model_type")
+    if found is None:
+        supported = names_for(task) if task else list(ARCHITECTURES)
+        raise ValueError(f"architecture {described!r} is not supported; supported: "
+                         f"{', '.join(supported)}")
+    if task is not None and found.task != task:
+        raise ValueError(f"architecture {described!r} serves task {found.task!r}, not {task!r}; "
+                         f"architectures for {task!r}: {', '.join(names_for(task))}")
+    return found
 
 
-def _llama_config(name: str, hf: dict[str, Any]) -> ModelConfig:
-    if hf.get("use_sliding_window"):
-        raise ValueError("Qwen2 sliding-window attention (use_sliding_window: true) is not "
-                         "supported; set it to false in config.json")
-    num_heads = hf["num_attention_heads"]
-    theta, scaling = rope_settings(hf)
-    return ModelConfig(
-        architecture=name,
-        hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=num_heads,
-        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-        intermediate_size=hf["intermediate_size"],
-        vocab_size=hf["vocab_size"],
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        # Qwen2 always biases q/k/v; the others say so in `attention_bias`.
-        attention_bias=name == "Qwen2ForCausalLM" or hf.get("attention_bias", False),
-        qk_norm=name == "Qwen3ForCausalLM",
-        sliding_window=hf.get("sliding_window") if name == "MistralForCausalLM" else None,
-        hidden_act=hf.get("hidden_act", "silu"),
-        torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
-        eos_token_ids=eos_ids_of(hf),
-        bos_token_id=hf.get("bos_token_id"),
-    )
+def resolve_architecture(hf: dict[str, Any]) -> tuple[type[nn.Module], Any]:
+    """(class, config) of a text-generation checkpoint."""
+    arch = find_architecture(hf, "generate")
+    return arch.model_class, arch.read_config(hf)
 
 
-def _gpt2_config(hf: dict[str, Any]) -> ModelConfig:
-    hidden = hf["n_embd"]
-    return ModelConfig(
-        architecture="GPT2LMHeadModel",
-        hidden_size=hidden,
-        num_layers=hf["n_layer"],
-        num_heads=hf["n_head"],
-        num_kv_heads=hf["n_head"],
-        head_dim=hidden // hf["n_head"],
-        intermediate_size=hf.get("n_inner") or 4 * hidden,
-        vocab_size=hf["vocab_size"],
-        max_position_embeddings=hf.get("n_positions", 1024),
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        tie_word_embeddings=True,
-        hidden_act=hf.get("activation_function", "gelu_new"),
-        torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
-        eos_token_ids=eos_ids_of(hf),
-        bos_token_id=hf.get("bos_token_id"),
-    )
+# Text-generation architectures (kept for callers that list them).
+SUPPORTED_ARCHITECTURES = tuple(names_for("generate"))

@@ -11,15 +11,12 @@ oneDNN's CPU convolutions prefer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from surge.models.weights import iter_safetensors, load_weights, read_config
-
-__all__ = ["ResNetConfig", "ResNetForImageClassification", "load_resnet"]
+__all__ = ["ResNetConfig", "ResNetForImageClassification", "num_labels"]
 
 
 @dataclass(frozen=True)
@@ -172,14 +169,10 @@ class ResNetForImageClassification(nn.Module):
         pixels = pixels.contiguous(memory_format=torch.channels_last)
         return self.classifier(self.resnet(pixels))
 
+    @staticmethod
+    def optional_tensor(name: str) -> bool:
+        # BatchNorm's step counter is a training statistic: checkpoints may leave it out.
+        return name.endswith("num_batches_tracked")
 
-def load_resnet(model_dir: str | Path, dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu") -> ResNetForImageClassification:
-    config = ResNetConfig.from_hf(read_config(model_dir))
-    with torch.device("meta"):
-        model = ResNetForImageClassification(config)
-    # BatchNorm's step counter is a training statistic: checkpoints may leave it out.
-    load_weights(model, iter_safetensors(model_dir), lambda name: name, dtype,
-                 optional=lambda name: name.endswith("num_batches_tracked"))
-    model = model.to(device).eval().requires_grad_(False)
-    return model.to(memory_format=torch.channels_last)
+    def finish_loading(self, device: torch.device, max_positions: int | None) -> None:
+        self.to(memory_format=torch.channels_last)

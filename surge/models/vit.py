@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,9 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from surge.models.resnet import num_labels
-from surge.models.weights import iter_safetensors, load_weights, read_config
 
-__all__ = ["ViTConfig", "ViTForImageClassification", "load_vit"]
+__all__ = ["ViTConfig", "ViTForImageClassification"]
 
 
 @dataclass(frozen=True)
@@ -198,13 +196,3 @@ _RENAMED_PARTS = {
     "mlp.fc2.weight": "output.dense.weight",
     "mlp.fc2.bias": "output.dense.bias",
 }
-
-
-def load_vit(model_dir: str | Path, dtype: torch.dtype = torch.float32,
-             device: str | torch.device = "cpu") -> ViTForImageClassification:
-    config = ViTConfig.from_hf(read_config(model_dir))
-    with torch.device("meta"):
-        model = ViTForImageClassification(config)
-    load_weights(model, iter_safetensors(model_dir), ViTForImageClassification.checkpoint_name,
-                 dtype)
-    return model.to(device).eval().requires_grad_(False)
