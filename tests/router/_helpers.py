@@ -117,3 +117,57 @@ class RouterThread:
 
     def status(self) -> dict[str, Any]:
         return httpx.get(f"{self.url}/router/replicas", timeout=5).json()
+
+
+class ClientLoad:
+    """``clients`` threads posting ``body`` to /v1/completions back to back until the block
+    ends. Every answer is kept as (status, the replica that served it); a transport error as
+    (0, its repr), so a test sees it rather than losing a thread."""
+
+    def __init__(self, url: str, clients: int, body: dict[str, Any],
+                 timeout: float = 60.0) -> None:
+        self.url = url
+        self.body = body
+        self.timeout = timeout
+        self.results: list[tuple[int, str]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True)
+                         for _ in range(clients)]
+
+    def __enter__(self) -> ClientLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(self.timeout)
+
+    def statuses(self) -> list[int]:
+        return [status for status, _ in self.results]
+
+    def replicas(self) -> set[str]:
+        """The replicas that answered."""
+        return {replica for status, replica in self.results if status}
+
+    def served_by(self, name: str) -> int:
+        return sum(1 for status, replica in self.results if replica == name and status == 200)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=self.timeout) as client:
+            while not self._stop.is_set():
+                try:
+                    response = client.post("/v1/completions", json=self.body)
+                    self.results.append((response.status_code,
+                                         response.headers.get("x-surge-replica", "")))
+                except httpx.HTTPError as exc:
+                    self.results.append((0, repr(exc)))
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
+    except FileNotFoundError:
+        return False

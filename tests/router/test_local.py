@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -22,7 +21,7 @@ from surge.router.autoscale import AutoscaleConfig
 from surge.router.health import HealthConfig
 from surge.router.local import LocalReplicaConfig, build_local_router
 from surge.router.policies import make_policy
-from tests.router._helpers import RouterThread
+from tests.router._helpers import ClientLoad, RouterThread, process_alive
 
 FAKE_SERVER = (sys.executable, "-m", "surge.bench", "fake-server")
 WAIT = 30.0
@@ -52,51 +51,15 @@ def _by_state(router: RouterThread) -> dict[str, set[str]]:
     return states
 
 
-class _Load:
-    """``clients`` threads sending requests back to back until stopped."""
-
-    def __init__(self, url: str, clients: int) -> None:
-        self.url = url
-        self.statuses: list[int] = []
-        self.served_by: set[str] = set()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def __enter__(self) -> _Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(WAIT)
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=WAIT) as client:
-            while not self._stop.is_set():
-                response = client.post("/v1/completions", json={"max_tokens": 1})
-                self.statuses.append(response.status_code)
-                self.served_by.add(response.headers.get("x-surge-replica", ""))
-
-
 @pytest.fixture
 def processes() -> Iterator[list[int]]:
     """Pids to make sure of at the end: none may outlive its test."""
     pids: list[int] = []
     yield pids
     deadline = time.monotonic() + 10
-    while (alive := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
+    while (alive := [p for p in pids if process_alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.05)  # polling interval
     assert not alive, f"processes left behind: {alive}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _pids(router: RouterThread) -> list[int]:
@@ -109,21 +72,21 @@ def test_autoscaler_scales_up_under_load_and_drains_down_after(processes: list[i
                                 scale_up_delay=0.3, scale_down_delay=1.0, interval=0.05)
     with _router(1, autoscale=autoscale, ttft=0.5) as router:
         _wait_until(lambda: _by_state(router).get("healthy") == {"replica-1"}, "replica-1")
-        with _Load(router.url, clients=2) as steady:
-            with _Load(router.url, clients=4) as burst:
+        with ClientLoad(router.url, 2, {"max_tokens": 1}, timeout=WAIT) as steady:
+            with ClientLoad(router.url, 4, {"max_tokens": 1}, timeout=WAIT) as burst:
                 _wait_until(lambda: len(_by_state(router).get("healthy", ())) == 3,
                             "3 replicas")
-                _wait_until(lambda: len(steady.served_by | burst.served_by) == 3,
+                _wait_until(lambda: len(steady.replicas() | burst.replicas()) == 3,
                             "traffic on all 3")
                 processes.extend(_pids(router))
             # Two clients go on (each request 0.5 s, so replicas are mid-request when they
             # are retired) while two of the three replicas are drained and stopped.
             _wait_until(lambda: len(router.status()["replicas"]) == 1, "scale down to 1")
-            served_before = len(steady.statuses)
-            _wait_until(lambda: len(steady.statuses) > served_before + 3, "more answers")
+            served_before = len(steady.results)
+            _wait_until(lambda: len(steady.results) > served_before + 3, "more answers")
         status = router.status()
         metrics = httpx.get(f"{router.url}/metrics", timeout=5).text
-    assert set(steady.statuses) == set(burst.statuses) == {200}
+    assert set(steady.statuses()) == set(burst.statuses()) == {200}
     # Drained first: no request was cut (and retried) when the two replicas stopped.
     assert "surge:router_retries_total 0.0" in metrics
     directions = [d["direction"] for d in status["autoscaler"]["decisions"]]
@@ -202,7 +165,7 @@ def test_replicas_do_not_outlive_a_killed_router() -> None:
             "replicas"]]
         router.kill()  # SIGKILL: the router cannot stop them itself
         router.wait(10)
-        _wait_until(lambda: not any(_alive(pid) for pid in pids), "the replicas to exit",
+        _wait_until(lambda: not any(process_alive(pid) for pid in pids), "the replicas to exit",
                     timeout=10.0)
     finally:
         if router.poll() is None:

@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.router._helpers import ClientLoad, process_alive
 from tests.server._helpers import metric_value
 
 pytestmark = pytest.mark.slow  # about 50 s: four replicas start, one twice
@@ -128,46 +128,12 @@ def _idle(url: str) -> bool:
             and metric_value(text, "surge:kv_cache_usage_perc") == 0)
 
 
-class SteadyLoad:
-    """Client threads sending non-streaming completions back to back; every answer kept."""
-
-    def __init__(self, url: str, clients: int = 4) -> None:
-        self.url = url
-        self.results: list[tuple[int, str]] = []  # (status, replica or error)
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True)
-                         for _ in range(clients)]
-
-    def __enter__(self) -> SteadyLoad:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(60)
-
-    def _run(self) -> None:
-        body = {"prompt": "hello there", "max_tokens": 16, "ignore_eos": True}
-        with httpx.Client(base_url=self.url, timeout=60) as client:
-            while not self._stop.is_set():
-                try:
-                    response = client.post("/v1/completions", json=body)
-                    self.results.append((response.status_code,
-                                         response.headers.get("x-surge-replica", "")))
-                except httpx.HTTPError as exc:
-                    self.results.append((0, repr(exc)))
-
-    def served_by(self, name: str) -> int:
-        return sum(1 for status, replica in self.results if replica == name and status == 200)
-
-
 @pytest.mark.timeout(180)
 def test_kill_9_of_a_replica_under_load_fails_no_request(router: Router) -> None:
     victim = next(r for r in router.replicas() if r["name"] == "replica-2")
     engine_pid = httpx.get(f"{victim['url']}/health", timeout=5).json()["engine_pid"]
-    with SteadyLoad(router.url) as load:
+    body = {"prompt": "hello there", "max_tokens": 16, "ignore_eos": True}
+    with ClientLoad(router.url, 4, body) as load:
         router.wait_for(lambda: load.served_by("replica-2") >= 2, "traffic to replica-2", 30)
         os.kill(victim["pid"], signal.SIGKILL)
         took = router.wait_for(lambda: load.served_by("replica-4") > 0,
@@ -180,17 +146,9 @@ def test_kill_9_of_a_replica_under_load_fails_no_request(router: Router) -> None
     assert took <= REPLACEMENT_SECONDS, f"the replacement served after {took:.1f} s"
     assert _names(router, "healthy") == {"replica-1", "replica-3", "replica-4"}
     # The killed server's engine process notices its parent is gone and exits.
-    router.wait_for(lambda: not _alive(engine_pid), "engine exit", 10.0)
+    router.wait_for(lambda: not process_alive(engine_pid), "engine exit", 10.0)
     metrics = httpx.get(f"{router.url}/metrics", timeout=5).text
     assert metric_value(metrics, "surge:router_scaling_events_total", direction="replace") == 1
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
-    except FileNotFoundError:
-        return False
 
 
 def _descendants(root: int) -> set[int]:
@@ -218,7 +176,8 @@ def test_stopping_the_router_stops_every_replica_and_engine(router: Router) -> N
     router.process.send_signal(signal.SIGTERM)
     assert router.process.wait(60) == 0
     deadline = time.monotonic() + 30
-    while (alive := {pid for pid in processes if _alive(pid)}) and time.monotonic() < deadline:
+    while (alive := {pid for pid in processes if process_alive(pid)}) and \
+            time.monotonic() < deadline:
         time.sleep(0.1)  # polling interval
     assert not alive, f"left behind: {alive}"
     assert "stopping replica-1" in router.log_path.read_text()
