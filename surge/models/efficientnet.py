@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ARCHITECTURE", "LITE0_PREPROCESSOR", "LITE0_STAGES", "EfficientNetLiteConfig",
-           "EfficientNetLiteForImageClassification", "Stage", "load_efficientnet",
-           "write_checkpoint"]
+           "EfficientNetLiteForImageClassification", "Stage", "write_checkpoint"]
 
 ARCHITECTURE = "EfficientNetLiteForImageClassification"
 
@@ -215,10 +214,11 @@ class EfficientNetLiteForImageClassification(nn.Module):
         self.to(memory_format=torch.channels_last)  # what oneDNN's CPU convolutions prefer
 
 
-def _model_state(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors under the model's names, checked one to one (names and shapes)."""
+def _check_tensors(tensors: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Every checkpoint tensor belongs to the model, with its shape, and none is missing (what
+    surge.models.loader checks at load; checked at conversion too, to fail there)."""
     expected = model.state_dict()
-    state = {}
+    found: set[str] = set()
     for name, tensor in tensors.items():
         target = model.checkpoint_name(name)
         if target not in expected:
@@ -227,41 +227,11 @@ def _model_state(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str
         if tuple(tensor.shape) != tuple(expected[target].shape):
             raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, the "
                              f"model expects {tuple(expected[target].shape)}")
-        state[target] = tensor
-    missing = sorted(n for n in expected if n not in state and not model.optional_tensor(n))
+        found.add(target)
+    missing = sorted(n for n in expected if n not in found and not model.optional_tensor(n))
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} EfficientNet-Lite tensors, e.g. "
                          f"{missing[:3]}")
-    return state
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a model folder in Hugging Face layout has "
-                                "config.json and model.safetensors")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def load_efficientnet(model_dir: str | Path, dtype: torch.dtype = torch.float32,
-                      device: str | torch.device = "cpu"
-                      ) -> EfficientNetLiteForImageClassification:
-    """The classifier in ``model_dir`` (config.json + model.safetensors), batch norms folded."""
-    from safetensors.torch import load_file
-
-    model_dir = Path(model_dir)
-    config = EfficientNetLiteConfig.from_hf(_read_json(model_dir / "config.json"))
-    with torch.device("meta"):
-        model = EfficientNetLiteForImageClassification(config)
-    weights = model_dir / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found: `surge pull efficientnet-lite0` writes it")
-    state = _model_state(load_file(weights), model)
-    counters = {n: torch.zeros((), dtype=torch.long) for n in model.state_dict()
-                if n not in state}
-    state = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}
-    model.load_state_dict({**state, **counters}, strict=True, assign=True)
-    model.finish_loading()
-    return model.to(device).eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,7 +261,7 @@ def write_checkpoint(state_dict: dict[str, torch.Tensor], labels: Sequence[str],
                if not k.endswith("num_batches_tracked")}
     # Fail here, at conversion, rather than at first serve: every tensor must belong.
     with torch.device("meta"):
-        _model_state(tensors, EfficientNetLiteForImageClassification(config))
+        _check_tensors(tensors, EfficientNetLiteForImageClassification(config))
     hf = {"architectures": [ARCHITECTURE], "model_type": "efficientnet_lite", "name": name,
           "num_channels": config.num_channels, "stem_channels": config.stem_channels,
           "head_channels": config.head_channels, "batch_norm_eps": config.batch_norm_eps,

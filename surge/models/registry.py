@@ -20,6 +20,10 @@ from typing import Any, Literal
 from torch import nn
 
 from surge.models.bert import BertConfig, BertModel
+from surge.models.efficientnet import (
+    EfficientNetLiteConfig,
+    EfficientNetLiteForImageClassification,
+)
 from surge.models.gpt2 import GPT2LMHeadModel, gpt2_config
 from surge.models.llama import LlamaForCausalLM, llama_config
 from surge.models.resnet import ResNetConfig, ResNetForImageClassification
@@ -66,6 +70,9 @@ _BUILTIN = (
                  ResNetConfig.from_hf, ("resnet",), "float32"),
     Architecture("ViTForImageClassification", "classify", ViTForImageClassification,
                  ViTConfig.from_hf, ("vit",), "float32"),
+    Architecture("EfficientNetLiteForImageClassification", "classify",
+                 EfficientNetLiteForImageClassification, EfficientNetLiteConfig.from_hf,
+                 ("efficientnet_lite",), "float32"),
 )
 ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in _BUILTIN}
 

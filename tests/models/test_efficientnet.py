@@ -4,13 +4,15 @@ ImageNet class in their top 5, and `surge serve` classifies a photo with a real 
 
 from __future__ import annotations
 
+import base64
 import hashlib
-import json
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import matplotlib
 import pytest
 import torch
@@ -19,12 +21,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from surge import hub
-from surge.models.efficientnet import (
-    EfficientNetLiteConfig,
-    load_efficientnet,
-    write_checkpoint,
-)
+from surge.models.efficientnet import EfficientNetLiteConfig, write_checkpoint
 from surge.models.image_processor import ImageProcessor
+from surge.models.loader import load_model
+from surge.models.pooling_models import ImageClassifier
+from tests.server._helpers import ServerProcess, start_server
 
 # EfficientNet-B0, Tan & Le 2019, table 1, stages 2-8 (stage 1 is the 3x3 stride-2 stem, 32
 # channels; stage 9 the 1x1 head, 1280 channels): expand ratio, kernel, stride, out, repeats.
@@ -115,7 +116,7 @@ def reference_logits(sd: dict[str, torch.Tensor], pixels: torch.Tensor) -> torch
 @pytest.mark.parametrize("size", [(224, 224), (199, 257)])
 def test_logits_equal_the_reference(lite0: Path, size: tuple[int, int]) -> None:
     sd = load_file(lite0 / "model.safetensors")
-    model = load_efficientnet(lite0)
+    model = load_model(lite0, task="classify").model
     pixels = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = reference_logits(sd, pixels)
@@ -126,7 +127,7 @@ def test_logits_equal_the_reference(lite0: Path, size: tuple[int, int]) -> None:
 
 @pytest.mark.slow
 def test_model_has_lite0_shape(lite0: Path) -> None:
-    model = load_efficientnet(lite0)
+    model = load_model(lite0, task="classify").model
     assert len(model.blocks) == 16 and model.head.conv.out_channels == 1280
     assert model.stem.conv.out_channels == 32
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # folded
@@ -143,11 +144,10 @@ def test_model_has_lite0_shape(lite0: Path) -> None:
 ])
 def test_real_photos_get_the_right_class_in_the_top_5(lite0: Path, photos: dict[str, Path],
                                                       photo: str, expected: str) -> None:
-    model, processor = load_efficientnet(lite0), ImageProcessor.from_pretrained(lite0)
-    labels = json.loads((lite0 / "config.json").read_text())["id2label"]
-    with torch.inference_mode():
-        logits = model(processor(Image.open(photos[photo]))[None])[0]
-    top5 = [labels[str(i)] for i in logits.topk(5).indices.tolist()]
+    classifier = ImageClassifier(lite0)  # what `surge serve` runs
+    assert classifier.architecture == "EfficientNetLiteForImageClassification"
+    probabilities = classifier.classify_batch([classifier.preprocess(Image.open(photos[photo]))])
+    top5 = [classifier.labels[i] for i in probabilities[0].argsort()[::-1][:5]]
     assert expected in top5, top5
 
 
@@ -183,3 +183,24 @@ def test_conversion_refuses_a_state_dict_of_another_model(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match=r"'_conv_stem\.weight' has shape \(8, 3, 3, 3\)"):
         write_checkpoint({"_conv_stem.weight": torch.zeros(8, 3, 3, 3)}, ["a", "b"], tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def lite0_server(lite0: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[ServerProcess]:
+    proc = start_server(lite0, tmp_path_factory.mktemp("lite0_server"),
+                        "--served-model-name", "efficientnet-lite0")
+    yield proc
+    proc.stop()
+
+
+@pytest.mark.slow
+def test_serve_classifies_a_photo_with_a_real_label(lite0_server: ServerProcess,
+                                                    photos: dict[str, Path]) -> None:
+    image = base64.b64encode(photos["coffee.png"].read_bytes()).decode()
+    response = httpx.post(f"{lite0_server.url}/v1/classify", timeout=60.0,
+                          json={"model": "efficientnet-lite0", "image": image, "top_k": 3})
+    assert response.status_code == 200, response.text
+    labels = response.json()["data"][0]["labels"]
+    assert labels[0]["label"] == "espresso" and labels[0]["class_id"] == 967
+    assert labels[0]["probability"] > 0.5
