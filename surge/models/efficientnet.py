@@ -68,8 +68,11 @@ class EfficientNetLiteConfig:
         if num_labels <= 0:
             raise ValueError("config.json has neither id2label nor num_labels: a classifier "
                              "needs its class names")
+        if hf.get("hidden_act", "relu6") != "relu6":
+            raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported: "
+                             "EfficientNet-Lite uses 'relu6'")
         rows = hf.get("stages")
-        stages = tuple(Stage(*row) for row in rows) if rows else LITE0_STAGES
+        stages = tuple(_stage(row) for row in rows) if rows else LITE0_STAGES
         return cls(num_labels=num_labels, stages=stages,
                    stem_channels=int(hf.get("stem_channels", 32)),
                    head_channels=int(hf.get("head_channels", 1280)),
@@ -83,6 +86,14 @@ class EfficientNetLiteConfig:
                 first = repeat == 0
                 yield (stage.kernel, stage.stride if first else 1, stage.expand_ratio,
                        stage.in_channels if first else stage.out_channels, stage.out_channels)
+
+
+def _stage(row: Any) -> Stage:
+    if not (isinstance(row, list | tuple) and len(row) == 6
+            and all(isinstance(v, int) and v > 0 for v in row)):
+        raise ValueError(f"config.json stages entry {row!r} is invalid: allowed is six positive "
+                         "integers [repeats, kernel, stride, expand_ratio, in, out]")
+    return Stage(*row)
 
 
 class SameConv2d(nn.Conv2d):

@@ -185,6 +185,17 @@ def test_conversion_refuses_a_state_dict_of_another_model(tmp_path: Path) -> Non
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    ({"stages": [[1, 3, 1]]}, "stages entry \\[1, 3, 1\\] is invalid"),
+    ({"hidden_act": "swish"}, "hidden_act='swish' is not supported"),
+    ({"id2label": {}, "num_labels": 0}, "neither id2label nor num_labels"),
+])
+def test_config_refuses_what_it_cannot_build(change: dict, message: str) -> None:
+    hf = {"model_type": "efficientnet_lite", "id2label": {"0": "a"}, **change}
+    with pytest.raises(ValueError, match=message):
+        EfficientNetLiteConfig.from_hf(hf)
+
+
 @pytest.fixture(scope="module")
 def lite0_server(lite0: Path, tmp_path_factory: pytest.TempPathFactory
                  ) -> Iterator[ServerProcess]:
