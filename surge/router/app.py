@@ -45,7 +45,6 @@ __all__ = ["RouterApp", "RouterSettings", "build_router", "run_router"]
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class RouterSettings:
     retry: RetryConfig = field(default_factory=RetryConfig)
