@@ -2,17 +2,19 @@
 
 It turns a ``SchedulerOutput`` into flat tensors (input ids, positions, slot mapping, block
 tables as slot lists, masks), sets them as the forward context, runs the model, computes
-logits only at positions that sample, and samples.
+logits only at positions that sample, and samples them with a ``SamplingBatch`` built from
+the sampling requests' settings.
 """
 
 from __future__ import annotations
 
 import torch
 
+from surge.engine.request import Request
+from surge.engine.sampler import RowPenalties, SampleResult, SamplingBatch, sample
 from surge.engine.scheduler import ScheduledChunk, SchedulerOutput
 from surge.models.attention import AttentionMetadata, PrefillChunk, forward_context
 from surge.models.loader import LoadedModel
-from surge.models.sampler import SampleResult, sample
 
 __all__ = ["ModelRunner"]
 
@@ -55,8 +57,38 @@ class ModelRunner:
         rows = torch.tensor([row for row, _ in sampling], device=self.device)
         logits = self.model.compute_logits(hidden[rows]).float()
         requests = [request for _, request in sampling]
-        results = sample(logits, requests, self.generator)
+        results = sample(logits, self._sampling_batch(requests), self.generator)
         return {r.request_id: res for r, res in zip(requests, results, strict=True)}
+
+    def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:
+        """One pass over the rows; penalty and min_tokens lists only when a row needs them."""
+        batch = SamplingBatch([], [], [], [], [], [])
+        for row, request in enumerate(requests):
+            params = request.sampling_params
+            batch.temperatures.append(params.temperature)
+            batch.top_k.append(params.top_k)
+            batch.top_p.append(params.top_p)
+            batch.min_p.append(params.min_p)
+            batch.generators.append(self._own_generator(request))
+            batch.num_logprobs.append(params.logprobs)
+            if params.has_penalties:
+                batch.penalties = batch.penalties or [None] * len(requests)
+                batch.penalties[row] = RowPenalties(
+                    params.repetition_penalty, params.presence_penalty,
+                    params.frequency_penalty, request.token_ids, request.num_prompt_tokens)
+            if request.num_output_tokens < params.min_tokens:
+                batch.banned_token_ids = batch.banned_token_ids or [[] for _ in requests]
+                batch.banned_token_ids[row] = _early_stop_ids(request)
+        return batch
+
+    def _own_generator(self, request: Request) -> torch.Generator | None:
+        """A seeded sampling request's random stream, created at its first sampled token."""
+        params = request.sampling_params
+        if params.seed is None or params.is_greedy:
+            return None
+        if request.generator is None:
+            request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        return request.generator
 
     def _prepare(self, chunks: list[ScheduledChunk]
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -132,6 +164,15 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     block, which made a fresh engine's prefill 15% slower on CPU.
     """
     return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _early_stop_ids(request: Request) -> list[int]:
+    """Before min_tokens, neither EOS nor a stop token id may be chosen."""
+    params = request.sampling_params
+    banned = set(params.stop_token_ids)
+    if not params.ignore_eos:
+        banned |= request.eos_token_ids
+    return sorted(banned)
 
 
 def _cumulative_ends(chunks: list[ScheduledChunk]) -> list[int]:
