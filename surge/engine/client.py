@@ -1,20 +1,21 @@
 """`EngineClient`: async access to an engine core, the one seam between server and engine.
 
-``InprocEngineClient`` runs the core on a thread of this process (tests, simple
-deployments); the multiprocess client runs it in its own process behind ZMQ. Both stream
-``EngineCoreOutput`` updates per request, abort a request whose consumer stops listening,
-and raise ``EngineDeadError`` for requests in flight when the engine dies.
+``EngineClient`` streams ``EngineCoreOutput`` updates per request, aborts a request whose
+consumer stops listening, and raises ``EngineDeadError`` for requests in flight when the
+engine dies. Its subclasses only carry messages: ``InprocEngineClient`` runs the core on a
+thread of this process (tests, simple deployments); the multiprocess client
+(``surge.engine.mp_client``) runs it in its own process behind ZMQ.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import queue
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -24,8 +25,7 @@ from surge.engine.protocol import AbortRequests, AddRequest, EngineCoreOutput, E
 if TYPE_CHECKING:
     from surge.engine.core import EngineCore
 
-__all__ = ["EngineClient", "EngineDeadError", "EngineInfo", "InprocEngineClient", "RequestStream",
-           "iterate_stream"]
+__all__ = ["EngineClient", "EngineDeadError", "EngineInfo", "InprocEngineClient"]
 
 
 class EngineDeadError(RuntimeError):
@@ -46,7 +46,21 @@ class EngineInfo(msgspec.Struct):
 
 
 class EngineClient(abc.ABC):
+    """Streams of engine updates per request, over a transport a subclass supplies.
+
+    This class owns what every client does alike: the map from request id to its stream,
+    refusing an id already in flight, delivering engine outputs to their streams, failing
+    every stream when the engine dies, and iterating a stream (aborting the request if its
+    consumer leaves early). A subclass supplies the transport: ``_send_add`` and ``abort``
+    reach the engine, and it hands received outputs to ``_deliver`` and a death to
+    ``_fail_all``, on the event loop the client was started on.
+    """
+
     _info: EngineInfo | None = None  # set by subclasses once the engine reports ready
+
+    def __init__(self) -> None:
+        self._streams: dict[str, asyncio.Queue[EngineCoreOutput | BaseException]] = {}
+        self._stats = EngineStats()
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -67,64 +81,106 @@ class EngineClient(abc.ABC):
     @abc.abstractmethod
     def is_healthy(self) -> bool: ...
 
-    @abc.abstractmethod
     def generate(self, request: AddRequest) -> AsyncIterator[EngineCoreOutput]:
         """Updates for one request until one carries a finish_reason.
 
-        Raises ValueError when the engine refuses the request and EngineDeadError when it
-        dies meanwhile. Leaving the iteration early aborts the request in the engine.
+        Raises EngineDeadError at once when the engine cannot take it; the iteration raises
+        ValueError when the engine refuses the request (or its id is already in flight) and
+        EngineDeadError when the engine dies meanwhile. Leaving the iteration early aborts
+        the request in the engine.
         """
+        if not self.is_healthy:
+            raise EngineDeadError(self._unavailable_reason())
+        request_id = request.request_id
+        if request_id in self._streams:
+            return _fail_on_iteration(ValueError(
+                f"request_id={request_id!r} is already in flight: allowed is an id unique "
+                "among running requests"))
+        stream: asyncio.Queue[EngineCoreOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = stream
+        try:
+            self._send_add(request)
+        except BaseException:
+            del self._streams[request_id]
+            raise
+        return self._iterate(stream, request_id)
 
     @abc.abstractmethod
     async def abort(self, request_ids: list[str]) -> None: ...
 
-    @abc.abstractmethod
     def stats(self) -> EngineStats:
         """The latest snapshot of the scheduler and KV cache."""
+        return self._stats
 
     @abc.abstractmethod
     async def shutdown(self) -> None: ...
 
+    # -- transport hooks ---------------------------------------------------------------------
 
-@dataclass
-class RequestStream:
-    """Per-request mailbox: the engine side puts, the request's coroutine gets."""
+    def _send_add(self, request: AddRequest) -> None:
+        """Hand a request to the engine without waiting, so adds and aborts keep their order;
+        raise EngineDeadError if it cannot be sent. A client that overrides ``generate``
+        (one that never generates) need not supply it."""
+        raise NotImplementedError(f"{type(self).__name__} has no transport to send requests")
 
-    loop: asyncio.AbstractEventLoop
-    updates: asyncio.Queue = field(default_factory=asyncio.Queue)
+    def _unavailable_reason(self) -> str:
+        """Why ``generate`` is refused while the client is not healthy."""
+        return "the engine is not running"
 
-    def put(self, item: EngineCoreOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.updates.put_nowait, item)
+    # -- streams -----------------------------------------------------------------------------
+
+    def _deliver(self, outputs: Iterable[EngineCoreOutput]) -> None:
+        """Put each output on its request's stream; a finished request's stream closes."""
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue  # its consumer left and the request was aborted
+            if output.finish_reason is not None or output.error is not None:
+                del self._streams[output.request_id]
+            stream.put_nowait(output)
+
+    def _fail_all(self, error: EngineDeadError) -> None:
+        """End every stream in flight with ``error``: the engine will not complete them."""
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.put_nowait(error)
+
+    async def _iterate(self, stream: asyncio.Queue[EngineCoreOutput | BaseException],
+                       request_id: str) -> AsyncIterator[EngineCoreOutput]:
+        """Yield a request's updates; abort it in the engine if the consumer leaves early."""
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.error is not None:
+                    raise ValueError(item.error)
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            if not finished:
+                await self.abort([request_id])
 
 
-async def iterate_stream(stream: RequestStream, request_id: str,
-                         abort: Callable[[list[str]], Awaitable[None]]
-                         ) -> AsyncIterator[EngineCoreOutput]:
-    """Yield a request's updates; abort it in the engine if the consumer leaves early."""
-    finished = False
-    try:
-        while not finished:
-            item = await stream.updates.get()
-            if isinstance(item, BaseException):
-                raise item
-            if item.error is not None:
-                raise ValueError(item.error)
-            finished = item.finish_reason is not None
-            yield item
-    finally:
-        if not finished:
-            await abort([request_id])
+async def _fail_on_iteration(error: Exception) -> AsyncIterator[EngineCoreOutput]:
+    raise error
+    yield  # an async generator, like every other generate() result
 
 
 class InprocEngineClient(EngineClient):
-    """The engine core on a background thread of this process."""
+    """The engine core on a background thread of this process.
+
+    The engine thread posts each step's outputs to the event loop that called ``start``, so
+    the streams are only ever touched on that loop.
+    """
 
     def __init__(self, config: EngineConfig, model_dir: str):
+        super().__init__()
         self.config, self.model_dir = config, model_dir
         self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, RequestStream] = {}
-        self._stats = EngineStats()
         self._info: EngineInfo | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._dead: BaseException | None = None
@@ -135,6 +191,7 @@ class InprocEngineClient(EngineClient):
         core = await asyncio.to_thread(EngineCore, self.config, self.model_dir)
         self._info = engine_info(core, self.model_dir)
         self._stats = core.stats()
+        self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, args=(core,), daemon=True,
                                         name="surge-engine")
         self._thread.start()
@@ -143,25 +200,19 @@ class InprocEngineClient(EngineClient):
     def is_healthy(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._dead is None
 
-    def generate(self, request: AddRequest) -> AsyncIterator[EngineCoreOutput]:
-        if not self.is_healthy:
-            raise EngineDeadError("the engine is not running")
-        stream = RequestStream(asyncio.get_running_loop())
-        self._streams[request.request_id] = stream
-        self._commands.put(request)
-        return iterate_stream(stream, request.request_id, self.abort)
-
     async def abort(self, request_ids: list[str]) -> None:
         self._commands.put(AbortRequests(list(request_ids)))
-
-    def stats(self) -> EngineStats:
-        return self._stats
 
     async def shutdown(self) -> None:
         self._stopping.set()
         self._commands.put(None)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+        self._fail_all(EngineDeadError("the engine was shut down before the request "
+                                       "completed"))
+
+    def _send_add(self, request: AddRequest) -> None:
+        self._commands.put(request)
 
     # -- engine thread ----------------------------------------------------------------------
 
@@ -173,11 +224,8 @@ class InprocEngineClient(EngineClient):
                     self._publish(core.step())
                 self._stats = core.stats()
         except BaseException as exc:
-            self._dead = exc
-            error = EngineDeadError(f"the engine failed: {exc!r}")
-            for stream in self._streams.values():
-                stream.put(error)
-            self._streams.clear()
+            self._dead = exc  # first: from now on generate() refuses, so no stream is missed
+            self._post(self._fail_all, EngineDeadError(f"the engine failed: {exc!r}"))
 
     def _apply_commands(self, core: EngineCore, block: bool) -> None:
         try:
@@ -201,13 +249,13 @@ class InprocEngineClient(EngineClient):
             self._publish([EngineCoreOutput(command.request_id, [], error=str(exc))])
 
     def _publish(self, outputs: list[EngineCoreOutput]) -> None:
-        for output in outputs:
-            stream = self._streams.get(output.request_id)
-            if stream is None:
-                continue
-            if output.finish_reason is not None or output.error is not None:
-                del self._streams[output.request_id]
-            stream.put(output)
+        if outputs:
+            self._post(self._deliver, outputs)
+
+    def _post(self, callback: Callable[[Any], None], argument: Any) -> None:
+        assert self._loop is not None, "start() sets the loop before the thread runs"
+        with contextlib.suppress(RuntimeError):  # the loop is closed: no one is listening
+            self._loop.call_soon_threadsafe(callback, argument)
 
 
 def engine_info(core: EngineCore, model_dir: str) -> EngineInfo:

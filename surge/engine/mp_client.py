@@ -3,9 +3,9 @@
 The client binds two ipc sockets in a private temp folder and spawns the engine process
 (``surge.engine.process``), which loads the model and says READY. From then on:
 
-- ``generate`` sends an ``Add`` at once (no await, so adds and aborts keep their order) and
-  returns an iterator over the request's own queue;
-- one receive task decodes each step's message and dispatches its outputs to those queues;
+- ``generate`` (``EngineClient``'s) sends an ``Add`` at once (no await, so adds and aborts
+  keep their order) and returns an iterator over the request's own stream;
+- one receive task decodes each step's message and hands its outputs to those streams;
 - a supervisor task waits on the process's sentinel. When the process dies it fails every
   in-flight request with ``EngineDeadError`` at once and, if allowed, starts a new engine.
 """
@@ -19,7 +19,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar
@@ -29,13 +29,7 @@ import zmq
 import zmq.asyncio
 
 from surge.config import EngineConfig
-from surge.engine.client import (
-    EngineClient,
-    EngineDeadError,
-    EngineInfo,
-    RequestStream,
-    iterate_stream,
-)
+from surge.engine.client import EngineClient, EngineDeadError, EngineInfo
 from surge.engine.process import (
     Abort,
     Add,
@@ -48,7 +42,7 @@ from surge.engine.process import (
     StepOutputs,
     run_engine_process,
 )
-from surge.engine.protocol import AbortRequests, AddRequest, EngineCoreOutput, EngineStats
+from surge.engine.protocol import AbortRequests, AddRequest, EngineStats
 from surge.procs import describe_exit
 
 __all__ = ["EngineStartError", "MPEngineClient"]
@@ -217,11 +211,10 @@ class MPEngineClient(EngineClient):
                 or max_restarts < 0:
             raise ValueError(f"max_restarts={max_restarts!r} is invalid: allowed is an "
                              "integer >= 0")
+        super().__init__()
         self.config, self.model_dir = config, str(model_dir)
         self.restart, self.max_restarts = restart, max_restarts
         self.num_restarts = 0
-        self._streams: dict[str, RequestStream] = {}
-        self._stats = EngineStats()
         self._info: EngineInfo | None = None
         self._engine: _EngineProcess | None = None
         self._starting: asyncio.Future[None] | None = None
@@ -266,32 +259,11 @@ class MPEngineClient(EngineClient):
     def is_healthy(self) -> bool:
         return self._healthy
 
-    def generate(self, request: AddRequest) -> AsyncIterator[EngineCoreOutput]:
-        if not self._healthy or self._engine is None:
-            raise EngineDeadError(self._unavailable_reason())
-        request_id = request.request_id
-        if request_id in self._streams:
-            return _fail_on_iteration(ValueError(
-                f"request_id={request_id!r} is already in flight: allowed is an id unique "
-                "among running requests"))
-        stream = RequestStream(asyncio.get_running_loop())
-        self._streams[request_id] = stream
-        try:
-            self._engine.send(Add(request))
-        except zmq.ZMQError as exc:
-            del self._streams[request_id]
-            raise EngineDeadError(f"the engine is unreachable ({exc}); the request was not "
-                                  "sent") from exc
-        return iterate_stream(stream, request_id, self.abort)
-
     async def abort(self, request_ids: list[str]) -> None:
         # While the engine is down its requests were already failed: nothing to abort.
         if self._engine is not None and self._healthy:
             with contextlib.suppress(zmq.ZMQError):
                 self._engine.send(Abort(AbortRequests(list(request_ids))))
-
-    def stats(self) -> EngineStats:
-        return self._stats
 
     async def shutdown(self) -> None:
         """Tell the engine to exit and wait for it (then terminate, then kill); idempotent.
@@ -313,6 +285,17 @@ class MPEngineClient(EngineClient):
         self._fail_all(EngineDeadError("the engine was shut down before the request "
                                        "completed"))
         self._close_transport()
+
+    # -- transport ---------------------------------------------------------------------------
+
+    def _send_add(self, request: AddRequest) -> None:
+        if self._engine is None:
+            raise EngineDeadError(self._unavailable_reason())
+        try:
+            self._engine.send(Add(request))
+        except zmq.ZMQError as exc:
+            raise EngineDeadError(f"the engine is unreachable ({exc}); the request was not "
+                                  "sent") from exc
 
     # -- beyond the interface ----------------------------------------------------------------
 
@@ -384,18 +367,9 @@ class MPEngineClient(EngineClient):
         message = _DECODER.decode(data)
         if isinstance(message, StepOutputs):
             self._stats = message.stats
-            for output in message.outputs:
-                self._deliver(output)
+            self._deliver(message.outputs)
         elif isinstance(message, EngineFailed):
             engine.failure = message.error
-
-    def _deliver(self, output: EngineCoreOutput) -> None:
-        stream = self._streams.get(output.request_id)
-        if stream is None:
-            return  # its consumer left and the request was aborted
-        if output.finish_reason is not None or output.error is not None:
-            del self._streams[output.request_id]
-        stream.updates.put_nowait(output)  # same thread: no need for call_soon_threadsafe
 
     async def _supervise(self, engine: _EngineProcess) -> None:
         await asyncio.shield(engine.exited)  # shutdown cancels us; the future must survive
@@ -427,11 +401,6 @@ class MPEngineClient(EngineClient):
         self._dead.set()
         logger.error("the engine is dead (%s) and will not be restarted", describe_exit(code))
 
-    def _fail_all(self, error: EngineDeadError) -> None:
-        streams, self._streams = self._streams, {}
-        for stream in streams.values():
-            stream.updates.put_nowait(error)
-
     def _unavailable_reason(self) -> str:
         if self._stopping:
             return "the engine is shutting down; the request was not sent"
@@ -458,11 +427,6 @@ def _task(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
 def _log_crash(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.error("%s crashed", task.get_name(), exc_info=task.exception())
-
-
-async def _fail_on_iteration(error: Exception) -> AsyncIterator[EngineCoreOutput]:
-    raise error
-    yield  # an async generator, like every other generate() result
 
 
 def _private_folder() -> str:

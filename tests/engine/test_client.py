@@ -10,7 +10,7 @@ import pytest
 
 from surge import LLM, SamplingParams
 from surge.config import EngineConfig
-from surge.engine.client import InprocEngineClient
+from surge.engine.client import EngineDeadError, InprocEngineClient
 from surge.engine.protocol import AddRequest
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -82,3 +82,36 @@ def test_leaving_a_stream_early_aborts_the_request(model_dir: Path) -> None:
             await client.shutdown()
 
     assert asyncio.run(main()) == (0, 0.0)
+
+
+def test_a_duplicate_request_id_is_refused_and_the_first_continues(model_dir: Path) -> None:
+    async def main() -> tuple[str, list[int]]:
+        client = InprocEngineClient(EngineConfig(dtype="float32"), str(model_dir))
+        await client.start()
+        try:
+            first = asyncio.create_task(_collect(client, "same", PROMPTS[0]))
+            await asyncio.sleep(0)  # the first request's stream is registered
+            with pytest.raises(ValueError, match="already in flight") as refused:
+                await _collect(client, "same", PROMPTS[1])
+            return str(refused.value), await first
+        finally:
+            await client.shutdown()
+
+    message, tokens = asyncio.run(main())
+    assert "request_id='same'" in message and "allowed is an id unique" in message
+    assert len(tokens) == GREEDY.max_tokens
+
+
+def test_shutdown_ends_in_flight_streams(model_dir: Path) -> None:
+    async def main() -> None:
+        client = InprocEngineClient(EngineConfig(dtype="float32"), str(model_dir))
+        await client.start()
+        long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+        stream = client.generate(AddRequest("r", PROMPTS[2], long))
+        await anext(stream)
+        await client.shutdown()
+        with pytest.raises(EngineDeadError, match="shut down"):
+            async for _ in stream:
+                pass
+
+    asyncio.run(asyncio.wait_for(main(), 60))

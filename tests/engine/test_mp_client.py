@@ -163,6 +163,20 @@ def test_refused_request_raises_value_error_and_others_continue(shared: Session)
 
 
 @pytest.mark.timeout(120)
+def test_a_duplicate_request_id_is_refused_and_the_first_continues(shared: Session) -> None:
+    async def main() -> tuple[str, list[int]]:
+        first = asyncio.create_task(collect(shared.client, "same", PROMPTS[1]))
+        await asyncio.sleep(0)  # the first request's stream is registered
+        with pytest.raises(ValueError, match="already in flight") as refused:
+            await collect(shared.client, "same", PROMPTS[2])
+        return str(refused.value), await first
+
+    message, tokens = shared.run(main())
+    assert "request_id='same'" in message and "allowed is an id unique" in message
+    assert len(tokens) == GREEDY.max_tokens
+
+
+@pytest.mark.timeout(120)
 def test_sampling_params_are_validated_again_in_the_engine(shared: Session) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=4)
     params.temperature = -1.0  # bypasses the constructor's check; the engine's decode catches it
