@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,17 @@ def model_dir(tiny_checkpoint: Callable[[str], Path]) -> Path:
     return tiny_checkpoint("tiny-llama")
 
 
+@contextlib.asynccontextmanager
+async def running(model_dir: Path) -> AsyncIterator[InprocEngineClient]:
+    """A started client, shut down on leaving."""
+    client = InprocEngineClient(EngineConfig(dtype="float32"), str(model_dir))
+    await client.start()
+    try:
+        yield client
+    finally:
+        await client.shutdown()
+
+
 async def _collect(client: InprocEngineClient, request_id: str, prompt: list[int],
                    params: SamplingParams = GREEDY) -> list[int]:
     tokens: list[int] = []
@@ -34,28 +46,20 @@ def test_concurrent_streams_equal_offline_outputs(model_dir: Path) -> None:
     offline = LLM(model_dir, dtype="float32").generate(PROMPTS, GREEDY, use_tqdm=False)
 
     async def main() -> list[list[int]]:
-        client = InprocEngineClient(EngineConfig(dtype="float32"), str(model_dir))
-        await client.start()
-        try:
+        async with running(model_dir) as client:
             return await asyncio.gather(*(_collect(client, str(i), p)
                                           for i, p in enumerate(PROMPTS)))
-        finally:
-            await client.shutdown()
 
     assert asyncio.run(main()) == [o.outputs[0].token_ids for o in offline]
 
 
 def test_refused_request_raises_and_others_continue(model_dir: Path) -> None:
     async def main() -> tuple[str, list[int]]:
-        client = InprocEngineClient(EngineConfig(dtype="float32"), str(model_dir))
-        await client.start()
-        try:
+        async with running(model_dir) as client:
             good = asyncio.create_task(_collect(client, "good", PROMPTS[0]))
             with pytest.raises(ValueError, match="unknown") as refused:
                 await _collect(client, "bad", [10**9])
             return str(refused.value), await good
-        finally:
-            await client.shutdown()
 
     message, tokens = asyncio.run(main())
     assert "allowed is [0," in message
@@ -64,9 +68,7 @@ def test_refused_request_raises_and_others_continue(model_dir: Path) -> None:
 
 def test_leaving_a_stream_early_aborts_the_request(model_dir: Path) -> None:
     async def main() -> tuple[int, int]:
-        client = InprocEngineClient(EngineConfig(dtype="float32"), str(model_dir))
-        await client.start()
-        try:
+        async with running(model_dir) as client:
             long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
             stream = client.generate(AddRequest("r", PROMPTS[2], long))
             async for _ in stream:
@@ -78,24 +80,18 @@ def test_leaving_a_stream_early_aborts_the_request(model_dir: Path) -> None:
                     break
                 await asyncio.sleep(0.01)
             return stats.num_running, stats.kv_cache_usage
-        finally:
-            await client.shutdown()
 
     assert asyncio.run(main()) == (0, 0.0)
 
 
 def test_a_duplicate_request_id_is_refused_and_the_first_continues(model_dir: Path) -> None:
     async def main() -> tuple[str, list[int]]:
-        client = InprocEngineClient(EngineConfig(dtype="float32"), str(model_dir))
-        await client.start()
-        try:
+        async with running(model_dir) as client:
             first = asyncio.create_task(_collect(client, "same", PROMPTS[0]))
             await asyncio.sleep(0)  # the first request's stream is registered
             with pytest.raises(ValueError, match="already in flight") as refused:
                 await _collect(client, "same", PROMPTS[1])
             return str(refused.value), await first
-        finally:
-            await client.shutdown()
 
     message, tokens = asyncio.run(main())
     assert "request_id='same'" in message and "allowed is an id unique" in message
