@@ -40,8 +40,8 @@ __all__ = ["LocalProcess", "LocalProcessLauncher", "LocalReplicaConfig", "build_
 logger = logging.getLogger(__name__)
 
 _OUTPUT_TAIL_LINES = 30
-# After its process exits, how long a replica's output relay may take to reach the end (a
-# grandchild that inherited the pipe may hold it open).
+# At shutdown, once the replicas were stopped, how long their output relays may take to read
+# to the end (a grandchild that inherited the pipe may hold it open).
 _RELAY_CLOSE_SECONDS = 5.0
 
 
