@@ -136,6 +136,12 @@ def _run_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(subparsers: argparse._SubParsersAction) -> None:
+    from surge.eval.cli import add_parser
+
+    add_parser(subparsers)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_make_model,
     _add_generate,
@@ -144,6 +150,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_route,
     _add_batch,
     _add_pull,
+    _add_eval,
 ]
 
 

@@ -17,7 +17,7 @@ EXAMPLES = """examples:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from surge.eval.runner import DEFAULT_CONTEXT_LENGTH, DEFAULT_MAX_TOKENS
+    from surge.eval.defaults import DEFAULT_CONTEXT_LENGTH, DEFAULT_MAX_TOKENS
 
     p = subparsers.add_parser(
         "eval", help="quality gate: perplexity, prompt-suite accuracy, agreement with a baseline",
