@@ -1,4 +1,4 @@
-"""GPT-2: learned positions, LayerNorm, GELU (tanh), fused c_attn, tied LM head."""
+"""GPT-2: learned positions, LayerNorm, GELU (tanh), fused c_attn, LM head tied (by default)."""
 
 from __future__ import annotations
 
@@ -81,13 +81,13 @@ class GPT2LMHeadModel(nn.Module):
         self.transformer = GPT2Model(config, linear_method)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, False)
 
-    @staticmethod
-    def optional_tensor(name: str) -> bool:
-        return name == "lm_head.weight"
+    def optional_tensor(self, name: str) -> bool:
+        return name == "lm_head.weight" and self.config.tie_word_embeddings
 
     def finish_loading(self, device: torch.device, max_positions: int | None) -> None:
-        """GPT-2 always ties its LM head to the token embedding."""
-        self.lm_head.weight = self.transformer.wte.weight
+        """GPT-2 ties its LM head to the token embedding unless config.json says not to."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.transformer(input_ids, positions)
@@ -98,11 +98,12 @@ class GPT2LMHeadModel(nn.Module):
     def attention_layers(self) -> list[GPT2Attention]:
         return [block.attn for block in self.transformer.h]
 
-    @staticmethod
-    def checkpoint_name(name: str) -> str | None:
+    def checkpoint_name(self, name: str) -> str | None:
         """Map a checkpoint tensor name to ours; None for tensors to skip."""
-        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
-            return None  # causal-mask buffers, and the head tied to wte
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            return None  # causal-mask buffers
+        if name == "lm_head.weight":
+            return None if self.config.tie_word_embeddings else name  # tied: wte is the head
         return name if name.startswith("transformer.") else f"transformer.{name}"
 
     @staticmethod
@@ -123,7 +124,7 @@ def gpt2_config(hf: dict[str, Any]) -> ModelConfig:
         vocab_size=hf["vocab_size"],
         max_position_embeddings=hf.get("n_positions", 1024),
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        tie_word_embeddings=True,
+        tie_word_embeddings=hf.get("tie_word_embeddings", True),
         hidden_act=hf.get("activation_function", "gelu_new"),
         torch_dtype=stored_dtype(hf),
         eos_token_ids=eos_ids_of(hf),

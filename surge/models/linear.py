@@ -81,10 +81,11 @@ class Linear(nn.Module):
                 f"bias={self.has_bias}, method={type(self.method).__name__}")
 
 
-def copy_checked(target: torch.Tensor, tensor: torch.Tensor, what: str) -> None:
-    """Copy ``tensor`` into ``target`` (casting dtype), refusing a shape mismatch."""
+def copy_checked(target: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Copy ``tensor`` into ``target`` (casting dtype), refusing a shape mismatch (the loader
+    names the checkpoint tensor: the message completes "tensor 'NAME' ...")."""
     if tuple(target.shape) != tuple(tensor.shape):
-        raise ValueError(f"tensor {what!r} has shape {tuple(tensor.shape)}, the model expects "
+        raise ValueError(f"has shape {tuple(tensor.shape)}, the model expects "
                          f"{tuple(target.shape)}")
     target.copy_(tensor)
 
@@ -93,7 +94,7 @@ def _load_rows(name: str) -> WeightLoader:
     """A loader that copies a checkpoint tensor into ``name``'s rows of its shard."""
     def load(layer: nn.Module, tensor: torch.Tensor, shard: int | None) -> None:
         assert isinstance(layer, Linear)
-        copy_checked(getattr(layer, name).data[layer.shard_rows(shard)], tensor, name)
+        copy_checked(getattr(layer, name).data[layer.shard_rows(shard)], tensor)
 
     return load
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from surge.models.checkpoint import open_checkpoint
 from surge.models.config import stored_dtype
-from surge.models.linear import Linear, copy_checked
+from surge.models.linear import Linear, LinearMethod, copy_checked
 from surge.models.registry import Architecture, Task, find_architecture
 
 __all__ = ["DTYPES", "LoadedModel", "build_model", "load_model", "load_weights",
@@ -85,11 +85,13 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device,
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "auto",
                device: str | torch.device = "auto", allow_pickle: bool = False,
-               max_positions: int | None = None, task: Task | None = "generate") -> LoadedModel:
+               max_positions: int | None = None, task: Task | None = "generate",
+               linear_method: LinearMethod | None = None) -> LoadedModel:
     """The model at ``path`` (a Hugging Face directory or a .gguf file), ready for inference.
 
     ``task`` refuses a checkpoint of another task (None: any); ``max_positions`` caps the rope
-    tables a decoder precomputes.
+    tables a decoder precomputes; ``linear_method`` stores and applies a decoder's projections
+    (None: unquantized, in the serving dtype).
     """
     checkpoint = open_checkpoint(path, allow_pickle)
     hf = checkpoint.read_config()
@@ -97,7 +99,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto",
     config = arch.read_config(hf)
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target, arch.auto_dtype or stored_dtype(hf))
-    model = build_model(arch.model_class, config, torch_dtype, target)
+    extra = {} if linear_method is None else {"linear_method": linear_method}
+    model = build_model(arch.model_class, config, torch_dtype, target, **extra)
     load_weights(model, checkpoint.iter_tensors())
     _finish(model, target, max_positions)
     return LoadedModel(model, config, torch_dtype, target, arch)
@@ -136,7 +139,10 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) 
         if target not in loaders:
             raise ValueError(f"checkpoint tensor {raw_name!r} does not belong to "
                              f"{type(model).__name__}; is config.json the right one?")
-        loaders[target](transform(name, tensor), shard)
+        try:
+            loaders[target](transform(name, tensor), shard)
+        except ValueError as error:
+            raise ValueError(f"tensor {raw_name!r} {error}") from None
         loaded.add(target)
     _check_complete(model, set(loaders) - loaded)
 
@@ -151,7 +157,7 @@ def _tensor_loaders(model: nn.Module) -> dict[str, _Load]:
             loaders.update({prefix + leaf: partial(load, module) for leaf, load in own.items()})
             continue
         for leaf, tensor in _own_tensors(module):
-            loaders[prefix + leaf] = partial(_copy_whole, tensor, prefix + leaf)
+            loaders[prefix + leaf] = partial(_copy_whole, tensor)
     return loaders
 
 
@@ -161,11 +167,10 @@ def _own_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 if b is not None and n not in module._non_persistent_buffers_set)
 
 
-def _copy_whole(target: torch.Tensor, name: str, tensor: torch.Tensor,
-                shard: int | None) -> None:
+def _copy_whole(target: torch.Tensor, tensor: torch.Tensor, shard: int | None) -> None:
     if shard is not None:
-        raise ValueError(f"{name} is one tensor: it has no shard {shard}")
-    copy_checked(target.data, tensor, name)
+        raise ValueError(f"is mapped to shard {shard} of a tensor that has no shards")
+    copy_checked(target.data, tensor)
 
 
 def _packed_target(name: str, packed: dict[str, tuple[str, int]]) -> tuple[str, int | None]:
