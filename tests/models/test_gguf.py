@@ -12,6 +12,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from surge.models.gguf import SUPPORTED_GGUF_TYPES, GGUFCheckpoint, GGUFError
+from surge.models.gguf.reader import GGUFFile
 from tests.models.tiny_gguf import (
     FFN,
     HEAD_DIM,
@@ -182,7 +183,7 @@ def test_truncated_file_names_the_file_and_the_fix(tmp_path: Path, keep: float) 
 def test_not_a_gguf_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "model.gguf"
     path.write_bytes(b"<html>404 not found</html>")
-    with pytest.raises(GGUFError, match="not a GGUF file"):
+    with pytest.raises(GGUFError, match="does not start with 'GGUF'"):
         GGUFCheckpoint(path)
     with pytest.raises(FileNotFoundError, match=r"missing\.gguf"):
         GGUFCheckpoint(tmp_path / "missing.gguf")
@@ -197,3 +198,46 @@ def test_llama31_rope_factors_are_refused_not_ignored(tmp_path: Path) -> None:
 def test_linear_rope_scaling_reaches_the_config(tmp_path: Path) -> None:
     config = GGUFCheckpoint(_write(tmp_path, TinyGGUF(linear_rope_factor=4.0))).read_config()
     assert config["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+
+
+def test_damaged_header_bytes_never_escape_as_other_errors(tmp_path: Path) -> None:
+    """Any byte of the header overwritten: the file loads or GGUFError names it, nothing else."""
+    original = _write(tmp_path, TinyGGUF(tensor_type=Q.Q8_0)).read_bytes()
+    header_end = original.index(b"blk.0.attn_norm.weight") + 200  # into the tensor table
+    rng = np.random.default_rng(0)
+    for position in rng.integers(4, header_end, 200):
+        damaged = bytearray(original)
+        damaged[position] = (damaged[position] + rng.integers(1, 256)) % 256
+        path = tmp_path / f"damaged-{position}.gguf"
+        path.write_bytes(bytes(damaged))
+        try:
+            GGUFCheckpoint(path).read_config()
+        except GGUFError as error:
+            assert str(path) in str(error)
+        path.unlink()
+
+
+def assert_reader_agrees_with_gguf_package(path: Path) -> None:
+    """Surge's parser against llama.cpp's GGUFReader: every metadata value and tensor."""
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
+    fields = {key: field for key, field in theirs.fields.items() if not key.startswith("GGUF.")}
+    assert set(ours.metadata) == set(fields)
+    for key, field in fields.items():
+        expected = field.contents()
+        assert ours.metadata[key] == (expected.tolist() if hasattr(expected, "tolist")
+                                      else expected), key
+    assert list(ours.tensors) == [t.name for t in theirs.tensors]
+    for tensor in theirs.tensors:
+        info = ours.tensors[tensor.name]
+        assert info.type_name == tensor.tensor_type.name
+        assert info.dims == tuple(int(n) for n in tensor.shape)
+        assert np.array_equal(ours.array(info), np.asarray(tensor.data)), tensor.name
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K"])
+def test_reader_agrees_with_gguf_package(tmp_path: Path, kind: str) -> None:
+    name = "model.layers.0.self_attn.o_proj.weight"
+    raw = ({name: (_random_k_blocks(kind, HIDDEN, HIDDEN, seed=3), Q[kind])}
+           if kind.endswith("_K") else {})
+    spec = TinyGGUF(tensor_type=Q[kind] if not raw else Q.Q8_0, raw=raw, linear_rope_factor=2.0)
+    assert_reader_agrees_with_gguf_package(_write(tmp_path, spec))

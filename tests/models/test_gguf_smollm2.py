@@ -12,6 +12,7 @@ import torch
 from surge import LLM, SamplingParams
 from surge.models.gguf import GGUFCheckpoint
 from surge.tokenizer import ChatTokenizer, load_tokenizer
+from tests.models.test_gguf import assert_reader_agrees_with_gguf_package
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
@@ -55,6 +56,10 @@ def test_config(smollm2_gguf: Path) -> None:
             config["num_key_value_heads"], config["vocab_size"]) == (30, 576, 9, 3, 49152)
     assert config["tie_word_embeddings"] is True
     assert config["eos_token_id"] == [2]  # <|im_end|>
+
+
+def test_reader_agrees_with_gguf_package(smollm2_gguf: Path) -> None:
+    assert_reader_agrees_with_gguf_package(smollm2_gguf)
 
 
 def test_tensors_equal_what_transformers_loads(smollm2_gguf: Path,

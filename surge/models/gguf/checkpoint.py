@@ -7,8 +7,9 @@ special tokens, chat template). `GGUFCheckpoint` translates the first two into w
 checkpoint directory holds, so the loader needs no GGUF-specific path; `GGUFVocab` hands the third
 to `surge.tokenizer`.
 
-Reading and dequantizing use llama.cpp's own Python package (`gguf`): its reader memory-maps the
-file, and its numpy dequantizers are the reference implementation of every block format.
+`reader.GGUFFile` parses the container and memory-maps the tensor data; llama.cpp's own Python
+package (`gguf`) supplies the type table and the numpy dequantizers, the reference
+implementation of every block format.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from surge.models.gguf.reader import GGUFFile, GGUFFormatError, TensorInfo
+
 __all__ = ["SUPPORTED_GGUF_ARCHITECTURES", "SUPPORTED_GGUF_TYPES", "GGUFCheckpoint", "GGUFError",
-           "GGUFVocab", "RawTensor", "is_gguf"]
+           "GGUFVocab", "RawTensor", "is_gguf", "open_gguf", "open_vocab", "read_vocab"]
 
 # llama.cpp architecture name -> (Hugging Face class, whether conversion permuted q/k rows).
 # llama.cpp's converter interleaves the rotary halves of q and k for Llama only; Qwen2 and Qwen3
@@ -115,12 +118,12 @@ class GGUFCheckpoint:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._reader = _open_reader(self.path)
+        self._file = open_gguf(self.path)
         self.architecture = self._string("general.architecture")
         if self.architecture not in _ARCHITECTURES:
             raise GGUFError(f"{self.path}: architecture {self.architecture!r} is not supported; "
                             f"supported GGUF architectures: {', '.join(_ARCHITECTURES)}")
-        self._tensors = {t.name: t for t in self._reader.tensors}
+        self._tensors: dict[str, TensorInfo] = self._file.tensors
         self._check_tensor_types()
         self._hf_to_gguf = {_hf_name(name): name for name in self._tensors if _hf_name(name)}
 
@@ -145,7 +148,7 @@ class GGUFCheckpoint:
             "rms_norm_eps": float(self._meta(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
             "rope_theta": float(self._meta(f"{arch}.rope.freq_base", 10000.0)),
             "max_position_embeddings": self._int(f"{arch}.context_length"),
-            "vocab_size": int(self._tensor("token_embd.weight").shape[-1]),
+            "vocab_size": self._tensor("token_embd.weight").shape[0],
             "tie_word_embeddings": "output.weight" not in self._tensors,
             "attention_bias": "blk.0.attn_q.bias" in self._tensors,
             "hidden_act": "silu",
@@ -173,23 +176,22 @@ class GGUFCheckpoint:
         if name not in self._hf_to_gguf:
             raise KeyError(f"{self.path} has no tensor {name!r}")
         stored = self._tensors[self._hf_to_gguf[name]]
-        data = np.asarray(stored.data)
+        data = self._file.array(stored)
         heads = self._permuted_heads(name)
         if heads:
             data = _unpermute_rows(data, heads)
-        shape = tuple(int(n) for n in reversed(stored.shape))
-        return RawTensor(name, stored.name, stored.tensor_type.name, shape, data)
+        return RawTensor(name, stored.name, stored.type_name, stored.shape, data)
 
     def vocab(self) -> GGUFVocab:
-        return read_vocab(self._reader, self.path)
+        return read_vocab(self._file)
 
     # -- internals ------------------------------------------------------------------------------
 
     def _check_tensor_types(self) -> None:
         for tensor in self._tensors.values():
-            if tensor.tensor_type.name not in SUPPORTED_GGUF_TYPES:
+            if tensor.type_name not in SUPPORTED_GGUF_TYPES:
                 raise GGUFError(f"{self.path}: tensor {tensor.name} has type "
-                                f"{tensor.tensor_type.name}, which Surge does not read; "
+                                f"{tensor.type_name}, which Surge does not read; "
                                 f"supported GGUF types: {', '.join(SUPPORTED_GGUF_TYPES)}")
         if "rope_freqs.weight" in self._tensors:
             raise GGUFError(f"{self.path}: per-frequency rope factors (rope_freqs.weight, "
@@ -232,7 +234,7 @@ class GGUFCheckpoint:
         return self._tensors[name]
 
     def _meta(self, key: str, default: Any = None) -> Any:
-        return metadata_value(self._reader, key, default)
+        return self._file.metadata.get(key, default)
 
     def _int(self, key: str) -> int:
         value = self._meta(key)
@@ -248,15 +250,15 @@ class GGUFCheckpoint:
         return value
 
 
-def read_vocab(reader: Any, path: Path) -> GGUFVocab:
+def read_vocab(file: GGUFFile) -> GGUFVocab:
     """The tokenizer metadata of an open GGUF file."""
     def meta(key: str, default: Any = None) -> Any:
-        return metadata_value(reader, f"tokenizer.{key}", default)
+        return file.metadata.get(f"tokenizer.{key}", default)
 
     tokens = meta("ggml.tokens")
     if not tokens:
-        raise GGUFError(f"{path} carries no tokenizer (tokenizer.ggml.tokens); Surge needs one "
-                        "to serve text")
+        raise GGUFError(f"{file.path} carries no tokenizer (tokenizer.ggml.tokens); Surge "
+                        "needs one to serve text")
     model = meta("ggml.model", "gpt2")
     return GGUFVocab(
         model=model, pre=meta("ggml.pre", "default"), tokens=tokens,
@@ -271,16 +273,7 @@ def read_vocab(reader: Any, path: Path) -> GGUFVocab:
 
 
 def open_vocab(path: str | Path) -> GGUFVocab:
-    path = Path(path)
-    return read_vocab(_open_reader(path), path)
-
-
-def metadata_value(reader: Any, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    value = field.contents()
-    return value.tolist() if isinstance(value, np.ndarray) else value
+    return read_vocab(open_gguf(Path(path)))
 
 
 def _hf_name(gguf_name: str) -> str | None:
@@ -303,38 +296,20 @@ def _unpermute_rows(data: np.ndarray, heads: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_reader(path: str, size: int, mtime_ns: int) -> Any:
-    """One parse per file and process: parsing a 50k-token vocabulary takes seconds."""
-    from gguf import GGUFReader
-
+def _cached_file(path: str, size: int, mtime_ns: int) -> GGUFFile:
+    """One parse per file and process: the engine reads tensors, the server the vocabulary."""
     del size, mtime_ns  # part of the cache key only: a rewritten file is parsed again
-    return GGUFReader(path)
+    return GGUFFile(path)
 
 
-def _open_reader(path: Path) -> Any:
+def open_gguf(path: Path) -> GGUFFile:
+    """The parsed file; a missing, foreign, truncated or damaged one raises naming the fix."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: --model takes a .gguf file, a checkpoint "
                                 "directory or a catalogue name")
-    with path.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise GGUFError(f"{path} is not a GGUF file (it does not start with 'GGUF'); "
-                            f"if it should be one, {_FIX}")
     stat = os.stat(path)
     try:
-        reader = _cached_reader(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    except (ValueError, IndexError, OverflowError, UnicodeDecodeError, MemoryError) as error:
-        raise GGUFError(f"{path} is truncated or corrupt ({error}); {_FIX}") from error
-    _check_complete(reader, path)
-    return reader
-
-
-def _check_complete(reader: Any, path: Path) -> None:
-    """Every tensor's bytes lie inside the file (a cut-short download is caught here)."""
-    from gguf import GGML_QUANT_SIZES
-
-    for tensor in reader.tensors:
-        block, block_bytes = GGML_QUANT_SIZES[tensor.tensor_type]
-        expected = int(tensor.n_elements) // block * block_bytes
-        if tensor.data.nbytes != expected:
-            raise GGUFError(f"{path} is truncated: tensor {tensor.name} has "
-                            f"{tensor.data.nbytes} of its {expected} bytes; {_FIX}")
+        return _cached_file(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    except GGUFFormatError as error:
+        raise GGUFError(f"{path} cannot be read as GGUF: it {error}; if it is a model "
+                        f"download, {_FIX}") from error
