@@ -39,6 +39,15 @@ def test_a_stop_token_ends_the_output_without_its_text(tok: Tokenizer) -> None:
     assert not any(d.needs_abort for d in deltas)
 
 
+def test_include_stop_str_in_output_keeps_the_stop_token_text(tok: Tokenizer) -> None:
+    eot = tok.token_to_id(SPECIALS[0])
+    params = SamplingParams(skip_special_tokens=False, include_stop_str_in_output=True)
+    processor = OutputProcessor(tok, [], params)
+    for update in _updates([*encode(tok, "hello"), eot], FinishReason.STOP, eot):
+        processor.process(update)
+    assert processor.text == "hello" + SPECIALS[0]
+
+
 def test_a_stop_string_while_running_asks_the_caller_to_abort(tok: Tokenizer) -> None:
     processor = OutputProcessor(tok, [], SamplingParams(stop=["lazy"]))
     deltas = []
