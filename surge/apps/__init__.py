@@ -1,12 +1,13 @@
 """Applications on top of the server, with a web UI at ``/``: a customer-support chat, a writing
 assistant, image recognition and a live status page, plus their storage.
 
-``mount_apps(app, settings)`` adds everything to any FastAPI app (``surge serve``'s, or the
-router's): the pages (``/`` and ``/ui/...``, plain HTML/CSS/JS shipped in the package, no build
-step), the endpoints behind them (``/api/apps/...``, in the OpenAPI schema), the anonymous user
-cookie, and the start/stop of the store and the model-server client. The apps reach the model
-over HTTP (see ``llm_backend``): by default the address the server listens on, which the
-server puts in ``app.state.listen_address`` once bound; ``settings.upstream`` overrides it.
+``AppsFeature`` adds everything to ``surge serve``'s app as a feature, and ``mount_apps(app,
+settings)`` to any other FastAPI app (the router's fallback): the pages (``/`` and ``/ui/...``,
+plain HTML/CSS/JS shipped in the package, no build step), the endpoints behind them
+(``/api/apps/...``, in the OpenAPI schema), the anonymous user cookie, and the start/stop of
+the store and the model-server client. The apps reach the model over HTTP (see
+``llm_backend``): by default the address the server listens on (``ServerControl.address``, or
+``app.state.listen_address`` on another app); ``settings.upstream`` overrides it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from starlette.applications import Starlette
@@ -29,7 +30,11 @@ from surge.apps.llm_backend import LLMBackend, loopback_url
 from surge.apps.routes import API_PREFIX, AppsRuntime, build_router
 from surge.apps.storage import open_store
 
-__all__ = ["AppsSettings", "add_apps_args", "apps_settings_from_args", "mount_apps"]
+if TYPE_CHECKING:
+    from surge.server.features import ServerHost
+
+__all__ = ["AppsFeature", "AppsSettings", "add_apps_args", "apps_settings_from_args",
+           "mount_apps"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,23 +42,44 @@ UI_PREFIX = "/ui"
 STATIC_DIR = Path(str(resources.files("surge.apps") / "static"))
 
 
+Address = tuple[str, int]
+
+
+class AppsFeature:
+    """The web apps as a feature of ``surge serve``."""
+
+    def __init__(self, settings: AppsSettings) -> None:
+        self.settings = settings
+
+    def mount(self, app: FastAPI, host: ServerHost) -> None:
+        runtime = _mount(app, self.settings, lambda: host.control.address)
+        service = _service_of(runtime)
+        host.services.add(lambda: service(app))
+
+
 def mount_apps(app: FastAPI, settings: AppsSettings | None = None) -> AppsRuntime:
-    """Add the web apps to ``app`` (before it starts); returns their runtime state."""
-    settings = settings or AppsSettings()
-    runtime = AppsRuntime(settings, LLMBackend(settings.upstream, _listen_url_of(app)))
-    app.state.apps = runtime
+    """Add the web apps to any FastAPI app (before it starts): their store and client start
+    and stop around the app's own lifespan. Returns their runtime state."""
+    runtime = _mount(app, settings or AppsSettings(),
+                     lambda: getattr(app.state, "listen_address", None))
+    _wrap_lifespan(app, _service_of(runtime))
+    return runtime
+
+
+def _mount(app: FastAPI, settings: AppsSettings,
+           listen_address: Callable[[], Address | None]) -> AppsRuntime:
+    runtime = AppsRuntime(settings, LLMBackend(settings.upstream, _listen_url(listen_address)))
     app.include_router(build_router(runtime))
     _add_pages(app)
     app.add_middleware(UserIdentity, prefixes=(API_PREFIX + "/", UI_PREFIX + "/"),
                        exact=("/",))
-    _register_service(app, _service_of(runtime))
     return runtime
 
 
-def _listen_url_of(app: Starlette) -> Callable[[], str | None]:
+def _listen_url(listen_address: Callable[[], Address | None]) -> Callable[[], str | None]:
     """Reads the server's bound address when first needed (it is unknown before startup)."""
     def listen_url() -> str | None:
-        address = getattr(app.state, "listen_address", None)
+        address = listen_address()
         return loopback_url(*address) if address else None
 
     return listen_url
@@ -89,15 +115,9 @@ async def _running(runtime: AppsRuntime) -> AsyncIterator[None]:
         runtime.executor.shutdown(wait=False)
 
 
-def _register_service(app: Starlette,
-                      service: Callable[[Any], contextlib.AbstractAsyncContextManager[None]]
-                      ) -> None:
-    """On a Surge server, a lifecycle service (entered after the engine starts loading, left
-    before it stops); on any other app, wrapped around the app's own lifespan."""
-    lifecycle = getattr(app.state, "lifecycle", None)
-    if lifecycle is not None and hasattr(lifecycle, "services"):
-        lifecycle.services.add(lambda: service(app))
-        return
+def _wrap_lifespan(app: Starlette,
+                   service: Callable[[Any], contextlib.AbstractAsyncContextManager[None]]
+                   ) -> None:
     inner = app.router.lifespan_context
 
     @contextlib.asynccontextmanager

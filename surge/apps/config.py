@@ -5,8 +5,18 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["DEFAULT_SYSTEM_PROMPT", "AppsSettings", "add_apps_args", "apps_settings_from_args"]
+if TYPE_CHECKING:
+    from surge.apps import AppsFeature
+
+__all__ = [
+    "DEFAULT_SYSTEM_PROMPT",
+    "AppsPlugin",
+    "AppsSettings",
+    "add_apps_args",
+    "apps_settings_from_args",
+]
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are the customer-support assistant of this service. Answer politely, briefly and "
@@ -82,3 +92,18 @@ def apps_settings_from_args(args: argparse.Namespace, api_keys: list[str]) -> Ap
         database_url=args.database_url, history=args.history, upstream=args.apps_upstream,
         chat_system_prompt=prompt if prompt is not None else DEFAULT_SYSTEM_PROMPT,
         chat_max_tokens=args.chat_max_tokens, api_keys=list(api_keys))
+
+
+class AppsPlugin:
+    """The web apps as a plug-in of ``surge serve``: on unless ``--no-apps``."""
+
+    def add_args(self, parser: argparse.ArgumentParser) -> None:
+        add_apps_args(parser)
+
+    def from_args(self, args: argparse.Namespace, settings: Any,
+                  model_dir: str) -> AppsFeature | None:
+        if not args.apps:
+            return None
+        from surge.apps import AppsFeature  # FastAPI, SQLAlchemy: only when on
+
+        return AppsFeature(apps_settings_from_args(args, settings.api_keys))

@@ -2,7 +2,7 @@
 messages, history list/export/delete, writing-assistant generations, and the status numbers.
 
 Every page works through these endpoints only, so the applications can be driven without the
-UI. Errors use OpenAI's shape (``surge.server.errors.APIError``).
+UI. Errors use OpenAI's shape (``surge.http.errors.APIError``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from functools import partial
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Request
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
 
 from surge.apps import schemas
 from surge.apps.chat import ChatTurn, TurnRegistry, TurnResult, build_messages
@@ -31,11 +30,11 @@ from surge.apps.storage import GenerationRecord, Store, new_id
 from surge.apps.writing import LENGTHS, TEMPLATES, TONES, build_prompt, cache_key, check_request
 from surge.http.errors import APIError
 from surge.http.openapi import error_responses, event_stream_content
+from surge.http.responses import SSEResponse, sse_event
 
 __all__ = ["API_PREFIX", "AppsRuntime", "build_router"]
 
 API_PREFIX = "/api/apps"
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _T = TypeVar("_T")
 
 SessionId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
@@ -236,7 +235,7 @@ async def _start_turn(rt: AppsRuntime, user: str, session_id: str, body: schemas
     turn.start()
     start = {"type": "start", "session_id": session_id,
              "user_message_id": stored.id if stored else None}
-    return _TurnResponse(turn, start, partial(rt.turns.release, session_id))
+    return _turn_response(turn, start, partial(rt.turns.release, session_id))
 
 
 async def _persist_answer(rt: AppsRuntime, user: str, session_id: str,
@@ -248,36 +247,23 @@ async def _persist_answer(rt: AppsRuntime, user: str, session_id: str,
     return stored.id if stored else None
 
 
-class _TurnResponse(StreamingResponse):
+def _turn_response(turn: ChatTurn, start: dict[str, Any],
+                   release: Callable[[], None]) -> SSEResponse:
     """SSE of one turn. When the client goes away, Starlette cancels the streaming; then (out
     of the cancelled scope) the turn is stopped and its partial answer stored before the
     conversation is released for its next message."""
 
-    def __init__(self, turn: ChatTurn, start: dict[str, Any],
-                 on_close: Callable[[], None]) -> None:
-        self._events = self._sse(turn, start)
-        super().__init__(self._events, media_type="text/event-stream", headers=_SSE_HEADERS)
-        self._turn = turn
-        self._on_close = on_close
-
-    @staticmethod
-    async def _sse(turn: ChatTurn, start: dict[str, Any]) -> AsyncIterator[bytes]:
-        yield _sse_event(start)
+    async def events() -> AsyncIterator[bytes]:
+        yield sse_event(start)
         async for event in turn.events():
-            yield _sse_event(event)
+            yield sse_event(event)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._events.aclose()  # type: ignore[attr-defined]
-            self._turn.stop()
-            await self._turn.wait()
-            self._on_close()
+    async def close() -> None:
+        turn.stop()
+        await turn.wait()
+        release()
 
-
-def _sse_event(event: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(event).encode() + b"\n\n"
+    return SSEResponse(events(), on_close=close)
 
 
 # -- a user's whole history ------------------------------------------------------------------

@@ -8,12 +8,17 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from surge.batch.queue import AmqpQueue, open_queue
 from surge.config import DATA_DIR_ENV, user_data_dir
 
+if TYPE_CHECKING:
+    from surge.batch.routes import BatchFeature
+
 __all__ = [
     "DATA_DIR_ENV",
+    "BatchPlugin",
     "BatchSettings",
     "add_batch_args",
     "batch_settings_from_args",
@@ -72,3 +77,19 @@ def batch_settings_from_args(args: argparse.Namespace) -> BatchSettings:
             raise ValueError("--batch-concurrency 0 needs --batch-queue-url amqp://...: with "
                              "the SQLite queue no other process would run the lines")
     return settings
+
+
+class BatchPlugin:
+    """The Files and Batches API as a plug-in of ``surge serve``: on unless ``--no-batch``."""
+
+    def add_args(self, parser: argparse.ArgumentParser) -> None:
+        add_batch_args(parser)
+
+    def from_args(self, args: argparse.Namespace, settings: Any,
+                  model_dir: str) -> BatchFeature | None:
+        batch = batch_settings_from_args(args)
+        if not batch.enabled:
+            return None
+        from surge.batch.routes import BatchFeature  # FastAPI and the queue: only when on
+
+        return BatchFeature(batch)

@@ -22,8 +22,9 @@ from surge.batch.store import BATCH_STATUSES, TERMINAL_STATUSES
 from surge.http.errors import APIError
 from surge.http.openapi import VALIDATION_ERROR, error_responses
 from surge.http.responses import json_response
+from surge.server.features import ServerHost
 
-__all__ = ["BatchCreateRequest", "add_batch_routes"]
+__all__ = ["BatchCreateRequest", "BatchFeature"]
 
 MAX_LIST_LIMIT = 100
 
@@ -47,13 +48,18 @@ class BatchCreateRequest(BaseModel):
     metadata: dict[str, str] | None = None
 
 
-def add_batch_routes(app: FastAPI, settings: BatchSettings, api_keys: list[str]) -> None:
-    """Mount the routes and register the service (queue, worker, monitor) with the app."""
-    service = BatchService(app, settings, api_keys)
-    app.state.batch = service
-    app.state.lifecycle.services.add(lambda: service.running(app))
-    app.include_router(_files_router(service))
-    app.include_router(_batches_router(service))
+class BatchFeature:
+    """The Files and Batches API as a feature of ``surge serve``."""
+
+    def __init__(self, settings: BatchSettings) -> None:
+        self.settings = settings
+
+    def mount(self, app: FastAPI, host: ServerHost) -> None:
+        """Mount the routes and register the service (queue, worker, monitor)."""
+        service = BatchService(app, self.settings, host)
+        host.services.add(lambda: service.running(app))
+        app.include_router(_files_router(service))
+        app.include_router(_batches_router(service))
 
 
 def _files_router(service: BatchService) -> APIRouter:

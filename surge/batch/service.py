@@ -44,6 +44,7 @@ from surge.batch.store import (
 from surge.batch.validate import BATCH_URLS, BatchFileError, parse_lines, validate_batch_file
 from surge.batch.worker import BATCH_PRIORITY, BatchWorker
 from surge.http.errors import APIError
+from surge.server.features import ServerHost
 
 __all__ = ["BatchService", "parse_completion_window"]
 
@@ -92,13 +93,15 @@ class BatchApiMetrics:
 class BatchService:
     """Everything behind the batch routes; ``running`` is the app's lifecycle service."""
 
-    def __init__(self, app: FastAPI, settings: BatchSettings, api_keys: list[str]) -> None:
+    def __init__(self, app: FastAPI, settings: BatchSettings, host: ServerHost) -> None:
         self.app = app
         self.settings = settings
-        self.serving = app.state.serving
+        self.load = host.load
+        self.models = host.models
+        api_keys = host.settings.api_keys
         self.store = BatchStore(settings.resolved_data_dir())
         self.queue: BatchQueue = open_queue(settings.resolved_queue_url())
-        self.metrics = BatchApiMetrics(self.serving.metrics.registry)
+        self.metrics = BatchApiMetrics(host.metrics.registry)
         self.headers = {"Authorization": f"Bearer {api_keys[0]}"} if api_keys else {}
         self.worker: BatchWorker | None = None
         # One thread for the store: SQLite commits (fsync) never block the event loop, and
@@ -138,19 +141,15 @@ class BatchService:
     def _make_worker(self, client: httpx.AsyncClient) -> BatchWorker:
         def interactive_load() -> int:
             batch_in_flight = self.worker.num_in_flight if self.worker else 0
-            return self.serving.num_in_flight - batch_in_flight
-
-        def can_run() -> bool:
-            engine = self.serving.engine
-            return (self.serving.refusal is None and engine.is_ready and engine.is_healthy)
+            return self.load.num_in_flight() - batch_in_flight
 
         def interactive_waiting() -> int:
-            return self.serving.num_waiting_for_first_token(more_urgent_than=BATCH_PRIORITY)
+            return self.load.num_waiting_for_first_token(more_urgent_than=BATCH_PRIORITY)
 
         return BatchWorker(self.queue, client, concurrency=self.settings.concurrency,
                            headers=self.headers, is_active=self.is_active,
                            keep=self.keep_result, interactive_load=interactive_load,
-                           interactive_waiting=interactive_waiting, can_run=can_run)
+                           interactive_waiting=interactive_waiting, can_run=self.load.can_run)
 
     async def _recover(self) -> None:
         """Pick up where a previous run (or a crash) left every unfinished batch."""
@@ -228,7 +227,7 @@ class BatchService:
             raise APIError(400, f"purpose={purpose!r} is not supported: allowed is 'batch'",
                            param="purpose", code="invalid_value")
         schemas = self.endpoint_schemas()
-        served = await self.served_models()
+        served = self.served_models()
         try:
             validated = await asyncio.to_thread(validate_batch_file, content, schemas=schemas,
                                                 served_models=served)
@@ -312,15 +311,9 @@ class BatchService:
                     schemas[route.path] = model
         return schemas
 
-    async def served_models(self) -> set[str]:
+    def served_models(self) -> set[str]:
         """The model names ``GET /v1/models`` lists (every model of a multi-model server)."""
-        transport = httpx.ASGITransport(app=self.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://surge.internal",
-                                     timeout=10.0) as client:
-            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
-                response = await client.get("/v1/models", headers=self.headers)
-                return {card["id"] for card in response.json()["data"]}
-        return set(self.serving.model_names)
+        return set(self.models.names())
 
     # -- internals ---------------------------------------------------------------------------
 

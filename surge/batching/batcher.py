@@ -41,6 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from surge.config import require
+
 __all__ = [
     "BatchObserver",
     "BatchTimeout",
@@ -88,15 +90,15 @@ class BatcherConfig:
     max_queue_size: int = 1024
 
     def __post_init__(self) -> None:
-        _require(_is_int(self.max_batch_size) and self.max_batch_size >= 1,
+        require(_is_int(self.max_batch_size) and self.max_batch_size >= 1,
                  "max_batch_size", self.max_batch_size, "an integer >= 1")
-        _require(self.max_wait_ms >= 0 and math.isfinite(self.max_wait_ms), "max_wait_ms",
+        require(self.max_wait_ms >= 0 and math.isfinite(self.max_wait_ms), "max_wait_ms",
                  self.max_wait_ms, "a number of milliseconds >= 0")
-        _require(all(_is_int(s) and 1 <= s <= self.max_batch_size
+        require(all(_is_int(s) and 1 <= s <= self.max_batch_size
                      for s in self.preferred_batch_sizes), "preferred_batch_sizes",
                  self.preferred_batch_sizes, f"integers in [1, {self.max_batch_size}] "
                  "(--max-batch-size)")
-        _require(_is_int(self.max_queue_size) and self.max_queue_size >= 1, "max_queue_size",
+        require(_is_int(self.max_queue_size) and self.max_queue_size >= 1, "max_queue_size",
                  self.max_queue_size, "an integer >= 1")
 
 
@@ -324,7 +326,3 @@ class DynamicBatcher(Generic[In, Out]):
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
-
-def _require(ok: bool, name: str, value: object, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}={value!r} is invalid: allowed is {allowed}")

@@ -5,6 +5,11 @@ until it is ready). SIGTERM or Ctrl-C drain: new requests get 503, in-flight one
 ``--drain-timeout`` seconds to finish, the rest are aborted, the engine shuts down, and the
 process exits 0. If the engine dies and ``--no-engine-restart`` is set, in-flight requests get
 an error and the process exits 1.
+
+This is where the server meets its optional features: each (embedding and classification
+models, the batch API, the web apps) is a ``FeaturePlugin`` that adds its flags and, when on,
+mounts on the app built by ``surge.server.app.build_app``; the server package knows none of
+them.
 """
 
 from __future__ import annotations
@@ -14,13 +19,17 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from surge.config import EngineConfig, add_engine_args
+from surge.http.logs import configure_logging
 
 if TYPE_CHECKING:
-    from surge.engine.client import EngineClient
-    from surge.server.app import ServerSettings
+    from surge.engine.mp_client import MPEngineClient
+    from surge.server.app import LLM, ServerSettings
+    from surge.server.features import FeaturePlugin
+    from surge.server.lifecycle import EngineSupervision
+    from surge.tokenizer import ChatTokenizer
 
 __all__ = ["add_serve_args", "run_serve"]
 
@@ -74,28 +83,31 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--log-prompts", action="store_true",
                           help="log prompts and outputs (off by default: they may be private)")
 
-    from surge.entrypoints.serve_pooling import add_pooling_args
-
-    add_pooling_args(parser)
-    from surge.batch.config import add_batch_args
-
-    add_batch_args(parser)
+    pooling, batch, apps = _plugins()
+    pooling.add_args(parser)
+    batch.add_args(parser)
     add_engine_args(parser.add_argument_group("engine"))
-
-    from surge.apps.config import add_apps_args
-
-    add_apps_args(parser)
+    apps.add_args(parser)
 
     from surge.router.cli import add_replica_args
 
     add_replica_args(parser)
 
 
+def _plugins() -> list[FeaturePlugin]:
+    """Every optional feature of `surge serve`, in the order they mount (and their flags
+    show in --help): embedding and classification models, the batch API, the web apps."""
+    from surge.apps.config import AppsPlugin
+    from surge.batch.config import BatchPlugin
+    from surge.entrypoints.serve_pooling import PoolingPlugin
+
+    return [PoolingPlugin(), BatchPlugin(), AppsPlugin()]
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    _configure_logging(args.log_level)
+    configure_logging(args.log_level)
     settings = settings_from_args(args)  # bad flags fail before any model is written
-    apps_settings = _apps_settings(args, settings.api_keys)
-    from surge.entrypoints.serve_pooling import pools_from_args, resolve_model_arg
+    from surge.entrypoints.serve_pooling import main_model_generates, resolve_model_arg
 
     model_dir = resolve_model_arg(args.model) if args.model else _demo_model()
     _check_model_dir(model_dir)
@@ -109,24 +121,24 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from surge.http.control import ServerControl
+    from surge.http.server import DrainingServer
     from surge.server.app import build_app
     from surge.tokenizer import load_tokenizer
 
+    features = [feature for plugin in _plugins()
+                if (feature := plugin.from_args(args, settings, model_dir)) is not None]
     # Embedding and classification models are served without the LLM engine.
-    pools, generates = pools_from_args(args, model_dir, settings)
-    engine = (make_engine(args.engine_mode, config, model_dir, args.engine_restart)
-              if generates else None)
-    app = build_app(engine, load_tokenizer(model_dir) if generates else None, settings, pools)
-    if apps_settings is not None:
-        from surge.apps import mount_apps
-
-        mount_apps(app, apps_settings)
-    lifecycle = app.state.lifecycle
-    server = _make_server(uvicorn.Config(
+    llm = None
+    if main_model_generates(model_dir):
+        llm = make_llm(args.engine_mode, config, model_dir, args.engine_restart,
+                       load_tokenizer(model_dir, config.chat_template))
+    control = ServerControl()
+    app = build_app(settings, llm, features, control)
+    server = DrainingServer(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
         access_log=args.access_log, timeout_graceful_shutdown=settings.drain_timeout,
-        lifespan="on"), lifecycle.begin_drain, settings.model_names[0])
-    lifecycle.request_exit = server.request_exit
+        lifespan="on"), on_started=_announce(settings.model_names[0]), control=control)
     logger.info("loading %s (%s engine); /health answers 503 until it is ready", model_dir,
                 args.engine_mode)
     server.run()
@@ -151,32 +163,34 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_body_bytes=args.max_body_bytes, max_queued_requests=args.max_queued_requests,
         max_queued_tokens=args.max_queued_tokens,
         request_timeout=args.request_timeout or None, drain_timeout=args.drain_timeout,
-        log_prompts=args.log_prompts, batch=_batch_settings(args))
+        log_prompts=args.log_prompts)
 
 
-def _apps_settings(args: argparse.Namespace, api_keys: list[str]) -> Any:
-    if not args.apps:
-        return None
-    from surge.apps.config import apps_settings_from_args
+def make_llm(mode: str, config: EngineConfig, model_dir: str, restart: bool,
+             tokenizer: ChatTokenizer) -> LLM:
+    """The engine client of ``mode``, with what the server needs to supervise it."""
+    from surge.server.app import LLM
 
-    return apps_settings_from_args(args, api_keys)
-
-
-def _batch_settings(args: argparse.Namespace) -> Any:
-    from surge.batch.config import batch_settings_from_args
-
-    return batch_settings_from_args(args)
-
-
-def make_engine(mode: str, config: EngineConfig, model_dir: str,
-                restart: bool) -> EngineClient:
     if mode == "thread":
         from surge.engine.client import InprocEngineClient
 
-        return InprocEngineClient(config, model_dir)
+        return LLM(InprocEngineClient(config, model_dir), tokenizer)
     from surge.engine.mp_client import MPEngineClient
 
-    return MPEngineClient(config, model_dir, restart=restart)
+    engine = MPEngineClient(config, model_dir, restart=restart)
+    return LLM(engine, tokenizer, _process_supervision(engine))
+
+
+def _process_supervision(engine: MPEngineClient) -> EngineSupervision:
+    from surge.server.lifecycle import EngineSupervision
+
+    def stop_restarting() -> None:
+        engine.restart = False  # the client's own switch (its constructor's ``restart``)
+
+    return EngineSupervision(gone_for_good=lambda: engine.dead,
+                             stop_restarting=stop_restarting,
+                             pid=lambda: engine.engine_pid,
+                             num_restarts=lambda: engine.num_restarts)
 
 
 def _demo_model() -> str:
@@ -197,38 +211,9 @@ def _check_model_dir(model_dir: str) -> None:
                                 "checkpoint directory in Hugging Face layout")
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _announce(model_name: str) -> Callable[[str, int], None]:
+    def announce(host: str, port: int) -> None:
+        logger.info("listening on http://%s:%d (model %r; OpenAI API under /v1, docs at "
+                    "/docs)", host, port, model_name)
 
-
-def _make_server(config: Any, on_signal: Callable[[], None], model_name: str) -> Any:
-    """uvicorn's server, plus: SIGTERM starts our drain, a clean drain exits 0, and the app can
-    ask for an exit with a status (the engine died for good). Defined here so that building
-    the CLI parser does not import uvicorn."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        exit_code = 0
-
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            on_signal()
-            super().handle_exit(sig, frame)
-            # uvicorn re-raises the signal once it has shut down, which would make a clean
-            # drain look like a crash (status -15); we drained, so we exit 0.
-            self._captured_signals.clear()
-
-        def request_exit(self, code: int) -> None:
-            self.exit_code = code
-            self.should_exit = True
-
-        async def startup(self, sockets: Any = None) -> None:
-            await super().startup(sockets)
-            if self.started:
-                host, port = self.servers[0].sockets[0].getsockname()[:2]
-                # Features that call this server over HTTP (the web apps) learn its address.
-                self.config.app.state.listen_address = (host, port)
-                logger.info("listening on http://%s:%d (model %r; OpenAI API under /v1, docs "
-                            "at /docs)", host, port, model_name)
-
-    return Server(config)
+    return announce

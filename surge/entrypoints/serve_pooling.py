@@ -18,9 +18,15 @@ from surge.models.tasks import detect_task, resolve_model
 
 if TYPE_CHECKING:
     from surge.server.app import ServerSettings
-    from surge.server.pooling import ModelPools, PoolModelSpec
+    from surge.server.pooling import ModelPools, PoolingFeature, PoolModelSpec
 
-__all__ = ["add_pooling_args", "pools_from_args", "resolve_model_arg"]
+__all__ = [
+    "PoolingPlugin",
+    "add_pooling_args",
+    "main_model_generates",
+    "pools_from_args",
+    "resolve_model_arg",
+]
 
 logger = logging.getLogger("surge.serve")
 
@@ -52,14 +58,33 @@ def add_pooling_args(parser: argparse.ArgumentParser) -> None:
                             "else 413 (default 40,000,000)")
 
 
+class PoolingPlugin:
+    """Embedding and classification models as a plug-in of ``surge serve``: the main model
+    when it does not generate, and every ``--extra-model``."""
+
+    def add_args(self, parser: argparse.ArgumentParser) -> None:
+        add_pooling_args(parser)
+
+    def from_args(self, args: argparse.Namespace, settings: ServerSettings,
+                  model_dir: str) -> PoolingFeature:
+        """Always on: without such models, the routes say which models the server has."""
+        from surge.server.pooling import ModelPools, PoolingFeature
+
+        return PoolingFeature(pools_from_args(args, model_dir, settings) or ModelPools([]))
+
+
 def resolve_model_arg(name: str) -> str:
     """--model's value as a directory: a path, or a short name of an installed package."""
     return str(resolve_model(name))
 
 
+def main_model_generates(model_dir: str) -> bool:
+    return detect_task(model_dir) == "generate"
+
+
 def pools_from_args(args: argparse.Namespace, main_model_dir: str,
-                    settings: ServerSettings) -> tuple[ModelPools | None, bool]:
-    """(the non-generative models to serve, whether the main model generates).
+                    settings: ServerSettings) -> ModelPools | None:
+    """The non-generative models to serve (None: none).
 
     Adjusts ``settings``: the body limit grows to fit one image as base64 when a classifier
     is served.
@@ -67,21 +92,20 @@ def pools_from_args(args: argparse.Namespace, main_model_dir: str,
     from surge.server.images import ImageLimits
     from surge.server.pooling import ModelPools, PoolModelSpec, PoolSettings
 
-    main_generates = detect_task(main_model_dir) == "generate"
     specs: list[PoolModelSpec] = []
-    if not main_generates:
+    if not main_model_generates(main_model_dir):
         name = settings.model_names[0]
         specs.append(PoolModelSpec(name, Path(main_model_dir), detect_task(main_model_dir)))
     specs += [_extra_spec(value) for value in args.extra_model]
     if not specs:
-        return None, True
+        return None
     pool_settings = PoolSettings(
         batcher=_batcher_config(args),
         image_limits=ImageLimits(args.max_image_bytes, args.max_image_pixels),
         dtype=args.dtype, device=args.device)
     if any(spec.task == "classify" for spec in specs):
         _fit_body_limit(settings, args.max_image_bytes)
-    return ModelPools(specs, pool_settings), main_generates
+    return ModelPools(specs, pool_settings)
 
 
 def _extra_spec(value: str) -> PoolModelSpec:

@@ -1,7 +1,7 @@
 """What ``/openapi.json`` says about errors and event streams, in one place for every feature.
 
 Every route answers errors in OpenAI's shape (``ErrorResponse``), and a request that fails
-validation gets 400, never FastAPI's 422 (see ``surge.server.errors``). FastAPI still documents
+validation gets 400, never FastAPI's 422 (see ``surge.http.handlers``). FastAPI still documents
 a 422 ``HTTPValidationError`` on every route with parameters; ``document_validation_as_400``
 rewrites the schema so it says what the server does. Clients generated from the schema, and the
 schemathesis fuzz test, rely on it.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -84,11 +85,12 @@ async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
 class SSEResponse(StreamingResponse):
     """A ``text/event-stream`` answer that always closes its generator, so cleanup (aborting
     engine requests, releasing an admission ticket) runs as soon as the client goes away
-    rather than whenever the generator is garbage-collected; ``on_close`` runs after it, for
-    a generator closed before its first step (which never ran its own cleanup)."""
+    rather than whenever the generator is garbage-collected; ``on_close`` (plain or async)
+    runs after it, for a generator closed before its first step (which never ran its own
+    cleanup) and for work outside the generator (stopping a chat turn)."""
 
     def __init__(self, content: AsyncIterator[bytes],
-                 on_close: Callable[[], None] | None = None,
+                 on_close: Callable[[], Awaitable[None] | None] | None = None,
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(content, media_type="text/event-stream",
                          headers={**SSE_HEADERS, **(headers or {})})
@@ -101,4 +103,6 @@ class SSEResponse(StreamingResponse):
         finally:
             await self._events.aclose()  # type: ignore[attr-defined]
             if self._on_close is not None:
-                self._on_close()
+                result = self._on_close()
+                if inspect.isawaitable(result):
+                    await result

@@ -14,22 +14,32 @@ from typing import Any
 
 import uvicorn
 
+from surge.http.control import ServerControl
+
 __all__ = ["DrainingServer"]
 
 
 class DrainingServer(uvicorn.Server):
-    """``on_signal`` starts the app's drain; ``on_started(host, port)`` runs once bound."""
+    """``on_signal`` starts the app's drain; ``on_started(host, port)`` runs once bound;
+    ``control`` (the app's view of its server) is bound to this server and told of the drain
+    after ``on_signal``."""
 
     def __init__(self, config: uvicorn.Config, *, on_signal: Callable[[], None] | None = None,
-                 on_started: Callable[[str, int], None] | None = None) -> None:
+                 on_started: Callable[[str, int], None] | None = None,
+                 control: ServerControl | None = None) -> None:
         super().__init__(config)
         self.exit_code = 0
         self._on_signal = on_signal
         self._on_started = on_started
+        self._control = control
+        if control is not None:
+            control.bind(self.request_exit)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if self._on_signal is not None:
             self._on_signal()
+        if self._control is not None:
+            self._control.begin_drain()
         super().handle_exit(sig, frame)
         # uvicorn re-raises the signal once it has shut down, which would make a clean
         # drain look like a crash (status -15); we drained, so we exit 0.
@@ -42,6 +52,10 @@ class DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
-        if self.started and self._on_started is not None:
-            host, port = self.servers[0].sockets[0].getsockname()[:2]
+        if not self.started:
+            return
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        if self._control is not None:
+            self._control.started(host, port)
+        if self._on_started is not None:
             self._on_started(host, port)

@@ -12,8 +12,10 @@ Retry-After), ``--request-timeout`` (504) and a client that hangs up (its items 
 queue). Preprocessing that costs CPU (tokenizing long texts, decoding and resizing images) runs
 on worker threads, never on the event loop.
 
-A server may serve only such models: then ``NoGenerationEngine`` stands in for the LLM engine,
-and the generation routes say which models the server has and what they do.
+These models plug into the server as a feature (``PoolingFeature``): they register in the
+served-models authority (so ``/v1/models``, ``/health`` and the "which model?" errors know them),
+add their two routes, and load and run as a background service. A server may serve only such
+models: then it has no engine at all.
 """
 
 from __future__ import annotations
@@ -21,15 +23,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
-import msgspec
 import numpy as np
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field, ValidationError
@@ -44,37 +46,31 @@ from surge.batching import (
     BatchTimeout,
     DynamicBatcher,
 )
-from surge.engine.client import EngineClient, EngineInfo
-from surge.engine.protocol import AddRequest, EngineCoreOutput, EngineStats
-from surge.http.auth import RateLimited
 from surge.http.errors import APIError, validation_message
 from surge.http.openapi import error_responses
+from surge.http.responses import json_response
 from surge.models.tasks import Task
 from surge.server.images import ImageLimits, decode_base64_image, decode_image
+from surge.server.models import TASK_WORDS, ServedModel, ServedModels
 
 if TYPE_CHECKING:
     import torch
 
     from surge.models.pooling_models import ImageClassifier, PoolModel, TextEmbedder
-    from surge.server.serving import OpenAIServing
+    from surge.server.context import RequestContext
+    from surge.server.features import ServerHost
 
 __all__ = [
     "ClassifyRequest",
     "EmbeddingRequest",
     "ModelPools",
-    "NoGenerationEngine",
     "PoolModelSpec",
     "PoolSettings",
-    "add_pooling_routes",
+    "PoolingFeature",
 ]
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-TASK_WORDS = {"generate": "text-generation", "embed": "embedding",
-              "classify": "image-classification"}
-ENDPOINT_OF = {"generate": "/v1/completions and /v1/chat/completions",
-               "embed": "/v1/embeddings", "classify": "/v1/classify"}
 # As OpenAI: at most this many inputs in one embeddings request.
 MAX_EMBEDDING_INPUTS = 2048
 MAX_IMAGES_PER_REQUEST = 256
@@ -82,7 +78,6 @@ MAX_IMAGES_PER_REQUEST = 256
 _INLINE_TOKENIZE_CHARS = 20_000
 # JSON bodies larger than this are parsed on a worker thread (base64 images).
 _INLINE_PARSE_BYTES = 1 << 20
-_encode = msgspec.json.encode
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -146,7 +141,7 @@ _ERRORS = error_responses({
 # -- serving state ---------------------------------------------------------------------------
 
 
-class _ServedModel:
+class _PooledModel:
     """One pool model: loaded in the background, then served by its batcher."""
 
     def __init__(self, spec: PoolModelSpec) -> None:
@@ -164,26 +159,12 @@ class ModelPools:
 
     def __init__(self, specs: Sequence[PoolModelSpec], settings: PoolSettings | None = None,
                  loader: Callable[[Path, str, str], PoolModel] | None = None) -> None:
-        names = [spec.name for spec in specs]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"model names {duplicates} are used twice: give each model its own "
-                             "name (--extra-model NAME=PATH)")
         self.settings = settings or PoolSettings()
-        self.models = {spec.name: _ServedModel(spec) for spec in specs}
+        self.specs = list(specs)  # as given: the served-models authority refuses a name twice
+        self.models = {spec.name: _PooledModel(spec) for spec in specs}
         self._loader = loader
         self._metrics: BatchMetrics | None = None
-        self.created = int(time.time())
         self.failure: str | None = None
-
-    def tasks(self) -> dict[str, Task]:
-        return {name: served.spec.task for name, served in self.models.items()}
-
-    def cards(self) -> list[dict[str, Any]]:
-        """/v1/models entries."""
-        return [{"id": name, "object": "model", "created": self.created, "owned_by": "surge",
-                 "root": str(served.spec.model_dir), "max_model_len": _max_len(served),
-                 "task": served.spec.task} for name, served in self.models.items()]
 
     def check_ready(self) -> None:
         """503 unless every model is loaded (``/health``)."""
@@ -235,7 +216,7 @@ class ModelPools:
         warm_up(model)  # the first call pays for kernel set-up: not a client's request
         return model
 
-    def _start_batcher(self, served: _ServedModel) -> None:
+    def _start_batcher(self, served: _PooledModel) -> None:
         model = served.model
         assert model is not None and self._metrics is not None
         run = model.embed_batch if model.task == "embed" else model.classify_batch
@@ -246,11 +227,7 @@ class ModelPools:
         served.batcher = batcher
 
 
-def _a(word: str) -> str:
-    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
-
-
-def _max_len(served: _ServedModel) -> int | None:
+def _max_len(served: _PooledModel) -> int | None:
     return getattr(served.model, "max_tokens", None)
 
 
@@ -263,50 +240,28 @@ def _describe(model: PoolModel | None) -> str:
     return f"{model.architecture}, {model.num_labels} labels"
 
 
-# -- the stand-in engine ---------------------------------------------------------------------
-
-
-class NoGenerationEngine(EngineClient):
-    """The engine of a server with no text-generation model: always ready, never generates.
-
-    It lets the app's engine lifecycle, health and metrics run unchanged; the generation routes
-    refuse earlier (``OpenAIServing.check_model``) with a message naming the served models.
-    """
-
-    async def start(self) -> None:
-        self._info = EngineInfo(model_dir="(no text-generation model)", max_model_len=0,
-                                vocab_size=0, eos_token_ids=[], dtype="none", device="none",
-                                num_blocks=0, block_size=0)
-
-    @property
-    def is_healthy(self) -> bool:
-        return True
-
-    def generate(self, request: AddRequest) -> AsyncIterator[EngineCoreOutput]:
-        raise ValueError("this server serves no text-generation model")
-
-    async def abort(self, request_ids: list[str]) -> None:
-        return None
-
-    def stats(self) -> EngineStats:
-        return EngineStats()
-
-    async def shutdown(self) -> None:
-        return None
-
-
 # -- routes ----------------------------------------------------------------------------------
 
 
-def add_pooling_routes(app: FastAPI, serving: OpenAIServing, pools: ModelPools) -> None:
-    """``/v1/embeddings`` and ``/v1/classify``; the pools load and run with the app."""
-    app.state.pools = pools
-    serving.other_models = {name: TASK_WORDS[task] for name, task in pools.tasks().items()}
-    handler = _PoolingHandler(serving, pools)
-    lifecycle = app.state.lifecycle
-    lifecycle.services.add(
-        lambda: pools.serve(serving.metrics.registry, lifecycle.request_exit))
+class PoolingFeature:
+    """The embedding and classification models of a server, as a feature of it."""
 
+    def __init__(self, pools: ModelPools) -> None:
+        self.pools = pools
+
+    def mount(self, app: FastAPI, host: ServerHost) -> None:
+        for spec in self.pools.specs:
+            pooled = self.pools.models[spec.name]
+            host.models.add(ServedModel(spec.name, spec.task, pooled,
+                                        root=functools.partial(str, spec.model_dir),
+                                        max_model_len=functools.partial(_max_len, pooled)))
+        host.models.add_readiness(self.pools.check_ready)
+        host.services.add(lambda: self.pools.serve(host.metrics.registry,
+                                                   host.control.request_exit))
+        _add_routes(app, _PoolingHandler(host.models, host.context, self.pools))
+
+
+def _add_routes(app: FastAPI, handler: _PoolingHandler) -> None:
     @app.post("/v1/embeddings", tags=["openai"], response_model=None,
               responses={200: {"description": "OpenAI's embeddings list"}, **_ERRORS})
     async def create_embeddings(body: EmbeddingRequest, request: Request) -> Response:
@@ -330,8 +285,10 @@ _CLASSIFY_BODY = {"required": True, "content": {
 
 
 class _PoolingHandler:
-    def __init__(self, serving: OpenAIServing, pools: ModelPools) -> None:
-        self.serving = serving
+    def __init__(self, models: ServedModels, context: RequestContext,
+                 pools: ModelPools) -> None:
+        self.models = models
+        self.context = context
         self.pools = pools
 
     # -- embeddings --------------------------------------------------------------------------
@@ -343,13 +300,14 @@ class _PoolingHandler:
         token_ids = await self._token_ids(embedder, _embedding_inputs(body.input))
         token_ids = _fit_lengths(token_ids, embedder, body.truncate_prompt_tokens)
         num_tokens = sum(len(ids) for ids in token_ids)
-        self._charge(request, num_tokens)
+        self.context.charge(request, num_tokens)
         vectors = await self._run(served, token_ids, request)
         encode = _base64_vector if body.encoding_format == "base64" else _float_vector
         data = [{"object": "embedding", "index": i, "embedding": encode(v)}
                 for i, v in enumerate(vectors)]
-        return _json({"object": "list", "data": data, "model": served.spec.name,
-                      "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}})
+        return json_response({"object": "list", "data": data, "model": served.spec.name,
+                              "usage": {"prompt_tokens": num_tokens,
+                                        "total_tokens": num_tokens}})
 
     async def _token_ids(self, embedder: TextEmbedder, inputs: list[str] | list[list[int]]
                          ) -> list[list[int]]:
@@ -374,7 +332,7 @@ class _PoolingHandler:
             raise APIError(400, f"'top_k'={top_k} is invalid: allowed is 1 to "
                            f"{classifier.num_labels} (the model's number of labels)",
                            param="top_k")
-        self._charge(request, len(images))
+        self.context.charge(request, len(images))
         limits = self.pools.settings.image_limits
         pixels = await asyncio.gather(*(
             asyncio.to_thread(_prepare_image, classifier, image, f"{param}[{i}]"
@@ -383,9 +341,10 @@ class _PoolingHandler:
         probabilities = await self._run(served, list(pixels), request)
         data = [{"index": i, "labels": _top_labels(p, classifier.labels, top_k)}
                 for i, p in enumerate(probabilities)]
-        return _json({"id": f"classify-{uuid.uuid4().hex}", "object": "classification",
-                      "created": int(time.time()), "model": served.spec.name, "data": data,
-                      "usage": {"images": len(images)}})
+        return json_response({"id": f"classify-{uuid.uuid4().hex}",
+                              "object": "classification", "created": int(time.time()),
+                              "model": served.spec.name, "data": data,
+                              "usage": {"images": len(images)}})
 
     async def _classify_inputs(self, request: Request
                                ) -> tuple[str | None, list[str | bytes], int, str]:
@@ -410,11 +369,10 @@ class _PoolingHandler:
 
     # -- shared ------------------------------------------------------------------------------
 
-    def _model(self, name: str | None, task: Task) -> _ServedModel:
+    def _model(self, name: str | None, task: Task) -> _PooledModel:
         """The served model for this request, or the error that says why not."""
-        if self.serving.refusal is not None:  # draining
-            raise self.serving.refusal
-        served = self._find(name, task)
+        self.context.check_accepting()  # draining
+        served: _PooledModel = self.models.resolve(name, task).target
         if self.pools.failure is not None:
             raise APIError(503, self.pools.failure, code="model_failed")
         if not served.ready:
@@ -423,86 +381,23 @@ class _PoolingHandler:
                            headers={"Retry-After": "1"})
         return served
 
-    def _find(self, name: str | None, task: Task) -> _ServedModel:
-        pools, word = self.pools.models, TASK_WORDS[task]
-        if name is None:
-            for served in pools.values():
-                if served.spec.task == task:
-                    return served
-            raise APIError(404, f"this server serves no {word} model; it serves "
-                           f"{self._served_list()}", param="model", code="model_not_found")
-        served = pools.get(name)
-        if served is not None and served.spec.task == task:
-            return served
-        other_task = served.spec.task if served is not None else (
-            "generate" if self.serving.can_generate and name in self.serving.model_names
-            else None)
-        if other_task is None:
-            raise APIError(404, f"The model '{name}' does not exist: this server serves "
-                           f"{self._served_list()} (GET /v1/models)", param="model",
-                           code="model_not_found")
-        suitable = [n for n, s in pools.items() if s.spec.task == task]
-        raise APIError(400, f"the model '{name}' is {_a(TASK_WORDS[other_task])} model (use "
-                       f"{ENDPOINT_OF[other_task]}); {word} models here: "
-                       f"{', '.join(repr(n) for n in suitable) or 'none'}", param="model",
-                       code="model_not_supported")
-
-    def _served_list(self) -> str:
-        served = [f"'{n}' ({TASK_WORDS[t]})" for n, t in self.pools.tasks().items()]
-        if self.serving.can_generate:
-            served = [f"'{n}' (text-generation)" for n in self.serving.model_names] + served
-        return ", ".join(served) or "no models"
-
-    def _charge(self, request: Request, amount: int) -> None:
-        """The per-key rate limit, as generation charges it (inputs' tokens, or images)."""
-        key_id = request.scope.get("state", {}).get("surge_key_id")
-        try:
-            self.serving.rate_limiter.check(key_id, amount)
-        except RateLimited as exc:
-            self.serving.metrics.record_rejected(f"rate_limit_{exc.limit}")
-            raise APIError(429, exc.message, code="rate_limit_exceeded",
-                           headers={"Retry-After": str(exc.retry_after)}) from exc
-
-    async def _run(self, served: _ServedModel, items: list[Any], request: Request
+    async def _run(self, served: _PooledModel, items: list[Any], request: Request
                    ) -> list[np.ndarray]:
         """The batcher's results, ending early (items dropped) if the client hangs up."""
         batcher = served.batcher
         assert batcher is not None
-        timeout = self.serving.limits.request_timeout
-        deadline = asyncio.get_running_loop().time() + timeout if timeout else None
+        work = batcher.submit_many(items, self.context.deadline())
         try:
-            return await _unless_disconnected(request, batcher.submit_many(items, deadline))
+            # A client that hangs up cancels the work: the batcher drops its items.
+            return await self.context.unless_disconnected(request, work)
         except BatcherFull as exc:
             raise APIError(429, exc.message, code="queue_full",
                            headers={"Retry-After": str(exc.retry_after)}) from exc
         except BatchTimeout:
-            raise APIError(504, f"the request did not finish within the server's "
-                           f"--request-timeout of {timeout:g} s", code="request_timeout"
-                           ) from None
+            raise self.context.timed_out() from None
         except BatcherClosed as exc:
             raise APIError(503, f"the server is shutting down: {exc}",
                            code="server_shutdown") from exc
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_wait_for_disconnect(request))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not task.done():
-            raise APIError(499, "the client closed the connection", code="client_closed")
-        return task.result()
-    finally:
-        task.cancel()
-        gone.cancel()
-        with contextlib.suppress(BaseException):
-            await task  # the batcher drops the items that did not run
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    """Returns when the client hangs up (the body was read, so nothing else can arrive)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 # -- embeddings helpers ----------------------------------------------------------------------
@@ -635,7 +530,3 @@ def _top_labels(probabilities: np.ndarray, labels: list[str], k: int) -> list[di
     top = top[np.argsort(-probabilities[top], kind="stable")]
     return [{"label": labels[i], "class_id": int(i), "probability": float(probabilities[i])}
             for i in top]
-
-
-def _json(payload: dict[str, Any]) -> Response:
-    return Response(_encode(payload), media_type="application/json")

@@ -19,49 +19,48 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
 from surge.engine.client import EngineClient, EngineDeadError
-from surge.engine.detokenize import IncrementalDetokenizer
+from surge.engine.output_processor import OutputProcessor
 from surge.engine.protocol import AddRequest
-from surge.engine.request import FinishReason
-from surge.http.auth import RateLimited, RateLimiter
 from surge.http.errors import APIError, sse_error_event
+from surge.http.openapi import error_responses, event_stream_content
 from surge.http.responses import (
     SSE_DONE,
     SSEResponse,
     json_response,
     sse_event,
-    unless_disconnected,
 )
 from surge.outputs import TokenLogprobs
 from surge.sampling_params import SamplingParams
-from surge.server.admission import AdmissionController, AdmissionRejected, Ticket
+from surge.server.admission import Ticket
+from surge.server.context import RequestContext
 from surge.server.metrics import ServerMetrics
-from surge.server.schemas import ChatCompletionRequest, CompletionRequest, _SamplingRequest
+from surge.server.models import ServedModels
+from surge.server.schemas import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+    _SamplingRequest,
+)
+from surge.server.tokenize import Tokenization
 from surge.tokenizer import ChatTokenizer
 
-__all__ = ["OpenAIServing", "ServingLimits"]
+__all__ = ["OpenAIServing", "add_generation_routes"]
 
 logger = logging.getLogger(__name__)
 
-# Prompts longer than this many characters are tokenized on a worker thread, so one huge
-# prompt does not stall every other request's stream.
-_INLINE_TOKENIZE_CHARS = 20_000
 _COMPLETION_PREFIX, _CHAT_PREFIX = "cmpl", "chatcmpl"  # of response ids, as OpenAI's
-
-
-@dataclass
-class ServingLimits:
-    """The per-request knobs of ``surge serve`` that the handlers apply."""
-
-    request_timeout: float | None = 600.0
-    log_prompts: bool = False
 
 
 @dataclass
@@ -131,51 +130,51 @@ class _Done:
 
 
 class OpenAIServing:
+    """``/v1/completions`` and ``/v1/chat/completions`` of the one text-generation model,
+    served under ``model_names``; also the interactive load the batch API yields to."""
+
     def __init__(self, engine: EngineClient, tokenizer: ChatTokenizer, model_names: list[str],
-                 admission: AdmissionController, rate_limiter: RateLimiter,
-                 metrics: ServerMetrics, limits: ServingLimits) -> None:
+                 context: RequestContext, metrics: ServerMetrics, log_prompts: bool) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
+        self.tokens = Tokenization(tokenizer)
         self.model_names = model_names
-        self.admission = admission
-        self.rate_limiter = rate_limiter
+        self.context = context
         self.metrics = metrics
-        self.limits = limits
-        self.num_in_flight = 0
-        self.created = int(time.time())
+        self.log_prompts = log_prompts
         self._runs: set[_Run] = set()
-        # Set by the app when no new request may start (draining, engine gone for good).
-        self.refusal: APIError | None = None
-        # Set by the app: False when no text-generation model is served (only embedding or
-        # classification models, by name in ``other_models`` with their task).
-        self.can_generate = True
-        self.other_models: dict[str, str] = {}
 
     @property
     def served_model(self) -> str:
         return self.model_names[0]
 
+    def max_model_len(self) -> int | None:
+        """None until the engine has loaded the model."""
+        return self.engine.info.max_model_len if self.engine.is_ready else None
+
+    def model_dir(self) -> str | None:
+        return self.engine.info.model_dir if self.engine.is_ready else None
+
     # -- endpoints ---------------------------------------------------------------------------
 
-    async def create_completion(self, body: CompletionRequest, request: Request,
-                                key_id: str | None) -> Response:
+    async def create_completion(self, body: CompletionRequest, request: Request) -> Response:
         _refuse_unsupported_completion(body)
         prompts, texts = await self._completion_prompts(body.prompt)
         prepared = self._prepare(body, prompts, texts, body.max_tokens, body.logprobs,
-                                 key_id, _COMPLETION_PREFIX)
+                                 request, _COMPLETION_PREFIX)
         if body.stream:
             return SSEResponse(self._stream_completion(prepared, body),
                                 functools.partial(self._release, prepared))
         outputs = await self._run_to_end(prepared, request)
         return json_response(self._completion_body(prepared, body, outputs))
 
-    async def create_chat_completion(self, body: ChatCompletionRequest, request: Request,
-                                     key_id: str | None) -> Response:
+    async def create_chat_completion(self, body: ChatCompletionRequest,
+                                     request: Request) -> Response:
         _refuse_unsupported_chat(body)
         prompt = await self._chat_prompt(body)
         max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        prepared = self._prepare(body, [prompt], [None], max_tokens, logprobs, key_id,
+        prepared = self._prepare(body, [prompt], [None], max_tokens, logprobs, request,
                                  _CHAT_PREFIX)
         if body.stream:
             return SSEResponse(self._stream_chat(prepared, body),
@@ -183,32 +182,9 @@ class OpenAIServing:
         outputs = await self._run_to_end(prepared, request)
         return json_response(self._chat_body(prepared, body, outputs))
 
-    def check_model(self, model: str | None) -> None:
-        if model in self.other_models or not self.can_generate:
-            raise self._not_generative(model)
-        if model is not None and model not in self.model_names:
-            raise APIError(404, f"The model '{model}' does not exist: this server serves "
-                           f"{', '.join(repr(n) for n in self.model_names)} (GET /v1/models)",
-                           param="model", code="model_not_found")
-
-    def _not_generative(self, model: str | None) -> APIError:
-        served = ", ".join(f"'{name}' ({task})" for name, task in self.other_models.items())
-        generators = ", ".join(repr(n) for n in self.model_names) if self.can_generate else ""
-        if model in self.other_models:
-            task = self.other_models[model]
-            article = "an" if task[0] in "aeiou" else "a"
-            return APIError(400, f"the model '{model}' is {article} {task} model: "
-                            f"it cannot generate or tokenize text; models that can: "
-                            f"{generators or 'none on this server'}", param="model",
-                            code="model_not_supported")
-        return APIError(404, f"this server serves no text-generation model (it serves "
-                        f"{served}: use /v1/embeddings or /v1/classify)", param="model",
-                        code="model_not_found")
-
     def check_available(self) -> None:
         """503 unless the engine can take a request right now."""
-        if self.refusal is not None:
-            raise self.refusal
+        self.context.check_accepting()
         if not self.engine.is_ready:
             raise APIError(503, "the model is still loading: retry when GET /health answers "
                            "200", code="engine_loading", headers={"Retry-After": "1"})
@@ -222,6 +198,14 @@ class OpenAIServing:
         for run in list(self._runs):
             run.fail(error)
 
+    # -- the load (surge.server.features.ServingLoad) -----------------------------------------
+
+    def num_in_flight(self) -> int:
+        return self.context.num_in_flight
+
+    def can_run(self) -> bool:
+        return self.context.accepting and self.engine.is_ready and self.engine.is_healthy
+
     def num_waiting_for_first_token(self, more_urgent_than: int) -> int:
         """Requests in flight with a priority value below ``more_urgent_than`` that have no
         first token yet: the batch worker holds back new lines while there are any."""
@@ -230,46 +214,27 @@ class OpenAIServing:
 
     # -- tokenization ------------------------------------------------------------------------
 
-    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        try:
-            if len(text) <= _INLINE_TOKENIZE_CHARS:
-                return self.tokenizer.encode(text, add_special_tokens)
-            return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
-        except Exception as exc:  # the Rust tokenizer refuses e.g. lone surrogates
-            raise APIError(400, f"the text cannot be tokenized: {exc}", param="prompt") from exc
-
     async def _completion_prompts(self, prompt: Any) -> tuple[list[list[int]], list[str | None]]:
         if isinstance(prompt, str):
-            return [await self.encode(prompt)], [prompt]
+            return [await self.tokens.encode(prompt)], [prompt]
         if not prompt:
             raise APIError(400, "'prompt' is an empty list: allowed is at least one prompt",
                            param="prompt")
         if isinstance(prompt[0], int):
             return [list(prompt)], [None]
         if isinstance(prompt[0], str):
-            return [await self.encode(p) for p in prompt], list(prompt)
+            return [await self.tokens.encode(p) for p in prompt], list(prompt)
         return [list(p) for p in prompt], [None] * len(prompt)
 
     async def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
-        text = self.render_chat(body.messages, body.add_generation_prompt)
-        return await self.encode(text, add_special_tokens=False)
-
-    def render_chat(self, messages: Sequence[Any], add_generation_prompt: bool) -> str:
-        conversation = [{"role": _template_role(m.role), "content": _message_text(m.content, i)}
-                        for i, m in enumerate(messages)]
-        try:
-            return self.tokenizer.apply_chat_template(conversation, add_generation_prompt)
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="messages") from exc
-        except Exception as exc:  # a template that fails on this input is the input's problem
-            raise APIError(400, f"the chat template failed on these messages: {exc}",
-                           param="messages") from exc
+        text = self.tokens.render_chat(body.messages, body.add_generation_prompt)
+        return await self.tokens.encode(text, add_special_tokens=False)
 
     # -- admission ---------------------------------------------------------------------------
 
     def _prepare(self, body: _SamplingRequest, prompts: list[list[int]],
                  texts: list[str | None], max_tokens: int | None, logprobs: int | None,
-                 key_id: str | None, prefix: str) -> _Prepared:
+                 request: Request, prefix: str) -> _Prepared:
         """Every check, then the admission ticket: nothing here waits on the engine."""
         arrival = time.monotonic()
         info = self.engine.info
@@ -280,41 +245,22 @@ class OpenAIServing:
         # Charged up front, as OpenAI does: prompt plus the most the completion may take.
         budget = sum(len(ids) + (max_tokens or info.max_model_len - len(ids))
                      for ids in prompts) * body.n
-        self._charge_rate_limit(key_id, budget)
-        ticket = self._admit(sum(len(ids) for ids in prompts) * body.n)
+        self.context.charge(request, budget)
+        ticket = self.context.admit(sum(len(ids) for ids in prompts) * body.n)
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         choices = [_Choice(p * body.n + i, p, f"{request_id}-{p * body.n + i}", ids,
                            _choice_params(params, i), body.priority)
                    for p, ids in enumerate(prompts) for i in range(body.n)]
-        if self.limits.log_prompts:
+        if self.log_prompts:
             shown = [t if t is not None else ids for t, ids in zip(texts, prompts, strict=True)]
             logger.info("request %s: prompts=%r params=%r", request_id, shown, params)
         return _Prepared(request_id, int(time.time()), body.model or self.served_model,
                          prompts, texts, choices, ticket, arrival)
 
-    def _charge_rate_limit(self, key_id: str | None, num_tokens: int) -> None:
-        try:
-            self.rate_limiter.check(key_id, num_tokens)
-        except RateLimited as exc:
-            self.metrics.record_rejected(f"rate_limit_{exc.limit}")
-            raise APIError(429, exc.message, code="rate_limit_exceeded",
-                           headers={"Retry-After": str(exc.retry_after)}) from exc
-
-    def _admit(self, num_prompt_tokens: int) -> Ticket:
-        try:
-            ticket = self.admission.admit(num_prompt_tokens)
-        except AdmissionRejected as exc:
-            self.metrics.record_rejected(exc.reason)
-            raise APIError(429, exc.message, code=exc.reason,
-                           headers={"Retry-After": str(exc.retry_after)}) from exc
-        self.num_in_flight += 1
-        return ticket
-
     def _release(self, prepared: _Prepared) -> None:
         if not prepared.released:
             prepared.released = True
-            prepared.ticket.release()
-            self.num_in_flight -= 1
+            self.context.release(prepared.ticket)
 
     # -- running -----------------------------------------------------------------------------
 
@@ -322,14 +268,11 @@ class OpenAIServing:
         """Every choice's whole output; ends early (aborting) if the client leaves."""
         run = _Run(self, prepared)
         try:
-            return await unless_disconnected(request.receive, run.collect(self._deadline()))
+            return await self.context.unless_disconnected(
+                request, run.collect(self.context.deadline()))
         finally:
             await run.close()
             self._release(prepared)
-
-    def _deadline(self) -> float | None:
-        timeout = self.limits.request_timeout
-        return None if not timeout else asyncio.get_running_loop().time() + timeout
 
     async def _stream_events(self, prepared: _Prepared, first_chunks: list[bytes],
                              chunk: Callable[[_Delta], bytes | None],
@@ -340,7 +283,7 @@ class OpenAIServing:
         try:
             for data in first_chunks:
                 yield data
-            async for delta in run.deltas(self._deadline()):
+            async for delta in run.deltas(self.context.deadline()):
                 data = chunk(delta)
                 if data is not None:
                     yield data
@@ -409,13 +352,13 @@ class OpenAIServing:
                              requested: int | None) -> dict[str, Any] | None:
         if requested is None or entries is None:
             return None
-        tokens = [self.token_text(e.token_id) for e in entries]
+        tokens = [self.tokens.token_text(e.token_id) for e in entries]
         offsets, offset = [], 0
         for token in tokens:
             offsets.append(offset)
             offset += len(token)
-        top = [{self.token_text(e.token_id): e.logprob,
-                **{self.token_text(t): lp for t, lp in e.top.items()}} for e in entries]
+        top = [{self.tokens.token_text(e.token_id): e.logprob,
+                **{self.tokens.token_text(t): lp for t, lp in e.top.items()}} for e in entries]
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
                 "top_logprobs": top, "text_offset": offsets}
 
@@ -469,14 +412,10 @@ class OpenAIServing:
                             for e in entries]}
 
     def _token_entry(self, token_id: int, logprob: float) -> dict[str, Any]:
-        text = self.token_text(token_id)
+        text = self.tokens.token_text(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     # -- shared ------------------------------------------------------------------------------
-
-    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one serving object per server
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def _usage(self, prepared: _Prepared, outputs: list[_Accumulated]) -> dict[str, int]:
         # As OpenAI counts it: each prompt once, however many choices sample it.
@@ -484,6 +423,45 @@ class OpenAIServing:
         completion_tokens = sum(out.num_tokens for out in outputs)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
+
+
+# -- routes ----------------------------------------------------------------------------------
+
+_ERRORS = error_responses({
+    400: "invalid request (the message names the field and what is allowed)",
+    401: "missing or wrong API key", 404: "unknown model", 413: "request body too large",
+    429: "rate limited or server busy (Retry-After)", 500: "unexpected server error",
+    503: "model loading, engine down, or server shutting down",
+    504: "the request exceeded --request-timeout"})
+
+
+def _generation_responses(model: type, chunk: type) -> dict[int | str, dict[str, Any]]:
+    return {200: {"model": model, "description": f"a {model.__name__}; with stream=true, "
+                  f"text/event-stream of `data: <{chunk.__name__}>` then `data: [DONE]`",
+                  "content": event_stream_content(
+                      f"a JSON {chunk.__name__}, or [DONE] after the last one")},
+            **_ERRORS}
+
+
+def add_generation_routes(app: FastAPI, models: ServedModels) -> None:
+    """The routes exist on every server: without a text-generation model they say which
+    models the server has instead."""
+
+    def serving_for(model: str | None) -> OpenAIServing:
+        serving: OpenAIServing = models.resolve(model, "generate").target
+        serving.check_available()
+        return serving
+
+    @app.post("/v1/completions", response_model=None, tags=["openai"],
+              responses=_generation_responses(CompletionResponse, CompletionStreamResponse))
+    async def create_completion(body: CompletionRequest, request: Request) -> Response:
+        return await serving_for(body.model).create_completion(body, request)
+
+    @app.post("/v1/chat/completions", response_model=None, tags=["openai"],
+              responses=_generation_responses(ChatCompletionResponse,
+                                              ChatCompletionStreamResponse))
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+        return await serving_for(body.model).create_chat_completion(body, request)
 
 
 class _Run:
@@ -545,10 +523,7 @@ class _Run:
             async with asyncio.timeout_at(deadline):
                 return await self._queue.get()
         except TimeoutError:
-            timeout = self._serving.limits.request_timeout
-            raise APIError(504, f"the request did not finish within the server's "
-                           f"--request-timeout of {timeout:g} s", code="request_timeout"
-                           ) from None
+            raise self._serving.context.timed_out() from None
 
     async def _pump(self, choice: _Choice) -> None:
         try:
@@ -563,8 +538,7 @@ async def _stream_choice(serving: OpenAIServing, choice: _Choice,
                          arrival: float) -> AsyncIterator[_Delta]:
     """One engine request's updates as text deltas; a stop string ends (aborts) it early."""
     params = choice.params
-    detokenizer = IncrementalDetokenizer(serving.tokenizer.tokenizer, choice.prompt_token_ids,
-                                         params)
+    processor = OutputProcessor(serving.tokenizer.tokenizer, choice.prompt_token_ids, params)
     token_times: list[float] = []
     first_scheduled: float | None = None
     finish: str | None = "abort"  # what metrics record if the stream is cut off
@@ -576,8 +550,9 @@ async def _stream_choice(serving: OpenAIServing, choice: _Choice,
                 now = time.monotonic()
                 token_times.extend(now for _ in update.new_token_ids)
                 first_scheduled = first_scheduled or update.first_scheduled_time
-                delta = _to_delta(choice.index, update.new_token_ids, update.new_logprobs,
-                                  update.finish_reason, update.stop_reason, detokenizer)
+                out = processor.process(update)
+                delta = _Delta(choice.index, out.text, out.token_ids, out.logprobs,
+                               out.finish_reason, out.stop_reason)
                 yield delta
                 if delta.finish_reason is not None:
                     finish = delta.finish_reason
@@ -586,29 +561,20 @@ async def _stream_choice(serving: OpenAIServing, choice: _Choice,
         finish = "error"
         raise
     finally:
-        _record(serving, choice, finish, token_times, arrival, first_scheduled, detokenizer)
-
-
-def _to_delta(index: int, token_ids: list[int], logprobs: list[TokenLogprobs] | None,
-              finish: FinishReason | None, stop_reason: int | str | None,
-              detokenizer: IncrementalDetokenizer) -> _Delta:
-    update = detokenizer.apply_update(token_ids, finish, stop_reason)
-    reason = update.finish_reason.value if update.finish_reason is not None else None
-    return _Delta(index, update.text, list(token_ids), logprobs, reason, update.stop_reason)
+        _record(serving, choice, finish, token_times, arrival, first_scheduled, processor)
 
 
 def _record(serving: OpenAIServing, choice: _Choice, finish: str | None,
             token_times: list[float], arrival: float, first_scheduled: float | None,
-            detokenizer: IncrementalDetokenizer) -> None:
+            processor: OutputProcessor) -> None:
     first_token = token_times[0] if token_times else None
     serving.metrics.record_request(
         finish_reason=finish or "abort", num_prompt_tokens=len(choice.prompt_token_ids),
         num_generation_tokens=len(token_times), arrival=arrival,
         first_scheduled=first_scheduled,
         first_token=first_token, token_times=token_times, finished=time.monotonic())
-    if serving.limits.log_prompts:
-        logger.info("request %s finished (%s): %r", choice.request_id, finish,
-                    detokenizer.output_text)
+    if serving.log_prompts:
+        logger.info("request %s finished (%s): %r", choice.request_id, finish, processor.text)
 
 
 def _as_api_error(exc: BaseException) -> APIError:
@@ -704,17 +670,3 @@ def _refuse_logit_bias(body: _SamplingRequest) -> None:
     if body.logit_bias:
         raise APIError(400, "'logit_bias' is not supported: allowed is null or {}",
                        param="logit_bias")
-
-
-def _template_role(role: str) -> str:
-    # OpenAI's newer clients send "developer" where chat templates know "system".
-    return "system" if role == "developer" else role
-
-
-def _message_text(content: Any, index: int) -> str:
-    if content is None:
-        raise APIError(400, f"'messages[{index}].content' is null: allowed is a string or "
-                       "a list of text parts", param=f"messages[{index}].content")
-    if isinstance(content, str):
-        return content
-    return "".join(part.text for part in content)

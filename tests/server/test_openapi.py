@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from surge.apps import AppsSettings, mount_apps
 from surge.batch.config import BatchSettings
+from surge.batch.routes import BatchFeature
 from surge.server.app import ServerSettings, build_app
 
 ERROR_REF = "#/components/schemas/ErrorResponse"
@@ -24,7 +25,8 @@ ERROR_REF = "#/components/schemas/ErrorResponse"
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
     root = tmp_path_factory.mktemp("openapi")
-    built = build_app(None, None, ServerSettings(batch=BatchSettings(data_dir=str(root))))
+    built = build_app(ServerSettings(),
+                      features=[BatchFeature(BatchSettings(data_dir=str(root)))])
     mount_apps(built, AppsSettings(database_url=f"sqlite:///{root / 'apps.db'}"))
     return built
 
