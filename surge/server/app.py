@@ -28,13 +28,13 @@ from surge.http.openapi import document_validation_as_400, error_responses
 from surge.http.responses import json_response
 from surge.http.services import Services
 from surge.server.admission import AdmissionController
+from surge.server.completions import OpenAIServingCompletions, add_generation_routes
 from surge.server.context import RequestContext
 from surge.server.features import Feature, ServerHost, ServingLoad
 from surge.server.lifecycle import EngineSupervision, EngineSupervisor, ServerLifecycle
 from surge.server.metrics import ServerMetrics
 from surge.server.models import ServedModel, ServedModels
 from surge.server.schemas import HealthResponse, ModelList
-from surge.server.serving import OpenAIServing, add_generation_routes
 from surge.server.tokenize import add_tokenize_routes
 from surge.tokenizer import ChatTokenizer
 
@@ -111,7 +111,7 @@ def build_app(settings: ServerSettings, llm: LLM | None = None,
     models, services = ServedModels(), Services()
     serving = supervisor = None
     if llm is not None:
-        serving = OpenAIServing(llm.engine, llm.tokenizer, settings.model_names, context,
+        serving = OpenAIServingCompletions(llm.engine, llm.tokenizer, settings.model_names, context,
                                 metrics, settings.log_prompts)
         supervisor = _supervise(llm, serving, context, control, settings, metrics)
         services.add(supervisor.running)
@@ -136,7 +136,7 @@ def build_app(settings: ServerSettings, llm: LLM | None = None,
     return app
 
 
-def _supervise(llm: LLM, serving: OpenAIServing, context: RequestContext,
+def _supervise(llm: LLM, serving: OpenAIServingCompletions, context: RequestContext,
                control: ServerControl, settings: ServerSettings,
                metrics: ServerMetrics) -> EngineSupervisor:
     supervision = llm.supervision or EngineSupervision.of_thread(llm.engine)
@@ -146,7 +146,7 @@ def _supervise(llm: LLM, serving: OpenAIServing, context: RequestContext,
                             settings.drain_timeout, serving.abort_all)
 
 
-def _register_llm(models: ServedModels, serving: OpenAIServing) -> None:
+def _register_llm(models: ServedModels, serving: OpenAIServingCompletions) -> None:
     for name in serving.model_names:
         models.add(ServedModel(name, "generate", serving, root=serving.model_dir,
                                max_model_len=serving.max_model_len))
@@ -157,7 +157,7 @@ def _register_llm(models: ServedModels, serving: OpenAIServing) -> None:
 
 def _add_operator_routes(app: FastAPI, models: ServedModels, context: RequestContext,
                          metrics: ServerMetrics, llm: LLM | None,
-                         serving: OpenAIServing | None) -> None:
+                         serving: OpenAIServingCompletions | None) -> None:
     supervision = llm and (llm.supervision or EngineSupervision.of_thread(llm.engine))
 
     @app.get("/v1/models", response_model=ModelList, tags=["openai"],

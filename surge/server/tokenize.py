@@ -29,7 +29,7 @@ from surge.server.schemas import (
 from surge.tokenizer import ChatTokenizer
 
 if TYPE_CHECKING:
-    from surge.server.serving import OpenAIServing
+    from surge.server.completions import OpenAIServingCompletions
 
 __all__ = ["Tokenization", "add_tokenize_routes"]
 
@@ -72,7 +72,7 @@ class Tokenization:
 def add_tokenize_routes(app: FastAPI, models: ServedModels) -> None:
     @app.post("/tokenize", response_model=TokenizeResponse, tags=["vllm"], responses=_ERRORS)
     async def tokenize(body: TokenizeRequest) -> Response:
-        serving: OpenAIServing = models.resolve(body.model, "generate").target
+        serving: OpenAIServingCompletions = models.resolve(body.model, "generate").target
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
         tokens = serving.tokens
@@ -87,7 +87,7 @@ def add_tokenize_routes(app: FastAPI, models: ServedModels) -> None:
     @app.post("/detokenize", response_model=DetokenizeResponse, tags=["vllm"],
               responses=_ERRORS)
     async def detokenize(body: DetokenizeRequest) -> Response:
-        serving: OpenAIServing = models.resolve(body.model, "generate").target
+        serving: OpenAIServingCompletions = models.resolve(body.model, "generate").target
         vocab_size = serving.tokenizer.vocab_size
         bad = [t for t in body.tokens if t >= vocab_size]
         if bad:

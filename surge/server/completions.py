@@ -56,7 +56,7 @@ from surge.server.schemas import (
 from surge.server.tokenize import Tokenization
 from surge.tokenizer import ChatTokenizer
 
-__all__ = ["OpenAIServing", "add_generation_routes"]
+__all__ = ["OpenAIServingCompletions", "add_generation_routes"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class _Done:
     """Sentinel: one choice's updates are over."""
 
 
-class OpenAIServing:
+class OpenAIServingCompletions:
     """``/v1/completions`` and ``/v1/chat/completions`` of the one text-generation model,
     served under ``model_names``; also the interactive load the batch API yields to."""
 
@@ -447,8 +447,8 @@ def add_generation_routes(app: FastAPI, models: ServedModels) -> None:
     """The routes exist on every server: without a text-generation model they say which
     models the server has instead."""
 
-    def serving_for(model: str | None) -> OpenAIServing:
-        serving: OpenAIServing = models.resolve(model, "generate").target
+    def serving_for(model: str | None) -> OpenAIServingCompletions:
+        serving: OpenAIServingCompletions = models.resolve(model, "generate").target
         serving.check_available()
         return serving
 
@@ -467,7 +467,7 @@ def add_generation_routes(app: FastAPI, models: ServedModels) -> None:
 class _Run:
     """One HTTP request's engine requests, pumped by one task each into a single queue."""
 
-    def __init__(self, serving: OpenAIServing, prepared: _Prepared) -> None:
+    def __init__(self, serving: OpenAIServingCompletions, prepared: _Prepared) -> None:
         self._serving = serving
         self._prepared = prepared
         self._queue: asyncio.Queue[_Delta | _Done | BaseException] = asyncio.Queue()
@@ -534,7 +534,7 @@ class _Run:
         self._queue.put_nowait(_Done())
 
 
-async def _stream_choice(serving: OpenAIServing, choice: _Choice,
+async def _stream_choice(serving: OpenAIServingCompletions, choice: _Choice,
                          arrival: float) -> AsyncIterator[_Delta]:
     """One engine request's updates as text deltas; a stop string ends (aborts) it early."""
     params = choice.params
@@ -564,7 +564,7 @@ async def _stream_choice(serving: OpenAIServing, choice: _Choice,
         _record(serving, choice, finish, token_times, arrival, first_scheduled, processor)
 
 
-def _record(serving: OpenAIServing, choice: _Choice, finish: str | None,
+def _record(serving: OpenAIServingCompletions, choice: _Choice, finish: str | None,
             token_times: list[float], arrival: float, first_scheduled: float | None,
             processor: OutputProcessor) -> None:
     first_token = token_times[0] if token_times else None
