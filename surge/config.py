@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-__all__ = ["DATA_DIR_ENV", "DTYPES", "EngineConfig", "add_engine_args", "require", "user_data_dir"]
+__all__ = ["DATA_DIR_ENV", "DTYPES", "SCHEDULING_POLICIES", "EngineConfig", "add_engine_args",
+           "check_tenant_weights", "require", "user_data_dir"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# fcfs: arrival order, priorities ignored; priority: (priority, arrival); fair: virtual token
+# counters share the engine between tenants by weight, priorities order each tenant's requests.
+SCHEDULING_POLICIES = ("fcfs", "priority", "fair")
 # Where the server keeps what must outlive it (web-app history, batch files and queue).
 DATA_DIR_ENV = "SURGE_DATA_DIR"
 
@@ -51,6 +57,9 @@ class EngineConfig:
     num_threads: int | None = None
     # A Jinja chat template file, for checkpoints that ship none; replaces a shipped one.
     chat_template: str | None = None
+    scheduling_policy: str = "priority"
+    # Tenant name -> weight (> 0) for the fair policy; tenants not named weigh 1.
+    tenant_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         require(self.dtype in DTYPES, "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
@@ -70,6 +79,9 @@ class EngineConfig:
                  self.num_threads, "an integer >= 1")
         require(self.chat_template is None or Path(self.chat_template).is_file(),
                 "chat_template", self.chat_template, "a path to an existing Jinja file")
+        require(self.scheduling_policy in SCHEDULING_POLICIES, "scheduling_policy",
+                self.scheduling_policy, f"one of {', '.join(SCHEDULING_POLICIES)}")
+        self.tenant_weights = check_tenant_weights(self.tenant_weights)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EngineConfig:
@@ -97,6 +109,26 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="torch threads of the engine (default: torch's, all cores)")
     parser.add_argument("--chat-template", default=None, metavar="FILE",
                         help="Jinja chat template for checkpoints without one (replaces theirs)")
+    parser.add_argument("--scheduling-policy", default=d.scheduling_policy,
+                        choices=SCHEDULING_POLICIES,
+                        help="fcfs: arrival order; priority: by request priority, then "
+                             "arrival; fair: share the engine between tenants by weight "
+                             f"(default: {d.scheduling_policy})")
+
+
+def check_tenant_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    """Tenant weights as a plain dict, or ``ValueError`` naming the bad entry."""
+    require(isinstance(weights, Mapping), "tenant_weights", weights,
+            "a mapping of tenant name to weight")
+    checked: dict[str, float] = {}
+    for tenant, weight in weights.items():
+        require(isinstance(tenant, str) and tenant != "", "tenant_weights key", tenant,
+                "a non-empty string")
+        ok = (isinstance(weight, int | float) and not isinstance(weight, bool)
+              and math.isfinite(weight) and weight > 0)
+        require(ok, f"tenant_weights[{tenant!r}]", weight, "a finite number > 0")
+        checked[tenant] = float(weight)
+    return checked
 
 
 def require(ok: bool, name: str, value: object, allowed: str) -> None:

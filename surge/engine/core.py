@@ -17,7 +17,7 @@ from surge.engine.kv_cache import BlockManager
 from surge.engine.protocol import AddRequest, EngineCoreOutput, EngineStats
 from surge.engine.request import FinishReason, Request
 from surge.engine.runner import ModelRunner
-from surge.engine.scheduler import Scheduler
+from surge.engine.scheduler import make_scheduler
 from surge.models.loader import LoadedModel, load_model
 from surge.tokenizer import eos_token_ids
 
@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 # On CPU the cache competes with everything else in RAM and is zeroed at start-up; cap the
 # default at 2 GiB (about 90k tokens of a 135M model) unless the user sizes it explicitly.
 _CPU_DEFAULT_CAP_BYTES = 2 << 30
+# Tenant names come from users (API key ids, the `user` field): keep them short.
+MAX_TENANT_CHARS = 256
 
 
 class EngineCore:
@@ -44,9 +46,10 @@ class EngineCore:
         num_blocks = plan_num_blocks(config, self.loaded, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens
-                                   or _default_token_budget(self.loaded.device))
+        self.scheduler = make_scheduler(
+            config.scheduling_policy, self.block_manager, config.max_num_seqs,
+            config.max_num_batched_tokens or _default_token_budget(self.loaded.device),
+            tenant_weights=config.tenant_weights)
         self.runner = ModelRunner(self.loaded, num_blocks, config.block_size, config.seed)
         self.num_steps = 0
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB) on %s", num_blocks,
@@ -73,10 +76,12 @@ class EngineCore:
                              f"[0, {self.vocab_size - 1}]")
         if isinstance(command.priority, bool) or not isinstance(command.priority, int):
             raise ValueError(f"priority={command.priority!r} is invalid: allowed is an integer")
+        _check_tenant(command.tenant)
         arrival = {"arrival_time": command.arrival_time} if command.arrival_time else {}
         self.scheduler.add_request(Request(
             command.request_id, list(ids), command.params, self.eos_token_ids,
-            max_model_len=self.max_model_len, priority=command.priority, **arrival))
+            max_model_len=self.max_model_len, priority=command.priority,
+            tenant=command.tenant, **arrival))
 
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         aborted = self.scheduler.finish_requests(request_ids, FinishReason.ABORT)
@@ -96,7 +101,12 @@ class EngineCore:
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             kv_cache_usage=kv.usage, num_blocks=kv.num_blocks,
             prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
-            num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps)
+            num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
+            tenants=self.scheduler.tenant_stats())
+
+    def set_tenant_weights(self, weights: dict[str, float]) -> None:
+        """Replace the fair policy's tenant weights (e.g. on a config reload)."""
+        self.scheduler.set_tenant_weights(weights)
 
     def step(self) -> list[EngineCoreOutput]:
         scheduled = self.scheduler.schedule()
@@ -117,6 +127,12 @@ class EngineCore:
                 request.request_id, [result.token_id], logprobs, request.finish_reason,
                 request.stop_reason, request.num_cached_tokens, request.first_scheduled_time))
         return outputs
+
+
+def _check_tenant(tenant: object) -> None:
+    if not isinstance(tenant, str) or not 0 < len(tenant) <= MAX_TENANT_CHARS:
+        raise ValueError(f"tenant={tenant!r} is invalid: allowed is a string of 1 to "
+                         f"{MAX_TENANT_CHARS} characters")
 
 
 def plan_num_blocks(config: EngineConfig, loaded: LoadedModel, max_model_len: int) -> int:

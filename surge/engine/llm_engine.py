@@ -15,7 +15,7 @@ from surge.config import EngineConfig
 from surge.engine.core import EngineCore
 from surge.engine.output_processor import OutputProcessor
 from surge.engine.protocol import AddRequest, EngineCoreOutput
-from surge.engine.request import FinishReason
+from surge.engine.request import ANONYMOUS_TENANT, FinishReason
 from surge.outputs import RequestOutput
 from surge.sampling_params import SamplingParams
 from surge.tokenizer import ChatTokenizer, load_tokenizer
@@ -46,11 +46,12 @@ class LLMEngine:
         return self.core.max_model_len
 
     def add_request(self, prompt: PromptInput, params: SamplingParams,
-                    request_id: str | None = None, priority: int = 0) -> str:
+                    request_id: str | None = None, priority: int = 0,
+                    tenant: str = ANONYMOUS_TENANT) -> str:
         """Validate, tokenize and queue a request; bad input raises ValueError naming the field."""
         request_id = request_id if request_id is not None else str(next(self._ids))
         text, token_ids = self._tokenize(prompt)
-        self.core.add_request(AddRequest(request_id, token_ids, params, priority))
+        self.core.add_request(AddRequest(request_id, token_ids, params, priority, tenant=tenant))
         processor = OutputProcessor(self.tokenizer.tokenizer, token_ids, params)
         self._tracked[request_id] = _Tracked(text, token_ids, processor)
         return request_id

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import msgspec
 
-from surge.engine.request import FinishReason
+from surge.engine.request import ANONYMOUS_TENANT, FinishReason
 from surge.outputs import TokenLogprobs
 from surge.sampling_params import SamplingParams
 
-__all__ = ["AbortRequests", "AddRequest", "EngineCoreOutput", "EngineStats"]
+__all__ = ["AbortRequests", "AddRequest", "EngineCoreOutput", "EngineStats", "TenantStats"]
 
 
 class AddRequest(msgspec.Struct):
@@ -21,6 +21,7 @@ class AddRequest(msgspec.Struct):
     params: SamplingParams
     priority: int = 0
     arrival_time: float = 0.0
+    tenant: str = ANONYMOUS_TENANT  # whom the fair scheduling policy serves it for
 
 
 class AbortRequests(msgspec.Struct):
@@ -41,6 +42,18 @@ class EngineCoreOutput(msgspec.Struct):
     error: str | None = None
 
 
+class TenantStats(msgspec.Struct):
+    """One tenant's share of the engine: tokens served so far (all policies) and, under the
+    fair policy, its virtual token counter (weighted tokens served / weight)."""
+
+    weight: float = 1.0
+    virtual_tokens: float = 0.0
+    served_prompt_tokens: int = 0
+    served_output_tokens: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+
+
 class EngineStats(msgspec.Struct):
     """A snapshot of the scheduler and KV cache, for metrics, health and admission."""
 
@@ -52,3 +65,5 @@ class EngineStats(msgspec.Struct):
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
     num_steps: int = 0
+    # Tenants with requests in the engine, and idle ones the engine still remembers.
+    tenants: dict[str, TenantStats] = msgspec.field(default_factory=dict)

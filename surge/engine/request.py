@@ -10,7 +10,10 @@ from typing import Any
 
 from surge.sampling_params import SamplingParams
 
-__all__ = ["FinishReason", "Request", "RequestStatus"]
+__all__ = ["ANONYMOUS_TENANT", "FinishReason", "Request", "RequestStatus"]
+
+# The tenant of a request that names none (all such requests share one fairness account).
+ANONYMOUS_TENANT = "anonymous"
 
 _arrival_counter = itertools.count()
 
@@ -42,6 +45,8 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     max_model_len: int = 2**31
     priority: int = 0
+    # Who the request is served for: the fair policy shares the engine between tenants.
+    tenant: str = ANONYMOUS_TENANT
     arrival_time: float = field(default_factory=time.monotonic)
     # Breaks ties between equal arrival times, so ordering is total and deterministic.
     arrival_seq: int = field(default_factory=lambda: next(_arrival_counter))
@@ -59,6 +64,8 @@ class Request:
     # When the scheduler first gave it a seat (monotonic, comparable across processes):
     # queue time ends here and prefill begins.
     first_scheduled_time: float | None = None
+    # Prompt tokens already charged to the tenant: recomputing them after a preemption is free.
+    num_charged_prompt_tokens: int = 0
     # A seeded request's own random stream, created at its first sampled token.
     generator: Any = None
 

@@ -18,6 +18,13 @@ the whole step, its first one too (it may arrive mid-step; the grace period cove
 send their next request right after the last one ended). The small share keeps lower-priority
 prompts moving however much urgent work comes. Decode tokens are never deferred: one token
 each costs little, and stalling them would only hold KV blocks longer.
+
+That is the ``priority`` policy, the default. ``FcfsScheduler`` (``fcfs``) is the same with
+every priority taken as equal: arrival order. ``FairScheduler`` (``fair``) shares the engine
+between tenants by weight with virtual token counters (``surge.engine.fairness``): the next
+waiting request comes from the tenant served least, priorities order each tenant's own
+requests, and the KV-cache victim is the latest, lowest-priority request of the tenant served
+most. Under every policy the tokens served are counted per tenant (``tenant_stats``).
 """
 
 from __future__ import annotations
@@ -25,14 +32,17 @@ from __future__ import annotations
 import bisect
 import heapq
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from surge.engine.fairness import TenantLedger, TenantQueues
 from surge.engine.kv_cache import BlockManager
+from surge.engine.protocol import TenantStats
 from surge.engine.request import FinishReason, Request, RequestStatus
 
-__all__ = ["LOWER_PROMPT_GRACE_SECONDS", "LOWER_PROMPT_SHARE", "ScheduledChunk", "Scheduler",
-           "SchedulerOutput"]
+__all__ = ["LOWER_PROMPT_GRACE_SECONDS", "LOWER_PROMPT_SHARE", "FairScheduler", "FcfsScheduler",
+           "ScheduledChunk", "Scheduler", "SchedulerOutput", "make_scheduler"]
 
 # While a higher-priority request is in the engine (or was, within the grace period),
 # lower-priority prompts get at most 1/this of a step's token budget.
@@ -73,15 +83,55 @@ class SchedulerOutput:
         return not self.chunks
 
 
+class WaitingQueue(Protocol):
+    """Waiting (and preempted) requests; ``peek`` is the one the policy admits next."""
+
+    def __len__(self) -> int: ...
+    def push(self, request: Request) -> None: ...
+    def peek(self) -> Request | None: ...
+    def pop(self) -> Request: ...
+    def remove(self, request: Request) -> None: ...
+
+
+class RankedQueue:
+    """A heap by a rank key: the lowest rank is admitted first."""
+
+    def __init__(self, rank: Callable[[Request], tuple]):
+        self._rank = rank
+        self._heap: list[tuple[tuple, Request]] = []
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, request: Request) -> None:
+        heapq.heappush(self._heap, (self._rank(request), request))
+
+    def peek(self) -> Request | None:
+        return self._heap[0][1] if self._heap else None
+
+    def pop(self) -> Request:
+        return heapq.heappop(self._heap)[1]
+
+    def remove(self, request: Request) -> None:
+        self._heap = [entry for entry in self._heap if entry[1] is not request]
+        heapq.heapify(self._heap)
+
+
 class Scheduler:
+    """The ``priority`` policy; subclasses change the rank and outrank rules (hooks below)."""
+
+    policy = "priority"
+
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, *, clock: Callable[[], float] = time.monotonic):
+                 max_num_batched_tokens: int, *, clock: Callable[[], float] = time.monotonic,
+                 tenant_weights: Mapping[str, float] | None = None):
         self.kv = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_lower_prompt_tokens = max(max_num_batched_tokens // LOWER_PROMPT_SHARE, 1)
-        self.running: list[Request] = []  # sorted by sort_key
-        self._waiting: list[tuple[tuple, Request]] = []  # heap by sort_key
+        self.ledger = TenantLedger(tenant_weights)
+        self.running: list[Request] = []  # sorted by _rank
+        self._waiting: WaitingQueue = self._new_waiting_queue()
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.clock = clock
@@ -104,6 +154,7 @@ class Scheduler:
                 f"({self.kv.num_blocks} blocks of {self.kv.block_size} tokens); "
                 "lower max_tokens, send a shorter prompt, or give the cache more memory")
         self.requests[request.request_id] = request
+        self.ledger.request_added(request.tenant)
         self._push_waiting(request)
 
     def finish_requests(self, request_ids: Iterable[str], reason: FinishReason,
@@ -117,8 +168,7 @@ class Scheduler:
             if request.status is RequestStatus.RUNNING:
                 self.running.remove(request)
             else:
-                self._waiting = [e for e in self._waiting if e[1] is not request]
-                heapq.heapify(self._waiting)
+                self._waiting.remove(request)
             self._finish(request, reason, stop_reason)
             finished.append(request)
         return finished
@@ -133,6 +183,29 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    def tenant_stats(self) -> dict[str, TenantStats]:
+        return self.ledger.stats(self.requests)
+
+    def set_tenant_weights(self, weights: Mapping[str, float]) -> None:
+        self.ledger.set_weights(weights)
+
+    # -- policy hooks ------------------------------------------------------------------------
+
+    def _new_waiting_queue(self) -> WaitingQueue:
+        return RankedQueue(self._rank)
+
+    def _rank(self, request: Request) -> tuple:
+        """Running requests are served, and the last one preempted, in this order."""
+        return request.sort_key
+
+    def _outranks(self, waiting: Request, running: Request) -> bool:
+        """Whether a waiting request's prompt goes before a running request's prompt chunk."""
+        return waiting.priority < running.priority
+
+    def _may_displace(self, waiting: Request, running: Request) -> bool:
+        """Whether a waiting request may preempt a running one for its seat or blocks."""
+        return waiting.priority < running.priority
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -151,21 +224,21 @@ class Scheduler:
         """Advance running requests in rank order; return the budget left and the prompt
         chunks deferred because a waiting request outranks them or their share is spent."""
         deferred: list[Request] = []
-        best_waiting = self._waiting[0][1].priority if self._waiting else None
+        best_waiting = self._waiting.peek()
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             index += 1
             num_remaining = request.num_tokens - request.num_computed_tokens
             room = self._prompt_room(request, budget, output) if num_remaining > 1 else budget
-            outranked = best_waiting is not None and best_waiting < request.priority
+            outranked = best_waiting is not None and self._outranks(best_waiting, request)
             if num_remaining > 1 and (outranked or room == 0):
                 deferred.append(request)  # every later request is outranked too
                 continue
             num_new = min(num_remaining, room)
             if not self._allocate_or_preempt(request, num_new, output):
                 break  # the request itself was preempted; everyone after it already was
-            output.chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
+            self._add_chunk(output, request, request.num_computed_tokens, num_new)
             budget -= num_new
         return budget, deferred
 
@@ -182,7 +255,7 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens, room)
             if not self.kv.allocate_slots(request, num_new):
                 return
-            output.chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
+            self._add_chunk(output, request, request.num_computed_tokens, num_new)
             budget -= num_new
 
     def _prompt_room(self, request: Request, budget: int, output: SchedulerOutput) -> int:
@@ -200,7 +273,7 @@ class Scheduler:
         now = self.clock()
         present = [self.running[0].priority] if self.running else []  # running is sorted
         if self._waiting:
-            present.append(self._waiting[0][1].priority)
+            present.append(self._waiting.peek().priority)
         recent = self._recent_urgent
         if recent is not None and now - recent[1] > LOWER_PROMPT_GRACE_SECONDS:
             recent = None
@@ -220,7 +293,7 @@ class Scheduler:
 
     def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> int:
         while self._waiting and budget > 0:
-            request = self._waiting[0][1]
+            request = self._waiting.peek()
             room = self._prompt_room(request, budget, output)
             if room == 0 or request in output.preempted:
                 break  # the rest ranks lower still; one preempted now waits a step at least
@@ -240,20 +313,24 @@ class Scheduler:
                     break
                 budget += self._preempt_last_running(output)
                 continue
-            heapq.heappop(self._waiting)
+            self._waiting.pop()
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_cached
             request.num_cached_tokens = max(request.num_cached_tokens, num_cached)
-            bisect.insort(self.running, request, key=lambda r: r.sort_key)
-            output.chunks.append(ScheduledChunk(request, num_cached, num_new))
+            bisect.insort(self.running, request, key=self._rank)
+            self._add_chunk(output, request, num_cached, num_new)
             budget -= num_new
         return budget
 
+    def _add_chunk(self, output: SchedulerOutput, request: Request, start: int,
+                   num_tokens: int) -> None:
+        output.chunks.append(ScheduledChunk(request, start, num_tokens))
+
     def _outranks_last_running(self, request: Request) -> bool:
-        """A waiting request of strictly higher priority may displace the last running one."""
-        return bool(self.running) and request.priority < self.running[-1].priority
+        """Whether the waiting request may displace the last running one."""
+        return bool(self.running) and self._may_displace(request, self.running[-1])
 
     def _preempt_last_running(self, output: SchedulerOutput) -> int:
         """Preempt the lowest-ranked running request; return the budget its chunk held."""
@@ -289,6 +366,7 @@ class Scheduler:
             request.num_computed_tokens += chunk.num_tokens
             self.kv.cache_full_blocks(request)
             token = sampled.get(request.request_id)
+            self._charge(chunk, int(token is not None))
             if token is None:
                 continue  # a prompt chunk that does not reach the end yet
             request.token_ids.append(token)
@@ -310,16 +388,135 @@ class Scheduler:
             return FinishReason.LENGTH, None
         return None, None
 
+    def _charge(self, chunk: ScheduledChunk, num_output_tokens: int) -> None:
+        """Charge the tenant for the chunk: prompt tokens the first time they are computed
+        (recomputing after a preemption is free), and the token sampled, if any."""
+        request = chunk.request
+        num_prompt = _new_prompt_tokens(chunk)
+        request.num_charged_prompt_tokens += num_prompt
+        self.ledger.charge(request.tenant, num_prompt, num_output_tokens)
+
     # -- internals ---------------------------------------------------------------------------
 
     def _push_waiting(self, request: Request) -> None:
         if request.status is not RequestStatus.PREEMPTED:
             request.status = RequestStatus.WAITING
-        heapq.heappush(self._waiting, (request.sort_key, request))
+        self._waiting.push(request)
 
     def _finish(self, request: Request, reason: FinishReason,
                 stop_reason: int | str | None) -> None:
+        self.ledger.request_finished(request.tenant)
         self.kv.free(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.stop_reason = stop_reason
+
+
+class FcfsScheduler(Scheduler):
+    """Arrival order: priorities are ignored (no deferral, no displacement, no lower share)."""
+
+    policy = "fcfs"
+
+    def _rank(self, request: Request) -> tuple:
+        return (request.arrival_time, request.arrival_seq)
+
+    def _outranks(self, waiting: Request, running: Request) -> bool:
+        return False
+
+    def _may_displace(self, waiting: Request, running: Request) -> bool:
+        return False
+
+    def _most_urgent_priority(self) -> int | None:
+        return None
+
+
+class FairScheduler(Scheduler):
+    """Virtual Token Counter: tenants share the engine by weight (see surge.engine.fairness).
+
+    Waiting requests are admitted from the tenant served least, counting what it was given
+    earlier in the same step; running requests are served tenant by tenant from the least
+    served, and under KV pressure the victim is the latest, lowest-priority request of the
+    most served. A waiting request never preempts a running one for a seat (that would
+    thrash as counters cross); it waits for one to free, as in the paper. Priorities order
+    each tenant's requests only: the lower-priority prompt share is off, since one tenant's
+    priorities must not slow another tenant down.
+    """
+
+    policy = "fair"
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int,
+                 max_num_batched_tokens: int, *, clock: Callable[[], float] = time.monotonic,
+                 tenant_weights: Mapping[str, float] | None = None):
+        # Virtual tokens given to each tenant so far in the step being scheduled.
+        self._pending: dict[str, float] = {}
+        super().__init__(block_manager, max_num_seqs, max_num_batched_tokens, clock=clock,
+                         tenant_weights=tenant_weights)
+
+    def add_request(self, request: Request) -> None:
+        returning = self._queues.num_waiting_of(request.tenant) == 0
+        level = self._queues.lift_level() if returning else None
+        super().add_request(request)  # validates first: a refused request changes nothing
+        if level is not None:
+            self.ledger.lift(request.tenant, level)
+
+    def schedule(self) -> SchedulerOutput:
+        self.running.sort(key=self._rank)  # counters moved since the last step
+        try:
+            return super().schedule()
+        finally:
+            self._pending.clear()  # charged for real once the step ran
+
+    @property
+    def _queues(self) -> TenantQueues:
+        return self._waiting  # type: ignore[return-value]
+
+    def _new_waiting_queue(self) -> WaitingQueue:
+        return TenantQueues(self._counter_with_pending)
+
+    def _counter_with_pending(self, tenant: str) -> float:
+        return self.ledger.virtual_tokens(tenant) + self._pending.get(tenant, 0.0)
+
+    def _rank(self, request: Request) -> tuple:
+        # Counters only change after a step, so this order holds for a whole schedule().
+        return (self.ledger.virtual_tokens(request.tenant), *request.sort_key)
+
+    def _outranks(self, waiting: Request, running: Request) -> bool:
+        if waiting.tenant == running.tenant:
+            return waiting.priority < running.priority
+        return self._rank(waiting)[0] < self._rank(running)[0]
+
+    def _may_displace(self, waiting: Request, running: Request) -> bool:
+        return False
+
+    def _most_urgent_priority(self) -> int | None:
+        return None
+
+    def _add_chunk(self, output: SchedulerOutput, request: Request, start: int,
+                   num_tokens: int) -> None:
+        super()._add_chunk(output, request, start, num_tokens)
+        chunk = output.chunks[-1]
+        cost = self.ledger.cost(request.tenant, _new_prompt_tokens(chunk), int(chunk.samples))
+        self._pending[request.tenant] = self._pending.get(request.tenant, 0.0) + cost
+
+
+_SCHEDULERS: dict[str, type[Scheduler]] = {
+    "fcfs": FcfsScheduler, "priority": Scheduler, "fair": FairScheduler}
+
+
+def make_scheduler(policy: str, block_manager: BlockManager, max_num_seqs: int,
+                   max_num_batched_tokens: int, *,
+                   tenant_weights: Mapping[str, float] | None = None,
+                   clock: Callable[[], float] = time.monotonic) -> Scheduler:
+    """The scheduler of a ``--scheduling-policy``: fcfs, priority or fair."""
+    if policy not in _SCHEDULERS:
+        raise ValueError(f"scheduling_policy={policy!r} is invalid: allowed is one of "
+                         f"{', '.join(_SCHEDULERS)}")
+    return _SCHEDULERS[policy](block_manager, max_num_seqs, max_num_batched_tokens,
+                               clock=clock, tenant_weights=tenant_weights)
+
+
+def _new_prompt_tokens(chunk: ScheduledChunk) -> int:
+    """Prompt positions in the chunk beyond those already charged (prefix hits included)."""
+    request = chunk.request
+    end = min(chunk.start + chunk.num_tokens, request.num_prompt_tokens)
+    return max(end - request.num_charged_prompt_tokens, 0)

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from surge.config import EngineConfig
 from surge.engine.llm_engine import LLMEngine, PromptInput
+from surge.engine.request import ANONYMOUS_TENANT
 from surge.outputs import RequestOutput
 from surge.sampling_params import SamplingParams
 from surge.tokenizer import ChatTokenizer
@@ -50,15 +51,23 @@ class LLM:
     def generate(self, prompts: PromptInput | Sequence[PromptInput] | Sequence[dict],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  *, use_tqdm: bool = True,
-                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
-        """Run every prompt to completion, batched; outputs come back in prompt order."""
+                 priority: Sequence[int] | None = None,
+                 tenant: str | Sequence[str] = ANONYMOUS_TENANT) -> list[RequestOutput]:
+        """Run every prompt to completion, batched; outputs come back in prompt order.
+
+        ``tenant`` (one for all prompts, or one per prompt) is whom each request is served
+        for: under ``scheduling_policy="fair"`` tenants share the engine by weight."""
         prompt_list = _normalize_prompts(prompts)
         params = _broadcast(sampling_params, len(prompt_list))
         priorities = list(priority) if priority is not None else [0] * len(prompt_list)
         if len(priorities) != len(prompt_list):
             raise ValueError(f"got {len(priorities)} priorities for {len(prompt_list)} prompts: "
                              "allowed is one integer per prompt")
-        ids = self._add_all(prompt_list, params, priorities)
+        tenants = [tenant] * len(prompt_list) if isinstance(tenant, str) else list(tenant)
+        if len(tenants) != len(prompt_list):
+            raise ValueError(f"got {len(tenants)} tenants for {len(prompt_list)} prompts: "
+                             "allowed is one tenant for all, or one per prompt")
+        ids = self._add_all(prompt_list, params, priorities, tenants)
         finished = self._run(ids, use_tqdm)
         return [finished[request_id] for request_id in ids]
 
@@ -74,11 +83,11 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def stream(self, prompt: PromptInput, sampling_params: SamplingParams | None = None,
-               priority: int = 0) -> Iterator[RequestOutput]:
+               priority: int = 0, tenant: str = ANONYMOUS_TENANT) -> Iterator[RequestOutput]:
         """Yield incremental outputs of one request (``delta_text``/``delta_token_ids`` are
         the new part); closing the iterator early aborts the request and frees its blocks."""
         request_id = self.engine.add_request(prompt, sampling_params or SamplingParams(),
-                                             priority=priority)
+                                             priority=priority, tenant=tenant)
         self._outbox[request_id] = []
         done = False
         try:
@@ -99,22 +108,22 @@ class LLM:
     # -- internals ---------------------------------------------------------------------------
 
     def _add_all(self, prompts: list[PromptInput], params: list[SamplingParams],
-                 priorities: list[int]) -> list[str]:
+                 priorities: list[int], tenants: list[str]) -> list[str]:
         """Queue all prompts, or none: one bad prompt aborts those already queued."""
         ids: list[str] = []
         try:
-            for index, (prompt, p, prio) in enumerate(zip(prompts, params, priorities,
-                                                          strict=True)):
-                ids.append(self._add_one(index, prompt, p, prio))
+            for index, (prompt, p, prio, tenant) in enumerate(zip(prompts, params, priorities,
+                                                                  tenants, strict=True)):
+                ids.append(self._add_one(index, prompt, p, prio, tenant))
         except ValueError:
             self.engine.abort_request(ids)
             raise
         return ids
 
     def _add_one(self, index: int, prompt: PromptInput, params: SamplingParams,
-                 priority: int) -> str:
+                 priority: int, tenant: str) -> str:
         try:
-            return self.engine.add_request(prompt, params, priority=priority)
+            return self.engine.add_request(prompt, params, priority=priority, tenant=tenant)
         except ValueError as exc:
             raise ValueError(f"prompts[{index}]: {exc}") from exc
 
