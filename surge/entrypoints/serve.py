@@ -26,7 +26,7 @@ from surge.http.logs import configure_logging
 
 if TYPE_CHECKING:
     from surge.engine.mp_client import MPEngineClient
-    from surge.server.app import LLM, ServerSettings
+    from surge.server.app import GenerationModel, ServerSettings
     from surge.server.features import FeaturePlugin
     from surge.server.lifecycle import EngineSupervision
     from surge.tokenizer import ChatTokenizer
@@ -167,18 +167,18 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def make_llm(mode: str, config: EngineConfig, model_dir: str, restart: bool,
-             tokenizer: ChatTokenizer) -> LLM:
+             tokenizer: ChatTokenizer) -> GenerationModel:
     """The engine client of ``mode``, with what the server needs to supervise it."""
-    from surge.server.app import LLM
+    from surge.server.app import GenerationModel
 
     if mode == "thread":
         from surge.engine.client import InprocEngineClient
 
-        return LLM(InprocEngineClient(config, model_dir), tokenizer)
+        return GenerationModel(InprocEngineClient(config, model_dir), tokenizer)
     from surge.engine.mp_client import MPEngineClient
 
     engine = MPEngineClient(config, model_dir, restart=restart)
-    return LLM(engine, tokenizer, _process_supervision(engine))
+    return GenerationModel(engine, tokenizer, _process_supervision(engine))
 
 
 def _process_supervision(engine: MPEngineClient) -> EngineSupervision:

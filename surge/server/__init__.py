@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["LLM", "ServerSettings", "build_app"]
+__all__ = ["GenerationModel", "ServerSettings", "build_app"]
 
 
 def __getattr__(name: str) -> Any:

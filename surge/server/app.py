@@ -38,7 +38,7 @@ from surge.server.schemas import HealthResponse, ModelList
 from surge.server.tokenize import add_tokenize_routes
 from surge.tokenizer import ChatTokenizer
 
-__all__ = ["LLM", "ServerSettings", "build_app"]
+__all__ = ["GenerationModel", "ServerSettings", "build_app"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
-class LLM:
+class GenerationModel:
     """The server's text-generation model: its engine, its tokenizer, and how the engine's
     process is watched (default: an engine thread, never restarted)."""
 
@@ -97,7 +97,7 @@ class _NoGeneration:
         return self.context.accepting
 
 
-def build_app(settings: ServerSettings, llm: LLM | None = None,
+def build_app(settings: ServerSettings, llm: GenerationModel | None = None,
               features: Sequence[Feature] = (),
               control: ServerControl | None = None) -> FastAPI:
     """``llm=None``: no text-generation model (the features bring embedding or
@@ -136,7 +136,7 @@ def build_app(settings: ServerSettings, llm: LLM | None = None,
     return app
 
 
-def _supervise(llm: LLM, serving: OpenAIServingCompletions, context: RequestContext,
+def _supervise(llm: GenerationModel, serving: OpenAIServingCompletions, context: RequestContext,
                control: ServerControl, settings: ServerSettings,
                metrics: ServerMetrics) -> EngineSupervisor:
     supervision = llm.supervision or EngineSupervision.of_thread(llm.engine)
@@ -156,7 +156,7 @@ def _register_llm(models: ServedModels, serving: OpenAIServingCompletions) -> No
 
 
 def _add_operator_routes(app: FastAPI, models: ServedModels, context: RequestContext,
-                         metrics: ServerMetrics, llm: LLM | None,
+                         metrics: ServerMetrics, llm: GenerationModel | None,
                          serving: OpenAIServingCompletions | None) -> None:
     supervision = llm and (llm.supervision or EngineSupervision.of_thread(llm.engine))
 
