@@ -9,10 +9,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-__all__ = ["DATA_DIR_ENV", "DTYPES", "SCHEDULING_POLICIES", "EngineConfig", "add_engine_args",
+__all__ = ["DATA_DIR_ENV", "DTYPES", "INT4_GROUP_SIZES", "QUANTIZATIONS", "SCHEDULING_POLICIES",
+           "EngineConfig", "add_engine_args",
            "check_tenant_weights", "require", "user_data_dir"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Weight-only quantization of the decoder's projections (surge.models.quantization).
+QUANTIZATIONS = ("none", "int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128)
 # fcfs: arrival order, priorities ignored; priority: (priority, arrival); fair: virtual token
 # counters share the engine between tenants by weight, priorities order each tenant's requests.
 SCHEDULING_POLICIES = ("fcfs", "priority", "fair")
@@ -57,6 +61,11 @@ class EngineConfig:
     num_threads: int | None = None
     # A Jinja chat template file, for checkpoints that ship none; replaces a shipped one.
     chat_template: str | None = None
+    # Weight-only quantization: none keeps the serving dtype (a quantized GGUF is dequantized);
+    # int8 per output row; int4 per group of quantization_group_size inputs (32 keeps a GGUF's
+    # Q4_0/Q4_1 blocks as they are).
+    quantization: str = "none"
+    quantization_group_size: int = 32
     scheduling_policy: str = "priority"
     # Tenant name -> weight (> 0) for the fair policy; tenants not named weigh 1.
     tenant_weights: dict[str, float] = field(default_factory=dict)
@@ -79,6 +88,10 @@ class EngineConfig:
                  self.num_threads, "an integer >= 1")
         require(self.chat_template is None or Path(self.chat_template).is_file(),
                 "chat_template", self.chat_template, "a path to an existing Jinja file")
+        require(self.quantization in QUANTIZATIONS, "quantization", self.quantization,
+                f"one of {', '.join(QUANTIZATIONS)}")
+        require(self.quantization_group_size in INT4_GROUP_SIZES, "quantization_group_size",
+                self.quantization_group_size, f"one of {', '.join(map(str, INT4_GROUP_SIZES))}")
         require(self.scheduling_policy in SCHEDULING_POLICIES, "scheduling_policy",
                 self.scheduling_policy, f"one of {', '.join(SCHEDULING_POLICIES)}")
         self.tenant_weights = check_tenant_weights(self.tenant_weights)
@@ -109,6 +122,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="torch threads of the engine (default: torch's, all cores)")
     parser.add_argument("--chat-template", default=None, metavar="FILE",
                         help="Jinja chat template for checkpoints without one (replaces theirs)")
+    parser.add_argument("--quantization", default=d.quantization, choices=QUANTIZATIONS,
+                        help="weight-only quantization of the decoder's linear layers, CPU only "
+                             "(default: none; a quantized GGUF is then dequantized)")
+    parser.add_argument("--quantization-group-size", type=int, default=d.quantization_group_size,
+                        choices=INT4_GROUP_SIZES,
+                        help="inputs per int4 scale (default: 32, GGUF's Q4 block)")
     parser.add_argument("--scheduling-policy", default=d.scheduling_policy,
                         choices=SCHEDULING_POLICIES,
                         help="fcfs: arrival order; priority: by request priority, then "

@@ -38,7 +38,9 @@ class EngineCore:
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.loaded: LoadedModel = load_model(
-            model_dir, config.dtype, config.device, config.allow_pickle, config.max_model_len)
+            model_dir, config.dtype, config.device, config.allow_pickle, config.max_model_len,
+            quantization=config.quantization,
+            quantization_group_size=config.quantization_group_size)
         model_config = self.loaded.config
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings)

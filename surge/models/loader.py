@@ -36,6 +36,7 @@ from torch import nn
 from surge.models.checkpoint import open_checkpoint
 from surge.models.config import stored_dtype
 from surge.models.linear import Linear, LinearMethod, copy_checked
+from surge.models.quantization import checkpoint_tensors, quantization_method
 from surge.models.registry import Architecture, Task, find_architecture
 
 __all__ = ["DTYPES", "LoadedModel", "build_model", "load_model", "load_weights",
@@ -86,12 +87,14 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device,
 def load_model(path: str | Path, dtype: str | torch.dtype = "auto",
                device: str | torch.device = "auto", allow_pickle: bool = False,
                max_positions: int | None = None, task: Task | None = "generate",
-               linear_method: LinearMethod | None = None) -> LoadedModel:
+               linear_method: LinearMethod | None = None, quantization: str = "none",
+               quantization_group_size: int = 32) -> LoadedModel:
     """The model at ``path`` (a Hugging Face directory or a .gguf file), ready for inference.
 
     ``task`` refuses a checkpoint of another task (None: any); ``max_positions`` caps the rope
     tables a decoder precomputes; ``linear_method`` stores and applies a decoder's projections
-    (None: unquantized, in the serving dtype).
+    (None: unquantized, in the serving dtype); ``quantization`` ("int8", "int4" with
+    ``quantization_group_size``) chooses one of surge.models.quantization's instead.
     """
     checkpoint = open_checkpoint(path, allow_pickle)
     hf = checkpoint.read_config()
@@ -99,9 +102,11 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto",
     config = arch.read_config(hf)
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target, arch.auto_dtype or stored_dtype(hf))
+    linear_method = linear_method or quantization_method(quantization, quantization_group_size,
+                                                         target, torch_dtype)
     extra = {} if linear_method is None else {"linear_method": linear_method}
     model = build_model(arch.model_class, config, torch_dtype, target, **extra)
-    load_weights(model, checkpoint.iter_tensors())
+    load_weights(model, checkpoint_tensors(checkpoint, model))
     _finish(model, target, max_positions)
     return LoadedModel(model, config, torch_dtype, target, arch)
 

@@ -1,0 +1,458 @@
+"""Weight-only quantized linear layers (int8, int4) behind the linear-method seam.
+
+Only the decoder's projections are quantized; activations, the KV cache, embeddings and the LM
+head keep the serving dtype (bfloat16 or float32), and every product is computed in that dtype
+from weights dequantized on the fly, so the only error is the weights' rounding:
+
+- **int8** (`Int8LinearMethod`): one symmetric scale per output row,
+  ``scale = max|w_row| / 127`` (rounded to the serving dtype), ``q = round(w / scale)`` in
+  [-127, 127]. Each weight moves by at most ``scale / 2``, i.e. 0.4% of its row's largest weight;
+  a bfloat16 scale adds a relative error below 2^-9 shared by the whole row. Weights read per
+  token: 1 byte + 2 bytes per row, about 0.5x bfloat16.
+- **int4** (`Int4LinearMethod`, group size 32, 64 or 128): per group of ``G`` consecutive inputs of
+  a row an asymmetric range, ``scale = (max - min) / 15``, ``w ~ (q - 8) * scale + zero`` with
+  ``q`` in [0, 15] and ``zero = min + 8 * scale``. Each weight moves by at most ``scale / 2``,
+  1/30 of its group's range (about 3% of it): smaller groups have tighter ranges and so less
+  error, at 4 bytes of scale and zero per group (G=32: 0.625 bytes per weight, 0.31x bfloat16;
+  G=128: 0.53 bytes, 0.27x).
+
+Kernels (PyTorch's CPU weight-only ops): ``aten._weight_int8pack_mm`` and
+``aten._weight_int4pack_mm_for_cpu`` read the small weights and beat the bfloat16 GEMM for a
+few tokens (a decode step of one or a few sequences), but their cost grows with every token,
+so above a per-shape token threshold a layer instead dequantizes its weights into one scratch
+buffer shared by all layers and runs the dense GEMM (prefill, large batches). The threshold is
+measured once per layer shape at load (both paths timed at 1, 2, 4, ... tokens) unless given.
+
+From GGUF files (`checkpoint_tensors`): with ``int4`` and group size 32, Q4_0 and Q4_1 blocks are
+repacked as they are, codes unchanged and each block's scale kept (exact in float32; a bfloat16
+serving dtype rounds the block scales and Q4_1's offsets to bfloat16). Every other stored type,
+and Q8_0 under ``int8`` (its per-block scales do not fit the per-row kernel), is dequantized to
+float32 and quantized as above. Without ``--quantization`` a GGUF file is dequantized to the
+serving dtype, as before: on this CPU bfloat16 serves batches faster (see
+benchmarks/bench_quant.py), and it is the reference the quantized modes are judged against.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surge.config import INT4_GROUP_SIZES, QUANTIZATIONS
+from surge.models.linear import Linear, LinearMethod, copy_checked
+
+if TYPE_CHECKING:
+    from surge.models.gguf import RawTensor
+
+__all__ = ["INT4_GROUP_SIZES", "QUANTIZATIONS", "Int4LinearMethod", "Int8LinearMethod",
+           "WeightOnlyLinearMethod", "checkpoint_tensors", "dequantized_weight",
+           "quantization_method"]
+
+QUANT_DTYPES = (torch.bfloat16, torch.float32)
+# Token counts at which the two kernel paths are timed against each other at load.
+_PROBE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_NEVER = 1 << 30  # threshold when the dequantizing path never wins
+# The packed int4 layout of the CPU kernel interleaves blocks of 64 output rows.
+_INT4_ROW_BLOCK = 64
+
+
+def quantization_method(quantization: str, group_size: int, device: torch.device,
+                        dtype: torch.dtype) -> LinearMethod | None:
+    """The linear method for ``--quantization`` (None for "none"), or ``ValueError`` saying
+    what is allowed where the kernels do not run."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r} is invalid: allowed is one of "
+                         f"{', '.join(QUANTIZATIONS)}")
+    if quantization == "none":
+        return None
+    if device.type != "cpu":
+        raise ValueError(f"quantization={quantization!r} runs on CPU only (PyTorch's CPU "
+                         f"weight-only kernels); on device {device} allowed is "
+                         "quantization='none'")
+    if dtype not in QUANT_DTYPES:
+        raise ValueError(f"quantization={quantization!r} needs dtype bfloat16 or float32, not "
+                         f"{str(dtype).removeprefix('torch.')}")
+    if quantization == "int8":
+        return Int8LinearMethod()
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"quantization_group_size={group_size!r} is invalid: allowed is one "
+                         f"of {', '.join(map(str, INT4_GROUP_SIZES))}")
+    return Int4LinearMethod(group_size)
+
+
+class WeightOnlyLinearMethod(LinearMethod):
+    """What int8 and int4 share: the bias, the per-step kernel choice and the scratch buffer.
+
+    ``threshold``: from this many tokens in a step on, dequantize and run the dense GEMM
+    (None: measured per layer shape when the weights are loaded).
+    """
+
+    def __init__(self, threshold: int | None = None) -> None:
+        if threshold is not None and threshold < 1:
+            raise ValueError(f"threshold={threshold!r} is invalid: allowed is an integer >= 1")
+        self.threshold = threshold
+
+    # -- what a format defines ------------------------------------------------------------
+
+    def kernel(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """The weight-only kernel: [tokens, input_size] -> [tokens, stored rows]."""
+        raise NotImplementedError
+
+    def dequantize_into(self, layer: Linear, out: torch.Tensor) -> None:
+        """Write the dequantized weight, [stored rows, input_size], into ``out``."""
+        raise NotImplementedError
+
+    def stored_rows(self, layer: Linear) -> int:
+        return layer.output_size
+
+    def shape_key(self, layer: Linear) -> tuple[Any, ...]:
+        return (type(self).__name__, layer.output_size, layer.input_size)
+
+    # -- shared -----------------------------------------------------------------------------
+
+    def create_bias(self, layer: Linear) -> None:
+        layer.bias = (nn.Parameter(torch.empty(layer.output_size), requires_grad=False)
+                      if layer.has_bias else None)
+        if layer.has_bias:
+            layer.weight_loaders["bias"] = _load_bias
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, layer.input_size)
+        if flat.shape[0] < layer.kernel_threshold:
+            out = self.kernel(layer, flat)
+        else:
+            out = F.linear(flat, self.dequantized(layer, flat.dtype))
+        if out.shape[1] != layer.output_size:  # rows padded for the packed layout
+            out = out[:, :layer.output_size].contiguous()
+        if layer.bias is not None:
+            out = out + layer.bias
+        return out.view(*x.shape[:-1], layer.output_size)
+
+    def dequantized(self, layer: Linear, dtype: torch.dtype) -> torch.Tensor:
+        """The layer's weight in ``dtype``, in the shared scratch buffer (valid until the next
+        layer's call)."""
+        out = _scratch(self.stored_rows(layer) * layer.input_size, dtype, layer.device)
+        out = out.view(self.stored_rows(layer), layer.input_size)
+        self.dequantize_into(layer, out)
+        return out
+
+    def choose_threshold(self, layer: Linear) -> None:
+        if self.threshold is not None:
+            layer.kernel_threshold = self.threshold
+            return
+        key = (*self.shape_key(layer), layer.dtype)
+        if key not in _MEASURED:
+            _MEASURED[key] = self.measure_threshold(layer)
+        layer.kernel_threshold = _MEASURED[key]
+
+    def measure_threshold(self, layer: Linear) -> int:
+        """The smallest probed token count at which dequantize + GEMM is no slower than the
+        weight-only kernel (best of 3 timings each; a few ms per shape)."""
+        for tokens in _PROBE_TOKENS:
+            x = torch.randn(tokens, layer.input_size, dtype=layer.dtype, device=layer.device)
+            kernel = _best_time(lambda x=x: self.kernel(layer, x))
+            dense = _best_time(lambda x=x: F.linear(x, self.dequantized(layer, x.dtype)))
+            if dense <= kernel:
+                return tokens
+        return _NEVER
+
+
+_MEASURED: dict[tuple[Any, ...], int] = {}
+_SCRATCH: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One buffer per dtype and device, grown to the largest layer, reused by every layer."""
+    key = (dtype, device)
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
+
+
+def _best_time(run: Callable[[], object], repeats: int = 3) -> float:
+    run()  # warm-up: first calls allocate
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _load_bias(layer: nn.Module, tensor: torch.Tensor, shard: int | None) -> None:
+    assert isinstance(layer, Linear)
+    copy_checked(layer.bias.data[layer.shard_rows(shard)], _as_float(tensor))
+
+
+def _as_float(tensor: torch.Tensor | RawTensor) -> torch.Tensor:
+    """A checkpoint tensor as float32 (GGUF blocks this method cannot keep are decoded)."""
+    if isinstance(tensor, torch.Tensor):
+        return tensor.float()
+    return tensor.dequantize().float()
+
+
+def _check_rows(layer: Linear, shard: int | None, shape: tuple[int, ...]) -> slice:
+    rows = layer.shard_rows(shard)
+    expected = (rows.stop - rows.start, layer.input_size)
+    if tuple(shape) != expected:
+        raise ValueError(f"has shape {tuple(shape)}, the model expects {expected}")
+    return rows
+
+
+def _serving_dtype() -> torch.dtype:
+    """The dtype the layer is built in (the loader builds models under it as the default)."""
+    dtype = torch.get_default_dtype()
+    if dtype not in QUANT_DTYPES:
+        raise ValueError(f"weight-only quantization needs dtype bfloat16 or float32, not "
+                         f"{str(dtype).removeprefix('torch.')}")
+    return dtype
+
+
+class Int8LinearMethod(WeightOnlyLinearMethod):
+    """int8 weights with one scale per output row (see the module docstring for its error)."""
+
+    def create_weights(self, layer: Linear) -> None:
+        dtype = _serving_dtype()
+        layer.register_buffer("qweight", torch.empty(layer.output_size, layer.input_size,
+                                                     dtype=torch.int8))
+        layer.register_buffer("scales", torch.empty(layer.output_size, dtype=dtype))
+        layer.dtype = dtype
+        layer.kernel_threshold = _NEVER
+        layer.weight_loaders["weight"] = self.load_weight
+        self.create_bias(layer)
+
+    @staticmethod
+    def load_weight(layer: nn.Module, tensor: torch.Tensor | RawTensor,
+                    shard: int | None) -> None:
+        assert isinstance(layer, Linear)
+        rows = _check_rows(layer, shard, tuple(tensor.shape))
+        codes, scales = quantize_int8(_as_float(tensor), layer.dtype)
+        layer.qweight[rows] = codes
+        layer.scales[rows] = scales
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        layer.device = layer.qweight.device
+        self.choose_threshold(layer)
+
+    def kernel(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, layer.qweight, layer.scales)
+
+    def dequantize_into(self, layer: Linear, out: torch.Tensor) -> None:
+        out.copy_(layer.qweight)
+        out.mul_(layer.scales.to(out.dtype)[:, None])
+
+    def weight_bytes(self, layer: Linear) -> int:
+        bias = 0 if layer.bias is None else layer.bias.nbytes
+        return layer.qweight.nbytes + layer.scales.nbytes + bias
+
+
+def quantize_int8(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes, per-row scales in ``dtype``) of a float [rows, columns] weight."""
+    scales = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    scales = scales.to(dtype)
+    # Round against the scale the kernel will use, not the float32 one before its rounding.
+    codes = (weight / scales.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return codes, scales
+
+
+class Int4LinearMethod(WeightOnlyLinearMethod):
+    """int4 weights with a scale and zero point per ``group_size`` inputs of a row (see the
+    module docstring for its error)."""
+
+    def __init__(self, group_size: int = 32, threshold: int | None = None) -> None:
+        if group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"group_size={group_size!r} is invalid: allowed is one of "
+                             f"{', '.join(map(str, INT4_GROUP_SIZES))}")
+        super().__init__(threshold)
+        self.group_size = group_size
+
+    def create_weights(self, layer: Linear) -> None:
+        if layer.input_size % self.group_size:
+            raise ValueError(f"int4 group size {self.group_size} does not divide the layer's "
+                             f"input size {layer.input_size}; allowed are group sizes that do "
+                             f"(of {', '.join(map(str, INT4_GROUP_SIZES))})")
+        layer.dtype = _serving_dtype()
+        groups = layer.input_size // self.group_size
+        # Loading state, replaced by the packed weight once every shard is in.
+        layer.register_buffer("codes", torch.empty(layer.output_size, layer.input_size,
+                                                    dtype=torch.uint8))
+        layer.register_buffer("group_scales", torch.empty(layer.output_size, groups,
+                                                          dtype=torch.float32))
+        layer.register_buffer("group_zeros", torch.empty(layer.output_size, groups,
+                                                         dtype=torch.float32))
+        layer.kernel_threshold = _NEVER
+        layer.weight_loaders["weight"] = self.load_weight
+        self.create_bias(layer)
+
+    def load_weight(self, layer: nn.Module, tensor: torch.Tensor | RawTensor,
+                    shard: int | None) -> None:
+        assert isinstance(layer, Linear)
+        rows = _check_rows(layer, shard, tuple(tensor.shape))
+        blocks = None if isinstance(tensor, torch.Tensor) else gguf_int4_blocks(
+            tensor, self.group_size)
+        codes, scales, zeros = blocks or quantize_int4(_as_float(tensor), self.group_size,
+                                                       layer.dtype)
+        layer.codes[rows] = codes
+        layer.group_scales[rows] = scales
+        layer.group_zeros[rows] = zeros
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        rows = self.stored_rows(layer)
+        codes = _pad_rows(layer.codes, rows).to(torch.int32)
+        scales = _pad_rows(layer.group_scales, rows)
+        zeros = _pad_rows(layer.group_zeros, rows)
+        del layer.codes, layer.group_scales, layer.group_zeros
+        layer.register_buffer(
+            "qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+        # The kernel's layout: [groups, rows, (scale, zero)], in the activations' dtype.
+        layer.register_buffer(
+            "scale_zeros", torch.stack((scales.t(), zeros.t()), dim=-1).to(layer.dtype)
+            .contiguous())
+        layer.device = layer.qweight.device
+        self.choose_threshold(layer)
+
+    def stored_rows(self, layer: Linear) -> int:
+        return -(-layer.output_size // _INT4_ROW_BLOCK) * _INT4_ROW_BLOCK
+
+    def shape_key(self, layer: Linear) -> tuple[Any, ...]:
+        return (*super().shape_key(layer), self.group_size)
+
+    def kernel(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.qweight, self.group_size,
+                                                          layer.scale_zeros)
+
+    def dequantize_into(self, layer: Linear, out: torch.Tensor) -> None:
+        rows, groups = self.stored_rows(layer), layer.input_size // self.group_size
+        grouped = out.view(rows, groups, self.group_size)
+        grouped.copy_(unpack_int4(layer.qweight, rows, layer.input_size)
+                      .view(rows, groups, self.group_size))
+        scale_zeros = layer.scale_zeros.to(out.dtype)
+        grouped.sub_(8).mul_(scale_zeros[..., 0].t()[..., None])
+        grouped.add_(scale_zeros[..., 1].t()[..., None])
+
+    def weight_bytes(self, layer: Linear) -> int:
+        bias = 0 if layer.bias is None else layer.bias.nbytes
+        return layer.qweight.nbytes + layer.scale_zeros.nbytes + bias
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(uint8 codes in [0, 15], float32 scales, float32 zeros) per group of a float weight,
+    with ``w ~ (code - 8) * scale + zero``; scales and zeros are rounded to ``dtype`` first,
+    so the codes fit the values the kernel will use."""
+    rows, columns = weight.shape
+    grouped = weight.reshape(rows, columns // group_size, group_size)
+    low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
+    scales = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny).to(dtype).float()
+    zeros = (low + 8 * scales).to(dtype).float()
+    codes = ((grouped - zeros[..., None]) / scales[..., None] + 8).round().clamp(0, 15)
+    return codes.to(torch.uint8).reshape(rows, columns), scales, zeros
+
+
+def unpack_int4(packed: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """uint8 codes [rows, columns] of ``_convert_weight_to_int4pack_for_cpu``'s output.
+
+    That layout (PyTorch 2.x, AVX-512 build) holds, per block of 64 rows and per column, 32
+    bytes: the low nibble of byte ``i`` is row ``i`` of the block, the high nibble row
+    ``32 + i``. Rows are padded to a multiple of 64 before packing, so no other layout occurs.
+    """
+    blocks = packed.view(rows // _INT4_ROW_BLOCK, columns, _INT4_ROW_BLOCK // 2)
+    codes = torch.cat((blocks & 15, blocks >> 4), dim=-1)  # [blocks, columns, 64]
+    return codes.transpose(1, 2).reshape(rows, columns)
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    if tensor.shape[0] == rows:
+        return tensor
+    return torch.cat((tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])))
+
+
+# -- GGUF blocks kept as they are ------------------------------------------------------------
+
+# GGUF type -> bytes per block of 32 weights; each block starts with fp16 d (Q4_1: then fp16 m),
+# then 16 bytes of codes: the low nibble of byte i is weight i, the high nibble weight 16 + i.
+_GGUF_INT4_BLOCKS = {"Q4_0": 18, "Q4_1": 20}
+_GGUF_BLOCK = 32
+
+
+def gguf_int4_blocks(raw: RawTensor, group_size: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(codes, scales, zeros) read straight from Q4_0/Q4_1 blocks, in the form
+    ``w = (code - 8) * scale + zero``; None when the type or group size does not allow it."""
+    block_bytes = _GGUF_INT4_BLOCKS.get(raw.ggml_type)
+    if block_bytes is None or group_size != _GGUF_BLOCK:
+        return None
+    rows, columns = raw.shape
+    blocks = np.ascontiguousarray(raw.data).reshape(rows, columns // _GGUF_BLOCK, block_bytes)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    nibbles = blocks[..., block_bytes - 16:]
+    codes = np.concatenate((nibbles & 15, nibbles >> 4), axis=-1).reshape(rows, columns)
+    if raw.ggml_type == "Q4_0":  # w = (q - 8) * d
+        zeros = np.zeros_like(d)
+    else:  # Q4_1: w = q * d + m = (q - 8) * d + (m + 8 d)
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        zeros = m + 8 * d
+    return torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(zeros)
+
+
+def keeps_gguf_blocks(method: LinearMethod, ggml_type: str) -> bool:
+    """Whether ``method``'s loader reads GGUF blocks of ``ggml_type`` without decoding them."""
+    return (isinstance(method, Int4LinearMethod) and method.group_size == _GGUF_BLOCK
+            and ggml_type in _GGUF_INT4_BLOCKS)
+
+
+def checkpoint_tensors(checkpoint: Any, model: nn.Module
+                       ) -> Iterator[tuple[str, torch.Tensor | RawTensor]]:
+    """The checkpoint's tensors for ``model``: a GGUF file's Q4_0/Q4_1 projections stay raw
+    blocks where the quantized layer keeps them as they are, everything else as usual."""
+    from surge.models.gguf import GGUFCheckpoint
+
+    methods = _linear_methods(model)
+    keeps_blocks = any(isinstance(m, Int4LinearMethod) for m in methods.values())
+    if not keeps_blocks or not isinstance(checkpoint, GGUFCheckpoint):
+        yield from checkpoint.iter_tensors()
+        return
+    for name in checkpoint.tensor_names():
+        raw = checkpoint.raw_tensor(name)
+        method = methods.get(_module_of(model, name))
+        if method is not None and keeps_gguf_blocks(method, raw.ggml_type):
+            yield name, raw
+        else:
+            yield name, raw.dequantize()
+
+
+def _linear_methods(model: nn.Module) -> dict[str, LinearMethod]:
+    return {path: module.method for path, module in model.named_modules()
+            if isinstance(module, Linear)}
+
+
+def _module_of(model: nn.Module, name: str) -> str | None:
+    """The module path a checkpoint tensor lands in, after the model's renaming and packing."""
+    rename = getattr(model, "checkpoint_name", lambda n: n)
+    packed: dict[str, tuple[str, int]] = getattr(model, "packed_modules", {})
+    renamed = rename(name)
+    if renamed is None:
+        return None
+    module_path = renamed.rpartition(".")[0]
+    parent, _, projection = module_path.rpartition(".")
+    if projection in packed:
+        merged = packed[projection][0]
+        return f"{parent}.{merged}" if parent else merged
+    return module_path
+
+
+def dequantized_weight(layer: Linear) -> torch.Tensor:
+    """A quantized layer's weight as float32 [output_size, input_size] (a copy, for tests and
+    error reports)."""
+    method = layer.method
+    if not isinstance(method, WeightOnlyLinearMethod):
+        raise TypeError(f"{type(method).__name__} is not a weight-only quantized method")
+    out = torch.empty(method.stored_rows(layer), layer.input_size, dtype=torch.float32)
+    method.dequantize_into(layer, out)
+    return out[:layer.output_size]
