@@ -26,7 +26,7 @@ GENERATION_KV_BYTES = 256 << 20
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What to load: a checkpoint directory or a .gguf file, and how.
+    """What to load: a checkpoint directory, a .gguf file or a catalogue name, and how.
 
     ``options`` go to both `load_model` and `LLM` (for example a future ``quantization``).
     """
@@ -87,14 +87,15 @@ class EvalModel:
                                else load_tokenizer(self.path))
         return self._tokenizer
 
-    @property
-    def dtype_name(self) -> str:
-        """The dtype actually used (``auto`` resolved), once the weights are loaded."""
-        model = self._loaded or (_engine_weights(self._llm) if self._llm else None)
-        return str(model.dtype).removeprefix("torch.") if model else self.spec.dtype
-
     def describe(self) -> dict[str, Any]:
-        return {**self.spec.describe(), "dtype": self.dtype_name}
+        """The spec, with the dtype and device actually used once the weights are loaded
+        (``auto`` resolved) and the file a catalogue name resolved to."""
+        described = {**self.spec.describe(), "path": self.path}
+        model = self._loaded or (_engine_weights(self._llm) if self._llm else None)
+        if model is not None:
+            described["dtype"] = str(model.dtype).removeprefix("torch.")
+            described["device"] = str(model.device)
+        return described
 
 
 def _engine_weights(llm: Any) -> LoadedModel | None:
@@ -105,8 +106,14 @@ def _engine_weights(llm: Any) -> LoadedModel | None:
 
 
 def _existing_model(model: str | os.PathLike) -> str:
+    """A path as given, or a catalogue name (``smollm2-135m-instruct``) pulled into the cache."""
     path = Path(model).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"model {str(model)!r} not found: give a checkpoint directory "
-                                "(Hugging Face layout) or a .gguf file")
-    return str(path)
+    if path.exists():
+        return str(path)
+    from surge import hub
+
+    if str(model).lower() in hub.CATALOGUE:
+        return str(hub.pull(str(model).lower()))
+    raise FileNotFoundError(f"model {str(model)!r} not found: give a checkpoint directory "
+                            "(Hugging Face layout), a .gguf file or a catalogue name ("
+                            f"{', '.join(sorted(hub.CATALOGUE))})")

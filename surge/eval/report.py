@@ -116,7 +116,9 @@ def _side_by_side(rows: list[dict[str, str]], ratios: dict[str, float]) -> list[
 
 def _describe(role: str, result: ModelResult) -> str:
     model = result.model
-    settings = ", ".join(f"{k}={v}" for k, v in model.items() if k != "model")
+    shown = {k: v for k, v in model.items()
+             if k != "model" and not (k == "path" and v == model["model"])}
+    settings = ", ".join(f"{k}={v}" for k, v in shown.items())
     sources = []
     if result.perplexity is not None:
         sources.append(f"text {result.perplexity.corpus}")
