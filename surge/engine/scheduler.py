@@ -466,12 +466,10 @@ class FairScheduler(Scheduler):
         finally:
             self._pending.clear()  # charged for real once the step ran
 
-    @property
-    def _queues(self) -> TenantQueues:
-        return self._waiting  # type: ignore[return-value]
-
     def _new_waiting_queue(self) -> WaitingQueue:
-        return TenantQueues(self._counter_with_pending)
+        # Kept under its own type too: lifting asks it who is backlogged.
+        self._queues = TenantQueues(self._counter_with_pending)
+        return self._queues
 
     def _counter_with_pending(self, tenant: str) -> float:
         return self.ledger.virtual_tokens(tenant) + self._pending.get(tenant, 0.0)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import random
 
 import pytest
 
+from surge.config import EngineConfig, add_engine_args
 from surge.engine import fairness
 from surge.engine.fairness import OUTPUT_TOKEN_COST, PROMPT_TOKEN_COST
 from surge.engine.kv_cache import BlockManager
@@ -84,6 +86,18 @@ def test_make_scheduler_picks_the_policy_and_refuses_an_unknown_one() -> None:
     with pytest.raises(ValueError, match="scheduling_policy='wfq' is invalid: allowed is "
                                          "one of fcfs, priority, fair"):
         fair(policy="wfq")
+
+
+def test_the_policy_flag_reaches_the_engine_config_and_defaults_to_priority() -> None:
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert EngineConfig.from_args(parser.parse_args([])).scheduling_policy == "priority"
+    args = parser.parse_args(["--scheduling-policy", "fair"])
+    assert EngineConfig.from_args(args).scheduling_policy == "fair"
+    with pytest.raises(ValueError, match="scheduling_policy='wfq' is invalid"):
+        EngineConfig(scheduling_policy="wfq")
+    with pytest.raises(ValueError, match=r"tenant_weights\['a'\]=-1 is invalid"):
+        EngineConfig(tenant_weights={"a": -1})
 
 
 def test_fcfs_ignores_priorities() -> None:
