@@ -17,14 +17,12 @@ searched in the visible text only around the newly added part, so each step is O
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import tokenizers
 
-from surge.engine.request import FinishReason
 from surge.sampling_params import SamplingParams
 
-__all__ = ["IncrementalDetokenizer", "TextUpdate", "decode_tokens"]
+__all__ = ["IncrementalDetokenizer", "decode_tokens"]
 
 # Prompt ids that seed the window, so the first output id decodes in context (leading space,
 # a character the prompt left unfinished) without any prompt text reaching the output.
@@ -41,17 +39,6 @@ def decode_tokens(
 ) -> str:
     """Decode ids in one go (the non-streaming path, and the reference for the streaming one)."""
     return tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-
-@dataclass
-class TextUpdate:
-    """What one engine update means as text: the delta to stream and how the request ends."""
-
-    text: str
-    finish_reason: FinishReason | None
-    stop_reason: int | str | None
-    # A stop string matched while the engine still runs the request: the caller must end it.
-    needs_abort: bool
 
 
 class IncrementalDetokenizer:
@@ -115,23 +102,6 @@ class IncrementalDetokenizer:
                     and self._check_stop(old_len)):
                 return self._matched_stop
         return None
-
-    def apply_update(self, token_ids: Sequence[int], finish: FinishReason | None,
-                     stop_reason: int | str | None) -> TextUpdate:
-        """Turn one engine update (new ids, finish reason) into streamable text.
-
-        As in vLLM, an EOS or stop token id ends the output without being part of its text
-        (unless include_stop_str_in_output). A stop string makes the reason "stop" even when
-        the same token also reached max_tokens, since the text was cut there.
-        """
-        text_ids = token_ids
-        if finish is FinishReason.STOP and not self._include_stop:
-            text_ids = text_ids[:-1]
-        matched = self.add_tokens(text_ids) if text_ids else None
-        needs_abort = matched is not None and finish is None
-        if matched is not None:
-            finish, stop_reason = FinishReason.STOP, matched
-        return TextUpdate(self.take_delta(finish is not None), finish, stop_reason, needs_abort)
 
     def take_delta(self, finished: bool) -> str:
         """Text not handed out yet.

@@ -20,6 +20,7 @@ import tokenizers
 
 from surge.engine.detokenize import IncrementalDetokenizer
 from surge.engine.protocol import EngineCoreOutput
+from surge.engine.request import FinishReason
 from surge.outputs import CompletionOutput, TokenLogprobs
 from surge.sampling_params import SamplingParams
 
@@ -54,6 +55,7 @@ class OutputProcessor:
     def __init__(self, tokenizer: tokenizers.Tokenizer, prompt_token_ids: Sequence[int],
                  params: SamplingParams) -> None:
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, params)
+        self._include_stop = params.include_stop_str_in_output
         self.token_ids: list[int] = []
         # The same list grows for the whole request; None when logprobs were not asked for.
         self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
@@ -64,15 +66,23 @@ class OutputProcessor:
         return self.detokenizer.output_text
 
     def process(self, output: EngineCoreOutput) -> OutputDelta:
+        """One engine update in, what it added out, by the rule in the module docstring."""
         new_ids = output.new_token_ids
         self.token_ids.extend(new_ids)
         if self.logprobs is not None and output.new_logprobs:
             self.logprobs.extend(output.new_logprobs)
-        update = self.detokenizer.apply_update(new_ids, output.finish_reason,
-                                               output.stop_reason)
-        finish = update.finish_reason.value if update.finish_reason is not None else None
-        return OutputDelta(update.text, list(new_ids), output.new_logprobs, finish,
-                           update.stop_reason, update.needs_abort)
+        finish, stop_reason = output.finish_reason, output.stop_reason
+        text_ids = new_ids
+        if finish is FinishReason.STOP and not self._include_stop:
+            text_ids = text_ids[:-1]  # the EOS or stop token id that ended it
+        matched = self.detokenizer.add_tokens(text_ids) if text_ids else None
+        needs_abort = matched is not None and finish is None
+        if matched is not None:
+            finish, stop_reason = FinishReason.STOP, matched
+        text = self.detokenizer.take_delta(finished=finish is not None)
+        return OutputDelta(text, list(new_ids), output.new_logprobs,
+                           finish.value if finish is not None else None, stop_reason,
+                           needs_abort)
 
     def completion(self, delta: OutputDelta, index: int = 0) -> CompletionOutput:
         """The whole output so far, with ``delta`` (the latest ``process`` result) as the
