@@ -19,15 +19,16 @@ it was given so far in the step being scheduled, is the smallest.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from surge.config import check_tenant_weights
 from surge.engine.protocol import TenantStats
-from surge.engine.request import Request, RequestStatus
+from surge.engine.request import Request
 
-__all__ = ["MAX_IDLE_TENANTS", "OUTPUT_TOKEN_COST", "PROMPT_TOKEN_COST", "TenantLedger",
-           "TenantQueues"]
+__all__ = ["IDLE_TENANTS_IN_STATS", "MAX_IDLE_TENANTS", "OUTPUT_TOKEN_COST", "PROMPT_TOKEN_COST",
+           "TenantLedger", "TenantQueues"]
 
 # Weighted cost of a token served (the paper's w_p = 1, w_q = 2): an output token holds its
 # seat and KV blocks for a whole step, a prompt token shares a step with many others.
@@ -36,6 +37,9 @@ OUTPUT_TOKEN_COST = 2.0
 # Idle tenants remembered (their stats and counters); beyond this the longest idle is dropped.
 # Dropping forgets nothing that matters to fairness: a returning tenant is lifted anyway.
 MAX_IDLE_TENANTS = 1024
+# Stats go out with every step: they name the tenants with requests in the engine and only
+# the most recently idle (whose last tokens the reader must still see), not every one known.
+IDLE_TENANTS_IN_STATS = 64
 
 
 class _Account:
@@ -98,18 +102,22 @@ class TenantLedger:
                 forgotten, _ = self._idle.popitem(last=False)
                 del self._accounts[forgotten]
 
-    def stats(self, requests: Mapping[str, Request]) -> dict[str, TenantStats]:
-        """Every remembered tenant, with its requests in the engine counted."""
-        stats = {tenant: TenantStats(self.weight(tenant), account.virtual_tokens,
-                                     account.served_prompt_tokens, account.served_output_tokens)
-                 for tenant, account in self._accounts.items()}
-        for request in requests.values():
-            entry = stats[request.tenant]
-            if request.status is RequestStatus.RUNNING:
-                entry.num_running += 1
-            else:
-                entry.num_waiting += 1
+    def stats(self, running: Iterable[Request]) -> dict[str, TenantStats]:
+        """Tenants with requests in the engine, and the ``IDLE_TENANTS_IN_STATS`` most
+        recently idle; ``running`` are the engine's running requests."""
+        recent_idle = itertools.islice(reversed(self._idle), IDLE_TENANTS_IN_STATS)
+        active = (t for t, account in self._accounts.items() if account.num_requests)
+        stats = {tenant: self._tenant_stats(tenant) for tenant in (*active, *recent_idle)}
+        for request in running:
+            stats[request.tenant].num_running += 1
+            stats[request.tenant].num_waiting -= 1
         return stats
+
+    def _tenant_stats(self, tenant: str) -> TenantStats:
+        account = self._accounts[tenant]
+        return TenantStats(self.weight(tenant), account.virtual_tokens,
+                           account.served_prompt_tokens, account.served_output_tokens,
+                           num_waiting=account.num_requests)
 
     def _account(self, tenant: str) -> _Account:
         account = self._accounts.get(tenant)

@@ -185,7 +185,7 @@ class Scheduler:
         return bool(self.requests)
 
     def tenant_stats(self) -> dict[str, TenantStats]:
-        return self.ledger.stats(self.requests)
+        return self.ledger.stats(self.running)
 
     def set_tenant_weights(self, weights: Mapping[str, float]) -> None:
         self.ledger.set_weights(weights)

@@ -287,7 +287,22 @@ def test_idle_tenants_beyond_the_cap_are_forgotten(monkeypatch: pytest.MonkeyPat
     for index in range(6):
         s.add_request(request(f"t{index}", max_tokens=1))
         run_all(s)
-    assert list(s.tenant_stats()) == ["t3", "t4", "t5"]  # the three idle the shortest
+    assert set(s.tenant_stats()) == {"t3", "t4", "t5"}  # the three idle the shortest
+    s.add_request(request("t0", max_tokens=1))
+    assert s.tenant_stats()["t0"].virtual_tokens == counters(s)["t5"]  # lifted, not banked
+
+
+def test_stats_name_active_and_recently_idle_tenants_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fairness, "IDLE_TENANTS_IN_STATS", 2)
+    s = fair()
+    for index in range(4):
+        s.add_request(request(f"t{index}", max_tokens=1))
+        run_all(s)
+    s.add_request(request("t0", max_tokens=1))
+    assert set(s.tenant_stats()) == {"t0", "t3", "t2"}
+    run_all(s)
+    assert s.tenant_stats()["t0"].served_output_tokens == 2  # remembered while not shown
 
 
 def test_a_refused_request_changes_no_counter() -> None:
