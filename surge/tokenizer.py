@@ -9,6 +9,7 @@ ship none (base models) and replaces a shipped one.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 from pathlib import Path
@@ -45,12 +46,21 @@ class ChatTokenizer:
                              "chat_template.json or tokenizer_config.json); pass one with "
                              "--chat-template FILE, or use generate() with a plain prompt")
         _check_messages(messages)
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_template_error
-        return env.from_string(self.chat_template).render(
+        return _compile_template(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=_token_text(self.config.get("bos_token")),
             eos_token=_token_text(self.config.get("eos_token")))
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_template(source: str) -> Any:
+    """The template as transformers renders it: sandboxed, blocks trimmed, `{% break %}`,
+    `raise_exception` and `strftime_now` (Llama 3 templates print today's date)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = _raise_template_error
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(source)
 
 
 def load_tokenizer(model: str | Path, chat_template: str | Path | None = None) -> ChatTokenizer:

@@ -3,6 +3,7 @@ it (transformers-saved directories, GGUF metadata, --chat-template FILE)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 
@@ -169,3 +170,20 @@ def test_chat_template_file_errors(tiny_gguf: Path, tmp_path: Path) -> None:
         load_tokenizer(tiny_gguf, tmp_path / "empty.jinja")
     with pytest.raises(ValueError, match=r"chat_template=.*existing Jinja file"):
         EngineConfig(chat_template=str(tmp_path / "absent.jinja"))
+
+
+def test_templates_may_use_what_transformers_offers(tiny_gguf: Path, tmp_path: Path) -> None:
+    # Llama 3.x templates print the date with strftime_now; others stop loops with break.
+    template = tmp_path / "llama3ish.jinja"
+    template.write_text("{{ strftime_now('%Y') }}{% for m in messages %}{{ m['content'] }}"
+                        "{% if loop.first %}{% break %}{% endif %}{% endfor %}")
+    messages = [*MESSAGES, {"role": "assistant", "content": "unseen"}]
+    rendered = load_tokenizer(tiny_gguf, template).apply_chat_template(messages)
+    assert rendered == f"{datetime.date.today().year}hi"
+
+
+def test_template_errors_are_value_errors(tiny_gguf: Path, tmp_path: Path) -> None:
+    template = tmp_path / "strict.jinja"
+    template.write_text("{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(ValueError, match="chat template error: roles must alternate"):
+        load_tokenizer(tiny_gguf, template).apply_chat_template(MESSAGES)
