@@ -241,3 +241,36 @@ def test_reader_agrees_with_gguf_package(tmp_path: Path, kind: str) -> None:
            if kind.endswith("_K") else {})
     spec = TinyGGUF(tensor_type=Q[kind] if not raw else Q.Q8_0, raw=raw, linear_rope_factor=2.0)
     assert_reader_agrees_with_gguf_package(_write(tmp_path, spec))
+
+
+def _surge_and_reference_logprobs(path: Path) -> tuple[list[dict[int, float]], torch.Tensor]:
+    """Surge's greedy top-5 log-probabilities over 16 steps, and transformers' on the same tokens
+    (transformers reads the same file with its own GGUF loader)."""
+    import transformers
+
+    from surge import LLM, SamplingParams
+
+    prompt = [5, 80, 100, 7, 200, 33, 12, 150]
+    llm = LLM(path, dtype="float32", max_num_seqs=1, max_model_len=64)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=5)
+    [out] = llm.generate([prompt], params, use_tqdm=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + out.outputs[0].token_ids])).logits[0]
+    reference = torch.log_softmax(logits.float(), dim=-1)[len(prompt) - 1:-1]
+    return [entry.top for entry in out.outputs[0].logprobs], reference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_gguf_logits_equal_transformers(tmp_path: Path, arch: str) -> None:
+    weights = hf_weights(qkv_bias=arch == "qwen2")
+    for name in weights:  # larger weights: sharper, varied next-token choices
+        weights[name] = weights[name] * (8 if name.endswith("proj.weight") else 1)
+    path = TinyGGUF(arch=arch, tensor_type=Q.Q8_0).write(tmp_path / "tiny.gguf", weights)
+    tops, reference = _surge_and_reference_logprobs(path)
+    for step, top in enumerate(tops):
+        assert max(top, key=top.get) == reference[step].argmax().item(), step
+        for token_id, logprob in top.items():
+            assert logprob == pytest.approx(reference[step, token_id].item(), abs=1e-4)

@@ -52,8 +52,9 @@ def vocab_tokens() -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def hf_weights(seed: int = 0, tied: bool = True) -> dict[str, np.ndarray]:
-    """Random float32 weights of a one-layer Llama, under Hugging Face names."""
+def hf_weights(seed: int = 0, tied: bool = True, qkv_bias: bool = False
+               ) -> dict[str, np.ndarray]:
+    """Random float32 weights of a one-layer Llama (Qwen2 with `qkv_bias`), under HF names."""
     rng = np.random.default_rng(seed)
     vocab = len(vocab_tokens()[0])
 
@@ -77,6 +78,10 @@ def hf_weights(seed: int = 0, tied: bool = True) -> dict[str, np.ndarray]:
             p + "mlp.up_proj.weight": matrix(FFN, HIDDEN),
             p + "mlp.down_proj.weight": matrix(HIDDEN, FFN),
         }
+        if qkv_bias:  # drawn last, so the other weights do not change
+            weights |= {p + "self_attn.q_proj.bias": matrix(1, HEADS * HEAD_DIM)[0],
+                        p + "self_attn.k_proj.bias": matrix(1, KV_HEADS * HEAD_DIM)[0],
+                        p + "self_attn.v_proj.bias": matrix(1, KV_HEADS * HEAD_DIM)[0]}
     return weights
 
 
@@ -114,7 +119,8 @@ class TinyGGUF:
     extra_tensors: dict[str, np.ndarray] = field(default_factory=dict)
 
     def write(self, path: Path, weights: dict[str, np.ndarray] | None = None) -> Path:
-        weights = hf_weights(tied=self.tied) if weights is None else weights
+        if weights is None:
+            weights = hf_weights(tied=self.tied, qkv_bias=self.arch == "qwen2")
         writer = gguf.GGUFWriter(str(path), self.arch)
         self._write_hparams(writer)
         self._write_tokenizer(writer)
