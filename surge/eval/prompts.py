@@ -178,10 +178,21 @@ def generate_answers(llm: Any, cases: list[PromptCase], progress: bool = True) -
     """Greedy answers of an offline `LLM` to every case, batched by its engine."""
     tokenizer = llm.get_tokenizer()
     prompts = [prompt_token_ids(tokenizer, case) for case in cases]
+    _check_lengths(cases, prompts, getattr(llm.engine, "max_model_len", None))
     params = [SamplingParams(temperature=0.0, max_tokens=case.max_tokens) for case in cases]
     outputs = llm.generate(prompts, params, use_tqdm=progress)
     return [Answer(out.prompt_token_ids, list(out.outputs[0].token_ids), out.outputs[0].text)
             for out in outputs]
+
+
+def _check_lengths(cases: list[PromptCase], prompts: list[list[int]],
+                   context: int | None) -> None:
+    """Name the line of a prompt too long for the context (the engine would name an index)."""
+    for case, ids in zip(cases, prompts, strict=True):
+        if context is not None and len(ids) + case.max_tokens > context:
+            raise ValueError(f"prompt on line {case.line} is {len(ids)} tokens; with its "
+                             f"max_tokens={case.max_tokens} that exceeds the context of "
+                             f"{context} tokens: shorten it or raise --context-length")
 
 
 def score_suite(cases: list[PromptCase], answers: list[Answer], suite: str,
