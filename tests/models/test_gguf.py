@@ -263,12 +263,15 @@ def _surge_and_reference_logprobs(path: Path) -> tuple[list[dict[int, float]], t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_tiny_gguf_logits_equal_transformers(tmp_path: Path, arch: str) -> None:
-    weights = hf_weights(qkv_bias=arch == "qwen2")
+    # transformers reads no head size from a Qwen3 GGUF and assumes Qwen3's 128.
+    head_dim = 128 if arch == "qwen3" else HEAD_DIM
+    weights = hf_weights(qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", head_dim=head_dim)
     for name in weights:  # larger weights: sharper, varied next-token choices
         weights[name] = weights[name] * (8 if name.endswith("proj.weight") else 1)
-    path = TinyGGUF(arch=arch, tensor_type=Q.Q8_0).write(tmp_path / "tiny.gguf", weights)
+    spec = TinyGGUF(arch=arch, tensor_type=Q.Q8_0, head_dim=head_dim)
+    path = spec.write(tmp_path / "tiny.gguf", weights)
     tops, reference = _surge_and_reference_logprobs(path)
     for step, top in enumerate(tops):
         assert max(top, key=top.get) == reference[step].argmax().item(), step

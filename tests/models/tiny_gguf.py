@@ -52,9 +52,10 @@ def vocab_tokens() -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def hf_weights(seed: int = 0, tied: bool = True, qkv_bias: bool = False
-               ) -> dict[str, np.ndarray]:
-    """Random float32 weights of a one-layer Llama (Qwen2 with `qkv_bias`), under HF names."""
+def hf_weights(seed: int = 0, tied: bool = True, qkv_bias: bool = False, qk_norm: bool = False,
+               head_dim: int = HEAD_DIM) -> dict[str, np.ndarray]:
+    """Random float32 weights of a one-layer Llama (Qwen2 with `qkv_bias`, Qwen3 with
+    `qk_norm`), under Hugging Face names."""
     rng = np.random.default_rng(seed)
     vocab = len(vocab_tokens()[0])
 
@@ -70,18 +71,21 @@ def hf_weights(seed: int = 0, tied: bool = True, qkv_bias: bool = False
         weights |= {
             p + "input_layernorm.weight": 1 + matrix(1, HIDDEN)[0],
             p + "post_attention_layernorm.weight": 1 + matrix(1, HIDDEN)[0],
-            p + "self_attn.q_proj.weight": matrix(HEADS * HEAD_DIM, HIDDEN),
-            p + "self_attn.k_proj.weight": matrix(KV_HEADS * HEAD_DIM, HIDDEN),
-            p + "self_attn.v_proj.weight": matrix(KV_HEADS * HEAD_DIM, HIDDEN),
-            p + "self_attn.o_proj.weight": matrix(HIDDEN, HEADS * HEAD_DIM),
+            p + "self_attn.q_proj.weight": matrix(HEADS * head_dim, HIDDEN),
+            p + "self_attn.k_proj.weight": matrix(KV_HEADS * head_dim, HIDDEN),
+            p + "self_attn.v_proj.weight": matrix(KV_HEADS * head_dim, HIDDEN),
+            p + "self_attn.o_proj.weight": matrix(HIDDEN, HEADS * head_dim),
             p + "mlp.gate_proj.weight": matrix(FFN, HIDDEN),
             p + "mlp.up_proj.weight": matrix(FFN, HIDDEN),
             p + "mlp.down_proj.weight": matrix(HIDDEN, FFN),
         }
         if qkv_bias:  # drawn last, so the other weights do not change
-            weights |= {p + "self_attn.q_proj.bias": matrix(1, HEADS * HEAD_DIM)[0],
-                        p + "self_attn.k_proj.bias": matrix(1, KV_HEADS * HEAD_DIM)[0],
-                        p + "self_attn.v_proj.bias": matrix(1, KV_HEADS * HEAD_DIM)[0]}
+            weights |= {p + "self_attn.q_proj.bias": matrix(1, HEADS * head_dim)[0],
+                        p + "self_attn.k_proj.bias": matrix(1, KV_HEADS * head_dim)[0],
+                        p + "self_attn.v_proj.bias": matrix(1, KV_HEADS * head_dim)[0]}
+        if qk_norm:
+            weights |= {p + "self_attn.q_norm.weight": 1 + matrix(1, head_dim)[0],
+                        p + "self_attn.k_norm.weight": 1 + matrix(1, head_dim)[0]}
     return weights
 
 
@@ -90,6 +94,7 @@ _GGUF_NAMES = {
     "lm_head.weight": "output.weight", "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
 }
 
@@ -113,6 +118,7 @@ class TinyGGUF:
     add_bos: bool = False
     chat_template: str | None = CHAT_TEMPLATE
     linear_rope_factor: float | None = None
+    head_dim: int = HEAD_DIM  # may differ from HIDDEN // HEADS, as in Qwen3
     # Stored bytes for a tensor (by HF name), replacing the converted weights: for types
     # gguf cannot quantize (K-quants) the test supplies raw blocks.
     raw: dict[str, tuple[np.ndarray, Q]] = field(default_factory=dict)
@@ -120,7 +126,8 @@ class TinyGGUF:
 
     def write(self, path: Path, weights: dict[str, np.ndarray] | None = None) -> Path:
         if weights is None:
-            weights = hf_weights(tied=self.tied, qkv_bias=self.arch == "qwen2")
+            weights = hf_weights(tied=self.tied, qkv_bias=self.arch == "qwen2",
+                                 qk_norm=self.arch == "qwen3", head_dim=self.head_dim)
         writer = gguf.GGUFWriter(str(path), self.arch)
         self._write_hparams(writer)
         self._write_tokenizer(writer)
@@ -143,7 +150,9 @@ class TinyGGUF:
         writer.add_head_count_kv(KV_HEADS)
         writer.add_layer_norm_rms_eps(1e-5)
         writer.add_rope_freq_base(100000.0)
-        writer.add_rope_dimension_count(HEAD_DIM)
+        writer.add_rope_dimension_count(self.head_dim)
+        writer.add_key_length(self.head_dim)
+        writer.add_value_length(self.head_dim)
         if self.linear_rope_factor is not None:
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(self.linear_rope_factor)
