@@ -115,8 +115,14 @@ def make_workload(args: argparse.Namespace) -> list[Arrival]:
     return sorted(arrivals, key=lambda a: a.at)
 
 
+@dataclass
+class RunResult:
+    records: dict[str, Record]
+    seconds: float  # the window measured: arrivals, plus the step running when they ended
+
+
 def run(policy: str, model: Path, workload: list[Arrival],
-        args: argparse.Namespace) -> dict[str, Record]:
+        args: argparse.Namespace) -> RunResult:
     llm = LLM(model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               scheduling_policy=policy)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
@@ -133,7 +139,7 @@ def run(policy: str, model: Path, workload: list[Arrival],
             request_id = llm.engine.add_request(arrival.prompt, params, tenant=arrival.tenant)
             records[request_id] = Record(arrival)
         if now >= args.duration:
-            break
+            break  # a step that started before the end still counts, so the window is now
         if llm.engine.has_unfinished_requests():
             observe(llm.engine.step(), records, time.perf_counter() - start)
         elif pending:
@@ -143,7 +149,7 @@ def run(policy: str, model: Path, workload: list[Arrival],
     stats = llm.engine.core.stats()
     print(f"{policy}: {len(records)} requests, {num_finished} finished in the window; "
           f"{stats.num_steps} steps, {stats.num_preemptions} preemptions")
-    return records
+    return RunResult(records, now)
 
 
 def observe(outputs: list, records: dict[str, Record], now: float) -> None:
@@ -159,7 +165,8 @@ def observe(outputs: list, records: dict[str, Record], now: float) -> None:
 
 # -- report ------------------------------------------------------------------------------------
 
-def tenant_summary(records: dict[str, Record], duration: float) -> dict[str, dict[str, float]]:
+def tenant_summary(result: RunResult) -> dict[str, dict[str, float]]:
+    records, duration = result.records, result.seconds
     summary = {}
     for tenant in TENANTS:
         mine = [r for r in records.values() if r.arrival.tenant == tenant]
@@ -210,11 +217,12 @@ def fairness_index(summary: dict[str, dict[str, float]], args: argparse.Namespac
     return jain([served[t] / shares[t] for t in served])
 
 
-def report(results: dict[str, dict[str, Record]], workload: list[Arrival],
+def report(results: dict[str, RunResult], workload: list[Arrival],
            args: argparse.Namespace) -> None:
-    summaries = {name: tenant_summary(records, args.duration)
-                 for name, records in results.items()}
-    print(f"\n{len(workload)} requests in {args.duration:.0f} s; A at {args.flood:g}x the rate "
+    summaries = {name: tenant_summary(result) for name, result in results.items()}
+    windows = ", ".join(f"{name} {result.seconds:.1f} s" for name, result in results.items())
+    print(f"\nwindows measured: {windows}")
+    print(f"{len(workload)} requests in {args.duration:.0f} s; A at {args.flood:g}x the rate "
           f"of B and C ({args.light_rate:g}/s each); prompt {args.prompt_len}, output "
           f"{args.output_len} tokens")
     print(f"{'run':8} {'tenant':6} {'sent':>5} {'done':>5} {'tok/s':>8} {'TTFT p50':>9} "
