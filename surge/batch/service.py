@@ -44,6 +44,7 @@ from surge.batch.store import (
 from surge.batch.validate import BATCH_URLS, BatchFileError, parse_lines, validate_batch_file
 from surge.batch.worker import BATCH_PRIORITY, BatchWorker
 from surge.http.errors import APIError
+from surge.http.unicode import safe_text
 from surge.server.features import ServerHost
 
 __all__ = ["BatchService", "parse_completion_window"]
@@ -163,16 +164,24 @@ class BatchService:
 
     async def _recover_each(self, status: str,
                             resume: Callable[[BatchRecord], Awaitable[Any]]) -> None:
-        """One batch that cannot resume (its input file was removed from disk) is marked
-        failed; it must not keep the server, and every other batch, from starting."""
+        """One batch that cannot resume (its input file was removed from disk, or holds
+        text no store accepts, from before uploads were checked for it) is marked failed; it
+        must not keep the server, and every other batch, from starting."""
         for batch in await self._db(self.store.batches_with_status, status):
             try:
                 await resume(batch)
             except FileNotFoundError as exc:
                 logger.error("batch %s cannot resume, its input file is gone (%s): marked "
                              "failed", batch.id, exc)
-                await self.queue.drop_batch(batch.id)
-                await self._db(self.store.set_status, batch.id, "failed", only_from=(status,))
+                await self._fail(batch, status)
+            except Exception:
+                logger.exception("batch %s cannot resume: marked failed", batch.id)
+                await self._fail(batch, status)
+
+    async def _fail(self, batch: BatchRecord, status: str) -> None:
+        with contextlib.suppress(Exception):  # what is queued may be what cannot be read
+            await self.queue.drop_batch(batch.id)
+        await self._db(self.store.set_status, batch.id, "failed", only_from=(status,))
 
     async def _requeue_unanswered(self, batch: BatchRecord) -> None:
         await self.queue.put(await self._unanswered_tasks(batch))
@@ -253,7 +262,17 @@ class BatchService:
         await self._db(self._check_one_endpoint, source, endpoint)
         batch = await self._db(self.store.add_batch, endpoint, source.id, completion_window,
                                window, source.num_lines, metadata)
-        return await self._enqueue(batch)
+        try:
+            return await self._enqueue(batch)
+        except Exception as exc:
+            # A file stored before its text was checked may hold what the queue refuses: the
+            # batch fails now rather than staying `validating` (and failing every restart).
+            logger.exception("batch %s could not be queued: marked failed", batch.id)
+            await self._fail(batch, "validating")
+            reason = f"{type(exc).__name__}: {safe_text(str(exc))}"
+            raise APIError(400, f"file {input_file_id} cannot be run as a batch ({reason}); "
+                                f"batch {batch.id} is marked failed: upload the file again",
+                           param="input_file_id", code="invalid_batch_file") from exc
 
     async def get_batch(self, batch_id: str) -> BatchRecord:
         batch = await self._db(self.store.get_batch, batch_id)

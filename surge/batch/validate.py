@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from surge.http.errors import validation_message
+from surge.http.unicode import find_lone_surrogate, surrogate_problem
 
 __all__ = [
     "BATCH_URLS",
@@ -141,6 +142,10 @@ def _check_line(line_no: int, text: str, schemas: Mapping[str, type[BaseModel]],
         raise _Invalid(f"not valid JSON ({exc.msg} at column {exc.colno})") from exc
     if not isinstance(data, dict):
         raise _Invalid("must be a JSON object with custom_id, method, url and body")
+    # Such text passes every schema but no store: SQLite refuses it when the batch is queued.
+    bad_text = find_lone_surrogate(data)
+    if bad_text is not None:
+        raise _Invalid(surrogate_problem(bad_text))
     custom_id = data.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_CUSTOM_ID_CHARS:
         raise _Invalid(f"'custom_id' must be a non-empty string of at most "

@@ -78,3 +78,53 @@ def test_a_batch_whose_input_file_vanished_fails_and_the_server_still_starts(
         assert "cannot resume" in second.log()
     finally:
         second.stop()
+
+
+def _poisoned(lines: list[dict]) -> bytes:
+    """The same file with a lone surrogate in the first custom_id: valid JSON, not Unicode."""
+    return jsonl(lines).replace(b'"custom_id": "req-0"', b'"custom_id": "req-0\\ud800"', 1)
+
+
+@pytest.mark.timeout(240)
+def test_a_batch_file_with_a_lone_surrogate_fails_one_batch_never_the_server(
+        model_dir: Path, tmp_path: Path) -> None:
+    """Such files were accepted at upload; the batch then answered 500 and stayed validating,
+    and every later start crashed in recovery (SQLite refuses the string), on every replica."""
+    data = tmp_path / "data"
+    lines = chat_lines(64, max_tokens=40)
+    first = start_server(model_dir, tmp_path / "logs", data, "--batch-concurrency", "1")
+    try:
+        with httpx.Client(base_url=first.url, timeout=30.0) as http:
+            refused = http.post("/v1/files", data={"purpose": "batch"},
+                                files={"file": ("in.jsonl", _poisoned(lines))})
+            assert refused.status_code == 400, refused.text
+            assert "line 1: 'custom_id' holds a lone UTF-16 surrogate" in refused.text
+
+            # Files stored by a server from before the check: the batch fails, not the server.
+            old = http.post("/v1/files", data={"purpose": "batch"},
+                            files={"file": ("in.jsonl", jsonl(lines))}).json()
+            [old_path] = data.rglob(f"{old['id']}.jsonl")
+            old_path.write_bytes(_poisoned(lines))
+            created = http.post("/v1/batches", json={"input_file_id": old["id"],
+                                                     "endpoint": "/v1/chat/completions"})
+            assert created.status_code == 400, created.text
+            assert created.json()["error"]["code"] == "invalid_batch_file"
+            assert http.delete(f"/v1/files/{old['id']}").status_code == 200  # not stuck (409)
+
+            running = http.post("/v1/files", data={"purpose": "batch"},
+                                files={"file": ("in.jsonl", jsonl(lines))}).json()
+            stuck = http.post("/v1/batches", json={"input_file_id": running["id"],
+                                                   "endpoint": "/v1/chat/completions"}).json()
+    finally:
+        first.kill9()
+    [input_path] = data.rglob(f"{running['id']}.jsonl")
+    input_path.write_bytes(_poisoned(lines))  # the restart re-queues unanswered lines from it
+
+    second = start_server(model_dir, tmp_path / "logs", data, "--batch-concurrency", "1")
+    try:
+        assert second.batch(stuck["id"])["status"] == "failed"
+        fresh = submit(second, chat_lines(2, max_tokens=2, prefix="after"))
+        assert second.wait_batch(fresh["id"], timeout=90)["status"] == "completed"
+        assert "cannot resume" in second.log()
+    finally:
+        second.stop()

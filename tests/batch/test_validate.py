@@ -61,3 +61,26 @@ def test_empty_and_non_utf8_files_are_refused() -> None:
         _validate("", "  ")
     with pytest.raises(BatchFileError, match="not UTF-8"):
         validate_batch_file(b"\xff\xfe", schemas=SCHEMAS, served_models={"tiny"})
+
+
+@pytest.mark.parametrize(("line", "field"), [
+    (_line("a\ud800"), "'custom_id'"),
+    (_line("b", prompt="hi\udc00", max_tokens=2), "'body.prompt'"),
+    (_line("b", "/v1/chat/completions", messages=[{"role": "user", "content": "\ud83d"}]),
+     "'body.messages[0].content'"),
+])
+def test_a_lone_surrogate_is_refused_naming_its_line_and_field(line: str, field: str) -> None:
+    """Valid JSON that no store accepts: it used to pass upload, then fail the batch with a 500
+    and crash every later start in recovery (SQLite refuses the string)."""
+    assert "\\ud" in line  # json.dumps escapes it: the file is plain ASCII
+    with pytest.raises(BatchFileError) as caught:
+        _validate(_line("a0"), line)
+    assert f"line 2: {field} holds a lone UTF-16 surrogate" in caught.value.message
+    caught.value.message.encode("utf-8")  # the message itself can always be sent
+
+
+def test_a_surrogate_pair_written_as_escapes_is_valid_text() -> None:
+    emoji = json.dumps({"custom_id": "\U0001f600", "method": "POST", "url": "/v1/completions",
+                        "body": {"prompt": "\U0001f600", "max_tokens": 2}})
+    assert "\\ud83d\\ude00" in emoji
+    assert [x.custom_id for x in _validate(emoji).lines] == ["\U0001f600"]
