@@ -12,8 +12,13 @@ p50/p99 (requests that got no token within the window count as the window's end)
   (water-filling the offered loads; 1.0 is perfectly fair; target >= 0.95);
 - total output throughput of fair over fcfs (target >= 0.95).
 
+With ``--simulate`` no model runs: the scheduler alone is driven on a virtual clock where a
+step takes ``--step-ms`` plus ``--token-ms`` per token, so the policies' effect is measured
+in seconds, reproducibly, whatever else the machine is doing.
+
     python benchmarks/bench_fairness.py                       # SmolLM2 if pulled, ~4 min
     python benchmarks/bench_fairness.py --preset tiny-llama --duration 8 --light-rate 1
+    python benchmarks/bench_fairness.py --simulate --light-rate 1
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from surge import LLM, SamplingParams
+from surge.engine.kv_cache import BlockManager
+from surge.engine.request import Request
+from surge.engine.scheduler import make_scheduler
 from surge.testing.make_model import write_checkpoint
 
 TENANTS = ("A", "B", "C")
@@ -51,14 +59,20 @@ class Record:
 
 def main() -> None:
     args = parse_args()
-    model = resolve_model(args)
     workload = make_workload(args)
-    light_only = [a for a in workload if a.tenant in LIGHT]
+    if args.simulate:
+        def runner(policy: str, arrivals: list[Arrival]) -> RunResult:
+            return simulate(policy, arrivals, args)
+    else:
+        model = resolve_model(args)
+
+        def runner(policy: str, arrivals: list[Arrival]) -> RunResult:
+            return run(policy, model, arrivals, args)
     results = {}
     if not args.skip_alone:
-        results["alone"] = run("fcfs", model, light_only, args)
+        results["alone"] = runner("fcfs", [a for a in workload if a.tenant in LIGHT])
     for policy in args.policies:
-        results[policy] = run(policy, model, workload, args)
+        results[policy] = runner(policy, workload)
     report(results, workload, args)
 
 
@@ -80,6 +94,12 @@ def parse_args() -> argparse.Namespace:
                         choices=["fcfs", "priority", "fair"])
     parser.add_argument("--skip-alone", action="store_true",
                         help="skip the light tenants' run alone (the TTFT baseline)")
+    parser.add_argument("--simulate", action="store_true",
+                        help="drive the scheduler alone on a virtual clock (no model)")
+    parser.add_argument("--step-ms", type=float, default=20.0,
+                        help="--simulate: fixed time of a step")
+    parser.add_argument("--token-ms", type=float, default=0.5,
+                        help="--simulate: time per token of a step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/bench_fairness.json")
     return parser.parse_args()
@@ -150,6 +170,42 @@ def run(policy: str, model: Path, workload: list[Arrival],
     print(f"{policy}: {len(records)} requests, {num_finished} finished in the window; "
           f"{stats.num_steps} steps, {stats.num_preemptions} preemptions")
     return RunResult(records, now)
+
+
+def simulate(policy: str, workload: list[Arrival], args: argparse.Namespace) -> RunResult:
+    """The scheduler alone, every sampled token a filler, on a virtual clock."""
+    clock = [0.0]
+    max_len = args.prompt_len + args.output_len
+    scheduler = make_scheduler(policy, BlockManager(args.max_num_seqs * max_len // 16 + 16, 16),
+                               args.max_num_seqs, 512, clock=lambda: clock[0])
+    records: dict[str, Record] = {}
+    pending = list(reversed(workload))
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
+    while clock[0] < args.duration:
+        while pending and pending[-1].at <= clock[0]:
+            arrival = pending.pop()
+            request_id = str(len(records))
+            scheduler.add_request(Request(request_id, arrival.prompt, params,
+                                          tenant=arrival.tenant, arrival_time=arrival.at))
+            records[request_id] = Record(arrival)
+        output = scheduler.schedule()
+        if output.is_empty:
+            clock[0] = pending[-1].at if pending else args.duration
+            continue
+        clock[0] += (args.step_ms + args.token_ms * output.num_tokens) / 1000
+        sampled = {c.request.request_id: 7 for c in output.chunks if c.samples}
+        finished = {r.request_id for r in scheduler.update_from_output(output, sampled)}
+        for request_id in sampled:
+            record_token(records[request_id], clock[0], request_id in finished)
+    return RunResult(records, clock[0])
+
+
+def record_token(record: Record, now: float, finished: bool) -> None:
+    if record.first_token is None:
+        record.first_token = now
+    record.num_output_tokens += 1
+    if finished:
+        record.finished = now
 
 
 def observe(outputs: list, records: dict[str, Record], now: float) -> None:
