@@ -15,6 +15,8 @@ import msgspec
 from starlette.responses import Response
 from starlette.types import Message, Send
 
+from surge.http.unicode import safe_text
+
 __all__ = [
     "APIError",
     "error_body",
@@ -47,10 +49,13 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, *, param: str | None = None,
                  code: str | None = None, error_type: str | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
+        # Messages echo what the client sent: a lone surrogate in it must not make the
+        # answer itself fail to encode (a 400 turned into a 500).
+        message = safe_text(message)
         super().__init__(message)
         self.status = status
         self.message = message
-        self.param = param
+        self.param = None if param is None else safe_text(param)
         self.code = code
         self.error_type = error_type or _TYPE_BY_STATUS.get(
             status, "server_error" if status >= 500 else "invalid_request_error")
@@ -62,7 +67,8 @@ class APIError(Exception):
 
 def error_body(message: str, error_type: str, param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    return {"error": {"message": safe_text(message), "type": error_type,
+                      "param": None if param is None else safe_text(param), "code": code}}
 
 
 def error_response(error: APIError) -> Response:

@@ -14,9 +14,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from surge.http.auth import ApiKeyAuth, AuthError
 from surge.http.errors import APIError, send_error
+from surge.http.unicode import json_lone_surrogate, surrogate_problem
 
-__all__ = ["KEY_ID_STATE", "RequestGate", "header", "key_id", "read_body", "replay",
-           "too_large"]
+__all__ = ["KEY_ID_STATE", "RequestGate", "check_text", "header", "key_id", "read_body",
+           "replay", "too_large"]
 
 # Where the gate leaves the caller's key id (``key0``, ...) in ``scope["state"]``.
 KEY_ID_STATE = "surge_key_id"
@@ -52,6 +53,7 @@ class RequestGate:
                 body = await read_body(scope, receive, self.max_body_bytes, self.on_reject)
                 if body is None:
                     return  # the client left while sending
+                check_text(scope, body)
                 receive = replay(body, receive)
         except APIError as exc:
             return await send_error(send, exc)
@@ -88,6 +90,18 @@ async def read_body(scope: Scope, receive: Receive, limit: int,
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def check_text(scope: Scope, body: bytes) -> None:
+    """400 for a JSON body with a lone surrogate (``"\\ud800"``): valid JSON that no
+    tokenizer, store or response encoder accepts, refused once here for every route."""
+    content_type = (header(scope, b"content-type") or "").lower()
+    if content_type.startswith(("multipart/", "application/x-www-form-urlencoded")):
+        return  # forms: a batch upload names the bad line itself
+    path = json_lone_surrogate(body)
+    if path is not None:
+        raise APIError(400, surrogate_problem(path), param=path or None,
+                       code="invalid_unicode")
 
 
 def too_large(size: int, limit: int, *, declared: bool) -> APIError:

@@ -121,3 +121,40 @@ def test_tokenize_detokenize_round_trip(client: httpx.Client) -> None:
     assert error["param"] == "tokens"
     error = _error(client.post("/tokenize", json={}), 400)
     assert "prompt" in error["message"] and "messages" in error["message"]
+
+
+# A lone surrogate is valid JSON (`"\ud800"`), not Unicode text: it gave 500 wherever it went
+# (the tokenizer, SQLite, or the error message that echoed it).
+_LONE = "tiny\\ud800"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("path", "body", "param"), [
+    (CHAT, f'{{"model": "{_LONE}", "messages": [{{"role": "user", "content": "hi"}}]}}',
+     "model"),
+    (COMPLETIONS, f'{{"model": "tiny", "prompt": "{_LONE}", "max_tokens": 1}}', "prompt"),
+    (CHAT, f'{{"messages": [{{"role": "user", "content": "{_LONE}"}}]}}',
+     "messages[0].content"),
+    ("/v1/embeddings", f'{{"model": "{_LONE}", "input": "hi"}}', "model"),
+    ("/tokenize", f'{{"model": "tiny", "prompt": "{_LONE}"}}', "prompt"),
+    ("/v1/batches", f'{{"input_file_id": "{_LONE}", "endpoint": "/v1/completions"}}',
+     "input_file_id"),
+    ("/api/apps/writing/generations",
+     f'{{"template": "summary", "inputs": {{"text": "{_LONE}"}}}}', "inputs.text"),
+    ("/api/apps/chat/sessions", f'{{"title": "{_LONE}"}}', "title"),
+])
+def test_a_lone_surrogate_is_400_naming_the_field(client: httpx.Client, path: str, body: str,
+                                                   param: str) -> None:
+    response = client.post(path, content=body.encode(),
+                           headers={"content-type": "application/json"})
+    error = _error(response, 400)
+    assert error["param"] == param and error["code"] == "invalid_unicode", error
+    assert "lone UTF-16 surrogate" in error["message"]
+
+
+def test_an_error_message_that_echoes_a_lone_surrogate_still_encodes() -> None:
+    from surge.http.errors import APIError, error_response, sse_error_event
+
+    error = APIError(404, "No file found with id 'a\ud800'", param="file\udc00")
+    assert b"a\\\\ud800" in error_response(error).body  # the escape, shown as text
+    assert b"file\\\\udc00" in sse_error_event(error)
