@@ -105,7 +105,8 @@ class EngineConfig:
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     d = EngineConfig()
     parser.add_argument("--model", default=None,
-                        help="checkpoint directory (HF layout); default: the built-in demo model")
+                        help="checkpoint directory (HF layout), .gguf file or catalogue name "
+                             "(surge pull --list); default: smollm2-135m-instruct")
     parser.add_argument("--dtype", default=d.dtype, choices=DTYPES)
     parser.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--block-size", type=int, default=d.block_size)

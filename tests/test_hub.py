@@ -206,7 +206,7 @@ def test_default_llm_without_network_or_cache_gives_the_reason(cache: Path, offl
 
 
 def test_installed_minilm_is_used_in_place(cache: Path) -> None:
-    from surge.models.tasks import resolve_model
+    from surge.hub import resolve_model
 
     path = hub.pull("all-minilm-l6-v2", progress=False)
     assert path == resolve_model("all-minilm-l6-v2")

@@ -19,9 +19,10 @@ DEMO_PROMPTS = [
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from surge.entrypoints.default_model import default_model
     from surge.entrypoints.llm import LLM
 
-    model = args.model or _demo_model()
+    model = args.model or default_model()[0]
     config = EngineConfig.from_args(args)
     engine_args = {k: v for k, v in vars(config).items() if k != "model"}
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
@@ -43,11 +44,3 @@ def run_generate(args: argparse.Namespace) -> int:
           f"({num_tokens / elapsed:.1f} tok/s)")
     return 0
 
-
-def _demo_model() -> str:
-    from surge.testing.make_model import cache_dir, ensure_demo_model
-
-    print(f"No --model given: using the built-in demo checkpoint (smollm2-135m shape, RANDOM "
-          f"weights, so its text is gibberish), cached under {cache_dir()}.\n"
-          "To run a real model: surge generate --model /path/to/hf-checkpoint \"your prompt\"")
-    return str(ensure_demo_model())

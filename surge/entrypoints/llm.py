@@ -28,7 +28,9 @@ class LLM:
     >>> out = llm.generate(["Hello"], SamplingParams(max_tokens=8))  # doctest: +SKIP
     >>> out[0].outputs[0].text                                      # doctest: +SKIP
 
-    With no ``model`` it serves the built-in demo checkpoint (random weights). Keyword
+    ``model`` is a checkpoint directory, a ``.gguf`` file or a catalogue name
+    (``"smollm2-135m-instruct"``, pulled on first use); with none it runs the built-in demo
+    checkpoint (random weights, no download: for tests and offline demos). Keyword
     arguments are ``EngineConfig`` fields: ``dtype``, ``device``, ``max_num_seqs``,
     ``max_num_batched_tokens``, ``block_size``, ``kv_cache_memory_bytes``, ...
     """
@@ -38,7 +40,9 @@ class LLM:
             from surge.testing.make_model import ensure_demo_model
 
             model = ensure_demo_model()
-        self.model_dir = str(model)
+        from surge.hub import resolve_model
+
+        self.model_dir = str(resolve_model(model))
         self.config = EngineConfig(model=self.model_dir, **engine_args)
         self.engine = LLMEngine(self.config, self.model_dir)
         # Outputs of requests owned by a stream() the caller is not iterating right now: a

@@ -18,10 +18,10 @@ import argparse
 import logging
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from surge.config import EngineConfig, add_engine_args
+from surge.entrypoints.default_model import DEMO_SERVED_NAME, default_model
 from surge.http.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -45,8 +45,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                       help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     http.add_argument("--port", type=int, default=8000, help="0 picks a free port (logged)")
     http.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                      help="name(s) clients use as `model` (default: the --model value, or "
-                           "'surge-demo')")
+                      help="name(s) clients use as `model` (default: the --model value; "
+                           "with no --model, smollm2-135m-instruct, or 'surge-demo' for the "
+                           "random-weight fallback)")
     http.add_argument("--engine-mode", choices=("process", "thread"), default="process",
                       help="run the engine core in its own process (default) or on a thread "
                            "of the server process")
@@ -106,11 +107,15 @@ def _plugins() -> list[FeaturePlugin]:
 
 def run_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
-    settings = settings_from_args(args)  # bad flags fail before any model is written
+    settings_from_args(args)  # bad flags fail before any model is pulled or written
+    if not args.model:
+        args.model, is_demo = default_model()
+        if is_demo and not args.served_model_name:
+            args.served_model_name = [DEMO_SERVED_NAME]
+    settings = settings_from_args(args)
     from surge.entrypoints.serve_pooling import main_model_generates, resolve_model_arg
 
-    model_dir = resolve_model_arg(args.model) if args.model else _demo_model()
-    _check_model_dir(model_dir)
+    model_dir = resolve_model_arg(args.model)
     from surge.entrypoints.replicated import run_replicated
     from surge.router.cli import wants_router
 
@@ -150,7 +155,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
     api_keys = args.api_keys or ([os.environ[API_KEY_ENV]] if os.environ.get(API_KEY_ENV)
                                  else [])
-    names = args.served_model_name or ([args.model] if args.model else ["surge-demo"])
+    names = args.served_model_name or [args.model or DEMO_SERVED_NAME]
     for name, value, low in [("max_queued_requests", args.max_queued_requests, 1),
                              ("max_queued_tokens", args.max_queued_tokens, 1),
                              ("port", args.port, 0)]:
@@ -191,24 +196,6 @@ def _process_supervision(engine: MPEngineClient) -> EngineSupervision:
                              stop_restarting=stop_restarting,
                              pid=lambda: engine.engine_pid,
                              num_restarts=lambda: engine.num_restarts)
-
-
-def _demo_model() -> str:
-    from surge.testing.make_model import cache_dir, ensure_demo_model
-
-    logger.warning(
-        "No --model given: serving the built-in demo checkpoint (smollm2-135m shape, RANDOM "
-        "weights, so its text is gibberish), cached under %s. To serve a real model: "
-        "surge serve --model /path/to/hf-checkpoint", cache_dir())
-    return str(ensure_demo_model())
-
-
-def _check_model_dir(model_dir: str) -> None:
-    """Fail before listening: a server that can never become ready helps no one."""
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path / 'config.json'} not found: --model must be a "
-                                "checkpoint directory in Hugging Face layout")
 
 
 def _announce(model_name: str) -> Callable[[str, int], None]:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from surge.batching.batcher import BatcherConfig
-from surge.models.tasks import detect_task, resolve_model
+from surge.hub import resolve_model
+from surge.models.tasks import detect_task
 
 if TYPE_CHECKING:
     from surge.server.app import ServerSettings

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from surge.hub import resolve_model
 from surge.models.bert import Pooling, read_pooling
 from surge.models.pooling_models import TextEmbedder
-from surge.models.tasks import detect_task, resolve_model
+from surge.models.tasks import detect_task
 
 SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.",
              "The new movie is awesome!", "The stock market fell sharply on Tuesday.",

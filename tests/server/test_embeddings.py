@@ -14,8 +14,8 @@ import httpx
 import numpy as np
 import pytest
 
+from surge.hub import resolve_model
 from surge.models.pooling_models import TextEmbedder
-from surge.models.tasks import resolve_model
 from tests.server._helpers import ServerProcess, metric_value, start_server
 
 MINILM = "all-minilm-l6-v2"
