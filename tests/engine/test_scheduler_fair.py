@@ -330,6 +330,7 @@ def test_random_load_keeps_fairness_invariants(seed: int) -> None:
                        max_tokens=rng.randint(1, max_output), priority=rng.choice([0, 1, 5]))
                for _ in range(80)]
     everyone = list(pending)
+    aborted: set[str] = set()
     previous: dict[str, float] = {}
     for _ in range(3000):
         for _ in range(rng.choice([0, 0, 1, 3])):
@@ -337,6 +338,10 @@ def test_random_load_keeps_fairness_invariants(seed: int) -> None:
                 s.add_request(pending.pop())
         if not pending and not s.has_unfinished():
             break
+        if s.requests and rng.random() < 0.06:  # a client goes away, waiting or running
+            victim = rng.choice(sorted(s.requests))
+            aborted.add(victim)
+            s.finish_requests([victim], FinishReason.ABORT)
         step(s)
         now = counters(s)
         assert all(now[t] >= previous.get(t, 0.0) for t in now), "a counter decreased"
@@ -348,6 +353,12 @@ def test_random_load_keeps_fairness_invariants(seed: int) -> None:
             assert max(backlogged) - min(backlogged) <= 2 * largest
     assert not pending and not s.has_unfinished(), "a request starved"
     for r in everyone:
+        if r.request_id in aborted:
+            assert r.finish_reason is FinishReason.ABORT
+            continue
         assert r.finish_reason is FinishReason.LENGTH
         assert r.num_output_tokens == r.sampling_params.max_tokens
     assert s.kv.num_free_blocks == s.kv.num_blocks
+    assert 0 < len(aborted) < len(everyone)
+    stats = s.tenant_stats().values()
+    assert all(v.num_running == v.num_waiting == 0 for v in stats)
