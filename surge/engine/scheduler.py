@@ -498,7 +498,7 @@ class FairScheduler(Scheduler):
 
 
 _SCHEDULERS: dict[str, type[Scheduler]] = {
-    "fcfs": FcfsScheduler, "priority": Scheduler, "fair": FairScheduler}
+    cls.policy: cls for cls in (FcfsScheduler, Scheduler, FairScheduler)}
 
 
 def make_scheduler(policy: str, block_manager: BlockManager, max_num_seqs: int,
