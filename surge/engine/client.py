@@ -14,13 +14,19 @@ import asyncio
 import contextlib
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from surge.config import EngineConfig
-from surge.engine.protocol import AbortRequests, AddRequest, EngineCoreOutput, EngineStats
+from surge.config import EngineConfig, check_tenant_weights
+from surge.engine.protocol import (
+    AbortRequests,
+    AddRequest,
+    EngineCoreOutput,
+    EngineStats,
+    SetTenantWeights,
+)
 
 if TYPE_CHECKING:
     from surge.engine.core import EngineCore
@@ -112,6 +118,11 @@ class EngineClient(abc.ABC):
         """The latest snapshot of the scheduler and KV cache."""
         return self._stats
 
+    async def set_tenant_weights(self, weights: Mapping[str, float]) -> None:
+        """Replace the tenant weights of the fair policy (e.g. on a tenants-file reload);
+        bad weights raise ValueError here and never reach the engine."""
+        self._send_weights(SetTenantWeights(check_tenant_weights(weights)))
+
     @abc.abstractmethod
     async def shutdown(self) -> None: ...
 
@@ -122,6 +133,9 @@ class EngineClient(abc.ABC):
         raise EngineDeadError if it cannot be sent. A client that overrides ``generate``
         (one that never generates) need not supply it."""
         raise NotImplementedError(f"{type(self).__name__} has no transport to send requests")
+
+    def _send_weights(self, command: SetTenantWeights) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no engine to set weights on")
 
     def _unavailable_reason(self) -> str:
         """Why ``generate`` is refused while the client is not healthy."""
@@ -214,6 +228,9 @@ class InprocEngineClient(EngineClient):
     def _send_add(self, request: AddRequest) -> None:
         self._commands.put(request)
 
+    def _send_weights(self, command: SetTenantWeights) -> None:
+        self._commands.put(command)
+
     # -- engine thread ----------------------------------------------------------------------
 
     def _run(self, core: EngineCore) -> None:
@@ -239,9 +256,13 @@ class InprocEngineClient(EngineClient):
             except queue.Empty:
                 return
 
-    def _apply(self, core: EngineCore, command: AddRequest | AbortRequests) -> None:
+    def _apply(self, core: EngineCore,
+               command: AddRequest | AbortRequests | SetTenantWeights) -> None:
         if isinstance(command, AbortRequests):
             self._publish(core.abort_requests(command.request_ids))
+            return
+        if isinstance(command, SetTenantWeights):
+            core.set_tenant_weights(command.weights)
             return
         try:
             core.add_request(command)

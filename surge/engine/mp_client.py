@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -40,9 +41,10 @@ from surge.engine.process import (
     Shutdown,
     StartupFailed,
     StepOutputs,
+    Weights,
     run_engine_process,
 )
-from surge.engine.protocol import AbortRequests, AddRequest, EngineStats
+from surge.engine.protocol import AbortRequests, AddRequest, EngineStats, SetTenantWeights
 from surge.procs import describe_exit
 
 __all__ = ["EngineStartError", "MPEngineClient"]
@@ -296,6 +298,13 @@ class MPEngineClient(EngineClient):
         except zmq.ZMQError as exc:
             raise EngineDeadError(f"the engine is unreachable ({exc}); the request was not "
                                   "sent") from exc
+
+    def _send_weights(self, command: SetTenantWeights) -> None:
+        # An engine restarted later starts with them (the caller's config stays as it was).
+        self.config = dataclasses.replace(self.config, tenant_weights=command.weights)
+        if self._engine is not None and self._healthy:
+            with contextlib.suppress(zmq.ZMQError):
+                self._engine.send(Weights(command))
 
     # -- beyond the interface ----------------------------------------------------------------
 

@@ -28,7 +28,13 @@ import zmq
 
 from surge.config import EngineConfig
 from surge.engine.client import EngineInfo, engine_info
-from surge.engine.protocol import AbortRequests, AddRequest, EngineCoreOutput, EngineStats
+from surge.engine.protocol import (
+    AbortRequests,
+    AddRequest,
+    EngineCoreOutput,
+    EngineStats,
+    SetTenantWeights,
+)
 from surge.engine.request import FinishReason
 
 if TYPE_CHECKING:
@@ -36,7 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Abort", "Add", "EngineFailed", "EngineInput", "EngineMessage", "Ready", "Shutdown",
-    "StartupFailed", "StepOutputs", "run_engine_process",
+    "StartupFailed", "StepOutputs", "Weights", "run_engine_process",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,11 +63,15 @@ class Abort(msgspec.Struct, tag="abort", array_like=True):
     abort: AbortRequests
 
 
+class Weights(msgspec.Struct, tag="weights", array_like=True):
+    weights: SetTenantWeights
+
+
 class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     pass
 
 
-EngineInput = Add | Abort | Shutdown
+EngineInput = Add | Abort | Weights | Shutdown
 
 
 # -- engine -> client --------------------------------------------------------------------------
@@ -227,6 +237,8 @@ class EngineLoop:
                 outputs.extend(_refuse(message.request.request_id, str(exc)))
         elif isinstance(message, Abort):
             outputs.extend(self.core.abort_requests(message.abort.request_ids))
+        elif isinstance(message, Weights):
+            self.core.set_tenant_weights(message.weights.weights)  # checked by the client
         else:
             self.stopping = True
 

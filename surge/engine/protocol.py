@@ -12,7 +12,8 @@ from surge.engine.request import ANONYMOUS_TENANT, FinishReason
 from surge.outputs import TokenLogprobs
 from surge.sampling_params import SamplingParams
 
-__all__ = ["AbortRequests", "AddRequest", "EngineCoreOutput", "EngineStats", "TenantStats"]
+__all__ = ["AbortRequests", "AddRequest", "EngineCoreOutput", "EngineStats", "SetTenantWeights",
+           "TenantStats"]
 
 
 class AddRequest(msgspec.Struct):
@@ -26,6 +27,12 @@ class AddRequest(msgspec.Struct):
 
 class AbortRequests(msgspec.Struct):
     request_ids: list[str]
+
+
+class SetTenantWeights(msgspec.Struct):
+    """Replace the fair policy's tenant weights (tenants not named weigh 1), e.g. on reload."""
+
+    weights: dict[str, float]
 
 
 class EngineCoreOutput(msgspec.Struct):

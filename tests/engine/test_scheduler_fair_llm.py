@@ -3,12 +3,17 @@ outputs do not depend on the policy, and tokens served are reported per tenant."
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from surge import LLM, SamplingParams
+from surge.config import EngineConfig
+from surge.engine.client import EngineClient, InprocEngineClient
+from surge.engine.mp_client import MPEngineClient
+from surge.engine.protocol import AddRequest, TenantStats
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 
@@ -72,3 +77,36 @@ def test_generate_reports_tokens_served_per_tenant(model_dir: Path) -> None:
     with pytest.raises(ValueError, match="tenant='' is invalid: allowed is a string of 1 to"):
         llm.generate(prompts[:1], PARAMS, use_tqdm=False, tenant="")
     assert not llm.engine.has_unfinished_requests()
+
+
+async def _weights_then_one_request(client: EngineClient) -> tuple[TenantStats, EngineConfig]:
+    await asyncio.wait_for(client.start(), 120)
+    try:
+        with pytest.raises(ValueError, match=r"tenant_weights\['gold'\]=0 is invalid"):
+            await client.set_tenant_weights({"gold": 0})
+        await client.set_tenant_weights({"gold": 3})
+        async for _ in client.generate(AddRequest("r", _prompt(0), PARAMS, tenant="gold")):
+            pass
+        for _ in range(500):  # the snapshot after the last step may trail its outputs
+            stats = client.stats().tenants.get("gold")
+            if stats is not None and stats.served_output_tokens == 4:
+                return stats, client.config  # type: ignore[attr-defined]
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no stats for tenant gold: {client.stats()}")
+    finally:
+        await client.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["in-process", "engine process"])
+def test_weights_set_on_a_running_engine_apply_to_new_service(model_dir: Path,
+                                                              kind: str) -> None:
+    config = EngineConfig(dtype="float32", max_model_len=128, scheduling_policy="fair")
+    client_class = InprocEngineClient if kind == "in-process" else MPEngineClient
+    stats, client_config = asyncio.run(_weights_then_one_request(
+        client_class(config, str(model_dir))))
+    assert (stats.weight, stats.served_prompt_tokens, stats.served_output_tokens) == (3.0, 8, 4)
+    assert stats.virtual_tokens == pytest.approx((8 * 1 + 4 * 2) / 3)
+    assert config.tenant_weights == {}  # the caller's config is not changed
+    if kind == "engine process":
+        assert client_config.tenant_weights == {"gold": 3.0}  # what a restart starts with
