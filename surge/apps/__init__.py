@@ -29,6 +29,7 @@ from surge.apps.identity import UserIdentity
 from surge.apps.llm_backend import LLMBackend, loopback_url
 from surge.apps.routes import API_PREFIX, AppsRuntime, build_router
 from surge.apps.storage import open_store
+from surge.http.handlers import install_error_handlers
 
 if TYPE_CHECKING:
     from surge.server.features import ServerHost
@@ -62,6 +63,9 @@ def mount_apps(app: FastAPI, settings: AppsSettings | None = None) -> AppsRuntim
     and stop around the app's own lifespan. Returns their runtime state."""
     runtime = _mount(app, settings or AppsSettings(),
                      lambda: getattr(app.state, "listen_address", None))
+    # The apps' refusals (401 without the API key, 400, 404) are APIErrors: an app of its own
+    # (the router's fallback under --replicas) needs their handlers, or each one is a 500.
+    install_error_handlers(app)
     _wrap_lifespan(app, _service_of(runtime))
     return runtime
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -44,6 +45,7 @@ def run_replicated(args: argparse.Namespace, model_dir: str, settings: ServerSet
     if args.standby_replicas < 0:
         raise ValueError(f"--standby-replicas {args.standby_replicas} is invalid: allowed is "
                          "an integer >= 0")
+    _pass_api_keys_by_environment(settings.api_keys)
     ui = _web_apps(args, settings)
     app = build_local_router(
         make_policy(args.policy), router_settings(args, args.max_body_bytes),
@@ -56,6 +58,15 @@ def run_replicated(args: argparse.Namespace, model_dir: str, settings: ServerSet
     return run_router(app, args.host, args.port, drain_timeout=args.drain_timeout,
                       log_level=args.log_level, access_log=args.access_log,
                       on_started=_tell_apps_the_address(ui))
+
+
+def _pass_api_keys_by_environment(api_keys: list[str]) -> None:
+    """Replicas inherit the keys in $SURGE_API_KEY (one per line), never on their command
+    line, where ``ps`` shows them to every user of the machine."""
+    from surge.entrypoints.serve import API_KEY_ENV
+
+    if api_keys:
+        os.environ[API_KEY_ENV] = "\n".join(api_keys)
 
 
 def _web_apps(args: argparse.Namespace, settings: ServerSettings) -> ASGIApp | None:
@@ -84,14 +95,15 @@ def _tell_apps_the_address(ui: ASGIApp | None) -> Callable[[str, int], None] | N
 
 def replica_serve_args(args: argparse.Namespace, model_dir: str, model_names: list[str],
                        num_threads: int) -> list[str]:
-    """The `surge serve` flags of each replica: every flag the user gave except the router's
-    and --host/--port, with the model resolved and the thread count set."""
+    """The `surge serve` flags of each replica: every flag the user gave except the router's,
+    --host/--port and --api-key (passed by environment), with the model resolved and the
+    thread count set."""
     from surge.entrypoints.serve import add_serve_args
 
     parser = argparse.ArgumentParser(add_help=False)
     add_serve_args(parser)
     skip = _router_dests() | _apps_dests() | {"host", "port", "model", "served_model_name",
-                                              "num_threads"}
+                                              "num_threads", "api_keys"}
     argv = ["--model", model_dir, "--served-model-name", *model_names,
             "--num-threads", str(num_threads), "--no-apps"]  # the web apps run on the router
     for action in parser._actions:

@@ -74,7 +74,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     security = parser.add_argument_group("security")
     security.add_argument("--api-key", action="append", default=None, dest="api_keys",
                           metavar="KEY", help=f"require 'Authorization: Bearer KEY' on /v1 "
-                          f"routes; repeat for several keys (also ${API_KEY_ENV})")
+                          f"routes; repeat for several keys (also ${API_KEY_ENV}, one per line)")
     security.add_argument("--rate-limit-rpm", type=int, default=None,
                           help="requests per minute per API key (default: no limit)")
     security.add_argument("--rate-limit-tpm", type=int, default=None,
@@ -153,8 +153,9 @@ def run_serve(args: argparse.Namespace) -> int:
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     from surge.server.app import ServerSettings
 
-    api_keys = args.api_keys or ([os.environ[API_KEY_ENV]] if os.environ.get(API_KEY_ENV)
-                                 else [])
+    # The environment may hold several keys, one per line (how --replicas passes them on).
+    api_keys = args.api_keys or [key.strip() for key in
+                                 os.environ.get(API_KEY_ENV, "").splitlines() if key.strip()]
     names = args.served_model_name or [args.model or DEMO_SERVED_NAME]
     for name, value, low in [("max_queued_requests", args.max_queued_requests, 1),
                              ("max_queued_tokens", args.max_queued_tokens, 1),
