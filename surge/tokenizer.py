@@ -142,41 +142,81 @@ _PRE_TOKENIZER_STYLES = {
     "qwen2": "qwen2", "deepseek-r1-qwen": "qwen2",
 }
 SUPPORTED_GGUF_PRE_TOKENIZERS = tuple(_PRE_TOKENIZER_STYLES)
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4  # llama.cpp token types
 
 
 def gguf_tokenizer(vocab: GGUFVocab) -> tuple[Tokenizer, dict[str, Any]]:
-    """A byte-level BPE `Tokenizer` equal to the one llama.cpp builds from the same metadata,
-    plus the tokenizer_config-like dict (special tokens, chat template) ChatTokenizer reads."""
-    if vocab.model != "gpt2":
+    """The `Tokenizer` a GGUF file's vocabulary describes (byte-level BPE, or SentencePiece BPE
+    with byte fallback), plus the tokenizer_config-like dict ChatTokenizer reads."""
+    if vocab.model == "gpt2":
+        tokenizer = _byte_level_tokenizer(vocab)
+    elif vocab.model == "llama":
+        tokenizer = _sentencepiece_tokenizer(vocab)
+    else:
         raise ValueError(f"GGUF tokenizer model {vocab.model!r} is not supported; Surge reads "
-                         "byte-level BPE vocabularies (tokenizer.ggml.model = 'gpt2')")
-    if vocab.pre not in _PRE_TOKENIZER_STYLES:
-        raise ValueError(f"GGUF pre-tokenizer {vocab.pre!r} is not supported; supported: "
-                         f"{', '.join(SUPPORTED_GGUF_PRE_TOKENIZERS)}")
-    tokenizer = Tokenizer.from_str(json.dumps(_bpe_json(vocab)))
-    tokenizer.pre_tokenizer = _pre_tokenizer(_PRE_TOKENIZER_STYLES[vocab.pre])
-    tokenizer.decoder = decoders.ByteLevel()
+                         "'gpt2' (byte-level BPE) and 'llama' (SentencePiece BPE) vocabularies")
     post = _post_processor(vocab)
     if post is not None:
         tokenizer.post_processor = post
     return tokenizer, _gguf_config(vocab)
 
 
-def _bpe_json(vocab: GGUFVocab) -> dict[str, Any]:
+def _byte_level_tokenizer(vocab: GGUFVocab) -> Tokenizer:
+    if vocab.pre not in _PRE_TOKENIZER_STYLES:
+        raise ValueError(f"GGUF pre-tokenizer {vocab.pre!r} is not supported; supported: "
+                         f"{', '.join(SUPPORTED_GGUF_PRE_TOKENIZERS)}")
+    spelled = [_byte_level_spelling(token) for token in vocab.tokens]
+    merges = [merge.split(" ", 1) for merge in vocab.merges]
+    tokenizer = Tokenizer.from_str(json.dumps(_bpe_json(vocab, spelled, merges, False)))
+    tokenizer.pre_tokenizer = _pre_tokenizer(_PRE_TOKENIZER_STYLES[vocab.pre])
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _sentencepiece_tokenizer(vocab: GGUFVocab) -> Tokenizer:
+    """Llama 2 / Mistral style: "▁" for spaces, merges by score, unknown text as <0xNN> bytes."""
+    merges = ([merge.split(" ", 1) for merge in vocab.merges] if vocab.merges
+              else _merges_from_scores(vocab.tokens, vocab.scores))
+    tokenizer = Tokenizer.from_str(json.dumps(_bpe_json(vocab, vocab.tokens, merges, True)))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if vocab.add_space_prefix else "never",
+        split=False)
+    tokenizer.decoder = decoders.Sequence([
+        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+        decoders.Strip(" ", 1 if vocab.add_space_prefix else 0, 0)])
+    return tokenizer
+
+
+def _merges_from_scores(tokens: list[str], scores: list[float] | None) -> list[list[str]]:
+    """Merges a SentencePiece vocabulary implies: every split of a token into two tokens,
+    ranked by the token's score (as transformers and llama.cpp rank them)."""
+    if scores is None:
+        raise ValueError("GGUF SentencePiece vocabulary has neither merges nor scores "
+                         "(tokenizer.ggml.scores); the file is incomplete")
+    ids = {token: index for index, token in enumerate(tokens)}
+    ranked = []
+    for token, score in zip(tokens, scores, strict=True):
+        splits = [(token[:cut], token[cut:]) for cut in range(1, len(token))
+                  if token[:cut] in ids and token[cut:] in ids]
+        splits.sort(key=lambda pair: (ids[pair[0]], ids[pair[1]]))
+        ranked += [(score, left, right) for left, right in splits]
+    ranked.sort(key=lambda m: (m[0], len(m[1]), len(m[2])), reverse=True)
+    return [[left, right] for _, left, right in ranked]
+
+
+def _bpe_json(vocab: GGUFVocab, spelled: list[str], merges: list[list[str]],
+              byte_fallback: bool) -> dict[str, Any]:
     """tokenizer.json text for the model and added tokens: the only way to give an added token
     an id of its own choosing, which control tokens spelled outside the byte alphabet need."""
-    spelled = [_byte_level_spelling(token) for token in vocab.tokens]
     kinds = enumerate(zip(vocab.tokens, vocab.token_types, strict=True))
     added = [{"id": index, "content": token, "single_word": False, "lstrip": False,
-              "rstrip": False, "normalized": False, "special": kind == _CONTROL}
-             for index, (token, kind) in kinds if kind in (_CONTROL, _USER_DEFINED)]
+              "rstrip": False, "normalized": False, "special": kind != _USER_DEFINED}
+             for index, (token, kind) in kinds if kind in (_UNKNOWN, _CONTROL, _USER_DEFINED)]
     return {"version": "1.0", "added_tokens": added, "model": {
         "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-        "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+        "end_of_word_suffix": None, "fuse_unk": byte_fallback, "byte_fallback": byte_fallback,
         "ignore_merges": False,
-        "vocab": {token: index for index, token in enumerate(spelled)},
-        "merges": [merge.split(" ", 1) for merge in vocab.merges]}}
+        "vocab": {token: index for index, token in enumerate(spelled)}, "merges": merges}}
 
 
 def _pre_tokenizer(style: str) -> pre_tokenizers.PreTokenizer:

@@ -16,7 +16,7 @@ from surge.tokenizer import (
     gguf_tokenizer,
     load_tokenizer,
 )
-from tests.models.tiny_gguf import CHAT_TEMPLATE, TinyGGUF, vocab_tokens
+from tests.models.tiny_gguf import CHAT_TEMPLATE, TinyGGUF, spm_vocab, vocab_tokens
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -92,12 +92,34 @@ def test_gguf_unknown_pre_tokenizer_is_refused(tmp_path: Path) -> None:
     assert all(name in str(error.value) for name in SUPPORTED_GGUF_PRE_TOKENIZERS)
 
 
-def test_gguf_sentencepiece_vocabulary_is_refused(tmp_path: Path) -> None:
+def test_gguf_unknown_tokenizer_model_is_refused(tmp_path: Path) -> None:
     from surge.models.gguf import open_vocab
 
-    vocab = open_vocab(TinyGGUF(tokenizer_model="llama").write(tmp_path / "t.gguf"))
-    with pytest.raises(ValueError, match="tokenizer model 'llama' is not supported"):
+    vocab = open_vocab(TinyGGUF(tokenizer_model="t5").write(tmp_path / "t.gguf"))
+    with pytest.raises(ValueError, match=r"tokenizer model 't5' is not supported.*'gpt2'"):
         gguf_tokenizer(vocab)
+
+
+SPM_TEXTS = ["the cat and the dog.", " the", "hi\nthe  é 😀", "<s>the</s> and<think>c", "",
+             "ThE   end ..", "\tand\r\n"]
+
+
+@pytest.mark.slow  # importing transformers' GGUF tokenizer support takes ~20 s
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_gguf_sentencepiece_vocabulary_matches_transformers(tmp_path: Path,
+                                                            add_bos: bool) -> None:
+    """Llama 2 / Mistral style: pieces with scores and no merges, bytes as <0xNN>."""
+    from transformers import AutoTokenizer
+
+    path = TinyGGUF(tokenizer_model="llama", add_bos=add_bos).write(tmp_path / "spm.gguf")
+    ours = load_tokenizer(path)
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="spm.gguf")
+    assert ours.encode(" the") == [1] * add_bos + [spm_vocab()[0].index("▁the")]
+    for text in SPM_TEXTS:
+        ids = ours.encode(text)
+        assert ids == theirs(text)["input_ids"], text
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
+        assert ours.decode(ids, skip_special_tokens=False) == theirs.decode(ids), text
 
 
 # -- chat templates of checkpoint directories ----------------------------------------------------

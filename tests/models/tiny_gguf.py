@@ -52,6 +52,19 @@ def vocab_tokens() -> tuple[list[str], list[int]]:
     return tokens, types
 
 
+# A SentencePiece vocabulary as llama.cpp stores one (tokenizer.ggml.model = "llama"): pieces
+# with scores instead of merges (a merge's rank is its result's score), bytes as <0xNN>.
+SPM_PIECES = ("▁", "t", "h", "e", "a", "n", "d", "c", "i", ".", "he", "▁t", "▁the", "▁a", "an",
+              "nd", "▁and", "in", "▁c", "<think>")
+
+
+def spm_vocab() -> tuple[list[str], list[int], list[float]]:
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *SPM_PIECES]
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(SPM_PIECES) - 1) + [4]
+    scores = [0.0] * 259 + [-float(rank) for rank in range(len(SPM_PIECES))]
+    return tokens, types, scores
+
+
 def hf_weights(seed: int = 0, tied: bool = True, qkv_bias: bool = False, qk_norm: bool = False,
                head_dim: int = HEAD_DIM) -> dict[str, np.ndarray]:
     """Random float32 weights of a one-layer Llama (Qwen2 with `qkv_bias`, Qwen3 with
@@ -158,12 +171,16 @@ class TinyGGUF:
             writer.add_rope_scaling_factor(self.linear_rope_factor)
 
     def _write_tokenizer(self, writer: gguf.GGUFWriter) -> None:
-        tokens, types = vocab_tokens()
         writer.add_tokenizer_model(self.tokenizer_model)
-        writer.add_tokenizer_pre(self.pre)
+        if self.tokenizer_model == "llama":
+            tokens, types, scores = spm_vocab()
+            writer.add_token_scores(scores)
+        else:
+            tokens, types = vocab_tokens()
+            writer.add_tokenizer_pre(self.pre)
+            writer.add_token_merges(list(MERGES))
         writer.add_token_list(tokens)
         writer.add_token_types(types)
-        writer.add_token_merges(list(MERGES))
         writer.add_bos_token_id(1)
         writer.add_eos_token_id(2)
         writer.add_unk_token_id(0)

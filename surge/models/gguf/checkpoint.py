@@ -94,11 +94,13 @@ class RawTensor:
 class GGUFVocab:
     """The tokenizer a GGUF file describes, under names a reader of tokenizer.json knows."""
 
-    model: str  # tokenizer.ggml.model: "gpt2" is byte-level BPE, "llama" is SentencePiece
+    model: str  # tokenizer.ggml.model: "gpt2" is byte-level BPE, "llama" is SentencePiece BPE
     pre: str  # tokenizer.ggml.pre: which split regex the merges were learned with
     tokens: list[str]
     token_types: list[int]  # 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
-    merges: list[str]
+    merges: list[str]  # "left right", best first; SentencePiece files often have none
+    scores: list[float] | None  # SentencePiece: a merge's rank is its result's score
+    add_space_prefix: bool  # SentencePiece: "▁" before the text, as sentencepiece does
     bos_token_id: int | None
     eos_token_id: int | None
     eot_token_id: int | None
@@ -263,6 +265,7 @@ def read_vocab(file: GGUFFile) -> GGUFVocab:
     return GGUFVocab(
         model=model, pre=meta("ggml.pre", "default"), tokens=tokens,
         token_types=meta("ggml.token_type") or [1] * len(tokens), merges=meta("ggml.merges", []),
+        scores=meta("ggml.scores"), add_space_prefix=bool(meta("ggml.add_space_prefix", True)),
         bos_token_id=meta("ggml.bos_token_id"), eos_token_id=meta("ggml.eos_token_id"),
         eot_token_id=meta("ggml.eot_token_id"), unk_token_id=meta("ggml.unknown_token_id"),
         pad_token_id=meta("ggml.padding_token_id"),
