@@ -60,6 +60,8 @@ __all__ = ["OpenAIServingCompletions", "add_generation_routes"]
 
 logger = logging.getLogger(__name__)
 
+ENGINE_DEAD = "engine_dead"  # the error code of requests the engine's death failed
+
 _COMPLETION_PREFIX, _CHAT_PREFIX = "cmpl", "chatcmpl"  # of response ids, as OpenAI's
 
 
@@ -292,6 +294,10 @@ class OpenAIServingCompletions:
             yield SSE_DONE
         except APIError as exc:
             yield sse_error_event(exc)
+            if exc.code == ENGINE_DEAD:
+                # As the router ends a stream whose replica failed: the server, not the
+                # connection, ended it, and clients that read until [DONE] stop here.
+                yield SSE_DONE
         except Exception as exc:  # a bug must still end the stream in a way clients read
             logger.exception("stream %s failed", prepared.request_id)
             yield sse_error_event(APIError(500, f"the stream failed: {type(exc).__name__}",
@@ -582,7 +588,7 @@ def _as_api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, EngineDeadError):
         return APIError(503, f"the engine died while generating this request, so it did not "
-                        f"complete ({exc}); retry it", code="engine_dead",
+                        f"complete ({exc}); retry it", code=ENGINE_DEAD,
                         headers={"Retry-After": "1"})
     if isinstance(exc, ValueError):  # the engine refused the request
         return APIError(400, str(exc), code="invalid_value")

@@ -64,7 +64,9 @@ def test_engine_crash_fails_in_flight_requests_then_restarts(
     assert time.monotonic() - killed < 15, "in-flight requests hung after the crash"
     assert plain.status_code == 503
     assert plain.json()["error"]["code"] == "engine_dead"
-    last = json.loads(events[-1][len("data: "):])
+    # The error event, then [DONE], as the router ends a stream whose replica failed.
+    assert events[-1] == "data: [DONE]"
+    last = json.loads(events[-2][len("data: "):])
     assert last["error"]["code"] == "engine_dead" and "died" in last["error"]["message"]
     # The supervisor restarts the engine; /health says 503 until it is back.
     assert server.health().status_code == 503
@@ -87,7 +89,8 @@ def test_no_engine_restart_fails_requests_and_exits_nonzero(
             next(lines)
             os.kill(pid, signal.SIGKILL)
             events = [line for line in lines if line.startswith("data: ")]
-        assert json.loads(events[-1][len("data: "):])["error"]["code"] == "engine_dead"
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2][len("data: "):])["error"]["code"] == "engine_dead"
         code = server.process.wait(timeout=30)
         assert code != 0
         assert "restarts are off" in server.log()
