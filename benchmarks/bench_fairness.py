@@ -90,6 +90,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512,
+                        help="token budget of a step (a flooded step is this long)")
     parser.add_argument("--policies", nargs="+", default=["fcfs", "fair"],
                         choices=["fcfs", "priority", "fair"])
     parser.add_argument("--skip-alone", action="store_true",
@@ -144,7 +146,7 @@ class RunResult:
 def run(policy: str, model: Path, workload: list[Arrival],
         args: argparse.Namespace) -> RunResult:
     llm = LLM(model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-              scheduling_policy=policy)
+              max_num_batched_tokens=args.max_num_batched_tokens, scheduling_policy=policy)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     # Warm-up: oneDNN builds its kernels once per batch shape; a cold first run looks slow.
     warmup = [[17 + i] * args.prompt_len for i in range(args.max_num_seqs)]
@@ -177,7 +179,8 @@ def simulate(policy: str, workload: list[Arrival], args: argparse.Namespace) -> 
     clock = [0.0]
     max_len = args.prompt_len + args.output_len
     scheduler = make_scheduler(policy, BlockManager(args.max_num_seqs * max_len // 16 + 16, 16),
-                               args.max_num_seqs, 512, clock=lambda: clock[0])
+                               args.max_num_seqs, args.max_num_batched_tokens,
+                               clock=lambda: clock[0])
     records: dict[str, Record] = {}
     pending = list(reversed(workload))
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
