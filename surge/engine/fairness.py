@@ -35,7 +35,8 @@ __all__ = ["IDLE_TENANTS_IN_STATS", "MAX_IDLE_TENANTS", "OUTPUT_TOKEN_COST", "PR
 PROMPT_TOKEN_COST = 1.0
 OUTPUT_TOKEN_COST = 2.0
 # Idle tenants remembered (their stats and counters); beyond this the longest idle is dropped.
-# Dropping forgets nothing that matters to fairness: a returning tenant is lifted anyway.
+# Dropping a counter never gives credit (a returning tenant is lifted anyway); at most it
+# forgives a tenant served ahead of the others before it went idle.
 MAX_IDLE_TENANTS = 1024
 # Stats go out with every step: they name the tenants with requests in the engine and only
 # the most recently idle (whose last tokens the reader must still see), not every one known.
