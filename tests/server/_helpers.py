@@ -70,9 +70,11 @@ class ServerProcess:
                                  f"{self.log()[-3000:]}")
 
 
-def start_server(model_dir: Path, log_dir: Path, *args: str,
+def start_server(model_dir: Path | None, log_dir: Path, *args: str,
                  env: dict[str, str] | None = None, wait: bool = True) -> ServerProcess:
     """`surge serve` on a free port; waits for /health 200 unless ``wait`` is False.
+
+    ``model_dir`` None starts it as a user's first `surge serve` does, with no ``--model``.
 
     The server keeps its data (web-app history, batch files) in ``log_dir/data`` unless
     ``env`` names another ``SURGE_DATA_DIR``: never in the user's home, never shared with
@@ -82,7 +84,8 @@ def start_server(model_dir: Path, log_dir: Path, *args: str,
     # One torch thread unless a test asks for more: on 2 cores the test process (and a browser)
     # busy the other core, and two OpenMP threads then wait on each other many times slower.
     threads = () if "--num-threads" in args else ("--num-threads", "1")
-    command = [sys.executable, "-m", "surge.cli", "serve", "--model", str(model_dir),
+    model = ["--model", str(model_dir)] if model_dir is not None else []
+    command = [sys.executable, "-m", "surge.cli", "serve", *model,
                "--dtype", "float32", "--port", "0", *threads, *args]
     data_dir = {DATA_DIR_ENV: str(log_dir / "data")}
     with log_path.open("wb") as log:
