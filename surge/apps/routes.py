@@ -313,7 +313,7 @@ def _add_writing_routes(router: APIRouter, rt: AppsRuntime) -> None:
         inputs = {k: v.strip() for k, v in body.inputs.items() if v.strip()}
         started = time.perf_counter()
         key = cache_key(body.template, inputs, body.tone, body.length, body.model,
-                        body.temperature, body.seed)
+                        body.temperature, body.seed, user)
         record = await _cached_generation(rt, user, key)
         cached = record is not None
         if record is None:
@@ -344,7 +344,8 @@ def _add_writing_routes(router: APIRouter, rt: AppsRuntime) -> None:
 
 async def _cached_generation(rt: AppsRuntime, user: str,
                              key: str | None) -> GenerationRecord | None:
-    """A copy, for this user, of the stored answer to the same deterministic request."""
+    """A copy of the stored answer to this user's same deterministic request (the key
+    covers the user: nobody learns what another user asked)."""
     if key is None or rt.store is None:
         return None
     found = await rt.db(rt.store.find_cached, key)

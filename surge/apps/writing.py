@@ -4,7 +4,9 @@ requests get a cache key.
 A request is cached only when its output is a function of the request: greedy decoding
 (temperature 0) or a fixed seed. The key covers everything that changes the output (template,
 inputs, tone, length, model, temperature, seed) and the prompt version, so editing a template
-here never serves answers written for the old wording.
+here never serves answers written for the old wording. It covers the user too: a cache shared
+by everyone would tell user B, by an instant ``cached: true``, that someone sent the very same
+private request before.
 """
 
 from __future__ import annotations
@@ -77,10 +79,13 @@ def build_prompt(template: str, inputs: dict[str, str], tone: str, length: str
 
 
 def cache_key(template: str, inputs: dict[str, str], tone: str, length: str,
-              model: str | None, temperature: float, seed: int | None) -> str | None:
-    """The key of a deterministic request, None for a sampled one (never cached)."""
+              model: str | None, temperature: float, seed: int | None,
+              user: str) -> str | None:
+    """The key of a deterministic request by ``user``, None for a sampled one (never
+    cached)."""
     if temperature != 0 and seed is None:
         return None
     request = {"v": PROMPT_VERSION, "template": template, "inputs": inputs, "tone": tone,
-               "length": length, "model": model, "temperature": temperature, "seed": seed}
+               "length": length, "model": model, "temperature": temperature, "seed": seed,
+               "user": user}
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()

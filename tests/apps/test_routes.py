@@ -160,9 +160,13 @@ def test_writing_assistant_caches_deterministic_requests(http: httpx.Client) -> 
                "tone": "formal", "length": "short", "temperature": 0}
     first = http.post(f"{API}/writing/generations", json=request, headers=user).json()
     assert first["cached"] is False and first["output"]
-    again = http.post(f"{API}/writing/generations", json=request, headers=other).json()
+    again = http.post(f"{API}/writing/generations", json=request, headers=user).json()
     assert again["cached"] is True and again["output"] == first["output"]
     assert again["latency_ms"] < first["latency_ms"]
+    # Another user's same request is not answered from the first user's: an instant
+    # `cached: true` would tell them someone sent that very (private) request before.
+    theirs = http.post(f"{API}/writing/generations", json=request, headers=other).json()
+    assert theirs["cached"] is False and theirs["output"] == first["output"]
     sampled = {**request, "temperature": 0.9}
     for _ in range(2):
         assert http.post(f"{API}/writing/generations", json=sampled,
@@ -173,7 +177,7 @@ def test_writing_assistant_caches_deterministic_requests(http: httpx.Client) -> 
     assert http.post(f"{API}/writing/generations", json=seeded, headers=user).json()["cached"] \
         is True
     mine = http.get(f"{API}/writing/generations", headers=user).json()["data"]
-    assert len(mine) == 5
+    assert len(mine) == 6
     assert len(http.get(f"{API}/writing/generations", headers=other).json()["data"]) == 1
     assert http.delete(f"{API}/writing/generations/{mine[0]['id']}",
                        headers=other).status_code == 404
