@@ -54,9 +54,11 @@ __all__ = ["INT4_GROUP_SIZES", "QUANTIZATIONS", "Int4LinearMethod", "Int8LinearM
            "quantization_method"]
 
 QUANT_DTYPES = (torch.bfloat16, torch.float32)
-# Token counts at which the two kernel paths are timed against each other at load.
+# Token counts at which the two kernel paths are timed against each other at load. The
+# weight-only kernels' cost grows with every token and the dense path's barely does, so the
+# last probe is the threshold when no crossover shows (a timing disturbed by a busy machine).
 _PROBE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-_NEVER = 1 << 30  # threshold when the dequantizing path never wins
+_NEVER = 1 << 30  # before the weights are loaded
 # The packed int4 layout of the CPU kernel interleaves blocks of 64 output rows.
 _INT4_ROW_BLOCK = 64
 
@@ -159,7 +161,7 @@ class WeightOnlyLinearMethod(LinearMethod):
             dense = _best_time(lambda x=x: F.linear(x, self.dequantized(layer, x.dtype)))
             if dense <= kernel:
                 return tokens
-        return _NEVER
+        return _PROBE_TOKENS[-1]
 
 
 _MEASURED: dict[tuple[Any, ...], int] = {}
