@@ -10,6 +10,7 @@ from torch import nn
 
 from surge.models.attention import paged_attention
 from surge.models.config import ModelConfig, eos_ids_of, stored_dtype
+from surge.models.layers import CausalLM
 from surge.models.linear import Linear, LinearMethod
 
 __all__ = ["GPT2LMHeadModel", "gpt2_config"]
@@ -73,27 +74,17 @@ class GPT2Model(nn.Module):
         return self.ln_f(hidden)
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(CausalLM):
     def __init__(self, config: ModelConfig, linear_method: LinearMethod | None = None):
-        """``linear_method``: as for ``LlamaForCausalLM``; the tied LM head stays unquantized."""
-        super().__init__()
-        self.config = config
+        """``linear_method``: as for ``LlamaForCausalLM``."""
+        super().__init__(config)
         self.transformer = GPT2Model(config, linear_method)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, False)
 
-    def optional_tensor(self, name: str) -> bool:
-        return name == "lm_head.weight" and self.config.tie_word_embeddings
-
-    def finish_loading(self, device: torch.device, max_positions: int | None) -> None:
-        """GPT-2 ties its LM head to the token embedding unless config.json says not to."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.wte.weight
+    def input_embedding(self) -> nn.Embedding:
+        return self.transformer.wte
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.transformer(input_ids, positions)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
 
     def attention_layers(self) -> list[GPT2Attention]:
         return [block.attn for block in self.transformer.h]

@@ -14,7 +14,7 @@ from torch import nn
 
 from surge.models.attention import paged_attention
 from surge.models.config import ModelConfig, eos_ids_of, rope_settings, stored_dtype
-from surge.models.layers import RMSNorm
+from surge.models.layers import CausalLM, RMSNorm
 from surge.models.linear import Linear, LinearMethod
 from surge.models.rope import RotaryEmbedding, apply_rotary
 
@@ -97,7 +97,7 @@ class LlamaModel(nn.Module):
         return self.norm(hidden)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     # Checkpoint projections that live inside one merged GEMM here: name -> (module, shard).
     packed_modules: ClassVar[dict[str, tuple[str, int]]] = {
         "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -106,19 +106,16 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, config: ModelConfig, linear_method: LinearMethod | None = None):
         """``linear_method`` stores and applies the decoder layers' projections (None: the
-        serving dtype, unquantized); the LM head stays unquantized."""
-        super().__init__()
-        self.config = config
+        serving dtype, unquantized)."""
+        super().__init__(config)
         self.model = LlamaModel(config, linear_method)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, False)
 
-    def optional_tensor(self, name: str) -> bool:
-        return name == "lm_head.weight" and self.config.tie_word_embeddings
+    def input_embedding(self) -> nn.Embedding:
+        return self.model.embed_tokens
 
     def finish_loading(self, device: torch.device, max_positions: int | None) -> None:
         """Tie embeddings and build the rope tables once real weights are in place."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        super().finish_loading(device, max_positions)
         limit = self.config.max_position_embeddings
         self.model.rotary = RotaryEmbedding(
             self.config.head_dim, min(max_positions or limit, limit), self.config.rope_theta,
@@ -126,9 +123,6 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
 
     def attention_layers(self) -> list[LlamaAttention]:
         return [layer.self_attn for layer in self.model.layers]
