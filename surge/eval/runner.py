@@ -56,7 +56,7 @@ def evaluate(model: ModelSpec, against: ModelSpec | None = None,
     prompt_agreement = _run_prompts(models, results, suite, options) if suite else None
     text_agreement = _run_text(models, results, corpus, options) if corpus else None
     for evaluated, result in zip(models, results, strict=True):
-        result.model = evaluated.describe()  # now with the dtype "auto" resolved to
+        result.model = evaluated.describe()  # with the dtype and device actually used
     return EvalReport(results[0], results[1] if against else None, text_agreement,
                       prompt_agreement)
 
