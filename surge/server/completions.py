@@ -217,20 +217,22 @@ class OpenAIServingCompletions:
     # -- tokenization ------------------------------------------------------------------------
 
     async def _completion_prompts(self, prompt: Any) -> tuple[list[list[int]], list[str | None]]:
+        limit = self.max_model_len()  # a text that cannot fit is refused before tokenizing
         if isinstance(prompt, str):
-            return [await self.tokens.encode(prompt)], [prompt]
+            return [await self.tokens.encode(prompt, max_tokens=limit)], [prompt]
         if not prompt:
             raise APIError(400, "'prompt' is an empty list: allowed is at least one prompt",
                            param="prompt")
         if isinstance(prompt[0], int):
             return [list(prompt)], [None]
         if isinstance(prompt[0], str):
-            return [await self.tokens.encode(p) for p in prompt], list(prompt)
+            return [await self.tokens.encode(p, max_tokens=limit) for p in prompt], list(prompt)
         return [list(p) for p in prompt], [None] * len(prompt)
 
     async def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
         text = self.tokens.render_chat(body.messages, body.add_generation_prompt)
-        return await self.tokens.encode(text, add_special_tokens=False)
+        return await self.tokens.encode(text, add_special_tokens=False,
+                                        max_tokens=self.max_model_len(), param="messages")
 
     # -- admission ---------------------------------------------------------------------------
 
