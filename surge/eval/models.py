@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from surge.eval.scoring import SequenceScorer
@@ -106,14 +105,7 @@ def _engine_weights(llm: Any) -> LoadedModel | None:
 
 
 def _existing_model(model: str | os.PathLike) -> str:
-    """A path as given, or a catalogue name (``smollm2-135m-instruct``) pulled into the cache."""
-    path = Path(model).expanduser()
-    if path.exists():
-        return str(path)
-    from surge import hub
+    """A checkpoint directory or .gguf file as given, or a catalogue name pulled into the cache."""
+    from surge.hub import resolve_model
 
-    if str(model).lower() in hub.CATALOGUE:
-        return str(hub.pull(str(model).lower()))
-    raise FileNotFoundError(f"model {str(model)!r} not found: give a checkpoint directory "
-                            "(Hugging Face layout), a .gguf file or a catalogue name ("
-                            f"{', '.join(sorted(hub.CATALOGUE))})")
+    return str(resolve_model(model))
