@@ -59,6 +59,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                            "(default 600; 0 disables)")
     http.add_argument("--drain-timeout", type=float, default=30.0,
                       help="on SIGTERM, seconds in-flight requests get to finish (default 30)")
+    http.add_argument("--header-timeout", type=float, default=10.0,
+                      help="close a connection whose request headers take longer than this "
+                           "many seconds, counted from its opening or previous response "
+                           "(default 10)")
+    http.add_argument("--max-connections", type=int, default=None,
+                      help="client connections open at most; past it a new one evicts the "
+                           "one waiting longest for its headers (default: what the open-file "
+                           "limit leaves spare)")
     http.add_argument("--log-level", default="info",
                       choices=("critical", "error", "warning", "info", "debug"))
     http.add_argument("--access-log", action="store_true", help="log every HTTP request")
@@ -126,6 +134,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from surge.http.connections import ConnectionGuard
     from surge.http.control import ServerControl
     from surge.http.server import DrainingServer
     from surge.server.app import build_app
@@ -143,7 +152,9 @@ def run_serve(args: argparse.Namespace) -> int:
     server = DrainingServer(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
         access_log=args.access_log, timeout_graceful_shutdown=settings.drain_timeout,
-        lifespan="on"), on_started=_announce(settings.model_names[0]), control=control)
+        lifespan="on"), on_started=_announce(settings.model_names[0]), control=control,
+        guard=ConnectionGuard(header_timeout=args.header_timeout,
+                              max_connections=args.max_connections))
     logger.info("loading %s (%s engine); /health answers 503 until it is ready", model_dir,
                 args.engine_mode)
     server.run()
@@ -159,10 +170,14 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     names = args.served_model_name or [args.model or DEMO_SERVED_NAME]
     for name, value, low in [("max_queued_requests", args.max_queued_requests, 1),
                              ("max_queued_tokens", args.max_queued_tokens, 1),
-                             ("port", args.port, 0)]:
+                             ("port", args.port, 0),
+                             ("max_connections", getattr(args, "max_connections", None) or 1, 1)]:
         if value < low:
             raise ValueError(f"--{name.replace('_', '-')}={value} is invalid: allowed is an "
                              f"integer >= {low}")
+    if getattr(args, "header_timeout", 1.0) <= 0:
+        raise ValueError(f"--header-timeout={args.header_timeout} is invalid: allowed is a "
+                         "number of seconds > 0")
     return ServerSettings(
         model_names=names, api_keys=api_keys,
         rate_limit_rpm=args.rate_limit_rpm, rate_limit_tpm=args.rate_limit_tpm,

@@ -3,8 +3,9 @@
 Over uvicorn's own: SIGTERM or Ctrl-C first call the app's drain hook (new requests get 503
 while in-flight ones finish), a clean drain exits 0 rather than re-raising the signal, the app
 can ask for an exit with a status (a dependency died for good), and whoever started the server
-learns the address it bound (``--port 0`` picks one). Import this module only to run a server:
-it imports uvicorn, which building a command line should not.
+learns the address it bound (``--port 0`` picks one), and slow clients cannot hold its
+connections (``surge.http.connections``: header timeout, connection cap). Import this module
+only to run a server: it imports uvicorn, which building a command line should not.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import uvicorn
 
+from surge.http.connections import ConnectionGuard, guarded_protocol
 from surge.http.control import ServerControl
 
 __all__ = ["DrainingServer"]
@@ -22,11 +24,17 @@ __all__ = ["DrainingServer"]
 class DrainingServer(uvicorn.Server):
     """``on_signal`` starts the app's drain; ``on_started(host, port)`` runs once bound;
     ``control`` (the app's view of its server) is bound to this server and told of the drain
-    after ``on_signal``."""
+    after ``on_signal``. ``guard`` closes slow connections (default: 10 s header timeout,
+    a cap from the descriptor limit)."""
 
     def __init__(self, config: uvicorn.Config, *, on_signal: Callable[[], None] | None = None,
                  on_started: Callable[[str, int], None] | None = None,
-                 control: ServerControl | None = None) -> None:
+                 control: ServerControl | None = None,
+                 guard: ConnectionGuard | None = None) -> None:
+        if not config.loaded:
+            config.load()  # resolves the HTTP protocol class, which the guard wraps
+        self.guard = guard or ConnectionGuard()
+        config.http_protocol_class = guarded_protocol(config.http_protocol_class, self.guard)
         super().__init__(config)
         self.exit_code = 0
         self._on_signal = on_signal
