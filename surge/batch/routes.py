@@ -9,9 +9,9 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, File, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
@@ -20,6 +20,7 @@ from surge.batch.schemas import BatchList, BatchObject, FileDeleted, FileList, F
 from surge.batch.service import BatchService
 from surge.batch.store import BATCH_STATUSES, TERMINAL_STATUSES
 from surge.http.errors import APIError
+from surge.http.gate import key_owner
 from surge.http.openapi import VALIDATION_ERROR, error_responses
 from surge.http.responses import json_response
 from surge.server.features import ServerHost
@@ -36,6 +37,14 @@ _BODY = {400: VALIDATION_ERROR, 413: "request body too large (--max-body-bytes)"
 _NO_FILE = {404: "no file with this id"}
 _NO_BATCH = {404: "no batch with this id"}
 _JSONL = {"application/jsonl": {"schema": {"type": "string"}}}
+
+
+def _owner(request: Request) -> str:
+    return key_owner(request.scope)
+
+
+# Whose files and batches a request sees: its API key's only (everyone's when auth is off).
+Owner = Annotated[str, Depends(_owner)]
 
 
 class BatchCreateRequest(BaseModel):
@@ -69,35 +78,38 @@ def _files_router(service: BatchService) -> APIRouter:
         **_ANY_ROUTE, **_BODY,
         400: "purpose is not 'batch', or the file is not valid batch input (the message names "
              "the lines and what is wrong)"}))
-    async def upload_file(file: UploadFile = File(...),  # noqa: B008 - FastAPI's idiom
+    async def upload_file(owner: Owner,
+                          file: UploadFile = File(...),  # noqa: B008 - FastAPI's idiom
                           purpose: str = Form(...)) -> Response:
         """Upload a JSONL batch input; every line is validated now (400 names the lines)."""
         content = await file.read()
-        record = await service.upload_file(file.filename or "", purpose, content)
+        record = await service.upload_file(file.filename or "", purpose, content, owner)
         return json_response(record.to_api())
 
     @router.get("", response_model=FileList, responses=error_responses(_ANY_ROUTE))
-    async def list_files(purpose: str | None = None) -> Response:
-        records = await service.list_files(purpose)
+    async def list_files(owner: Owner, purpose: str | None = None) -> Response:
+        records = await service.list_files(purpose, owner)
         return json_response({"object": "list", "data": [r.to_api() for r in records],
                               "has_more": False})
 
     @router.get("/{file_id}", response_model=FileObject,
                 responses=error_responses({**_ANY_ROUTE, **_NO_FILE}))
-    async def retrieve_file(file_id: str) -> Response:
-        return json_response((await service.get_file(file_id)).to_api())
+    async def retrieve_file(file_id: str, owner: Owner) -> Response:
+        return json_response((await service.get_file(file_id, owner)).to_api())
 
     @router.get("/{file_id}/content", response_class=Response, responses={
         200: {"description": "the file's bytes (JSON Lines)", "content": _JSONL},
         **error_responses({**_ANY_ROUTE, **_NO_FILE})})
-    async def file_content(file_id: str) -> Response:
-        return Response(await service.file_content(file_id), media_type="application/jsonl")
+    async def file_content(file_id: str, owner: Owner) -> Response:
+        return Response(await service.file_content(file_id, owner),
+                        media_type="application/jsonl")
 
     @router.delete("/{file_id}", response_model=FileDeleted, responses=error_responses({
         **_ANY_ROUTE, **_NO_FILE, 409: "the file is the input of a batch that has not ended"}))
-    async def delete_file(file_id: str) -> Response:
+    async def delete_file(file_id: str, owner: Owner) -> Response:
+        await service.get_file(file_id, owner)  # another key's file is not found, not in use
         await _refuse_if_in_use(service, file_id)
-        await service.delete_file(file_id)
+        await service.delete_file(file_id, owner)
         return json_response({"id": file_id, "object": "file", "deleted": True})
 
     return router
@@ -121,18 +133,18 @@ def _batches_router(service: BatchService) -> APIRouter:
 
     @router.post("", response_model=BatchObject, responses=error_responses({
         **_ANY_ROUTE, **_BODY, 404: "no file with id input_file_id"}))
-    async def create_batch(body: BatchCreateRequest) -> Response:
+    async def create_batch(body: BatchCreateRequest, owner: Owner) -> Response:
         """Start a batch over an uploaded file; all its lines must use ``endpoint``."""
         batch = await service.create_batch(body.input_file_id, body.endpoint,
-                                           body.completion_window, body.metadata)
+                                           body.completion_window, body.metadata, owner)
         return json_response(batch.to_api())
 
     @router.get("", response_model=BatchList, responses=error_responses({
         **_ANY_ROUTE, 400: VALIDATION_ERROR, 404: "no batch with the id given as after"}))
-    async def list_batches(limit: int = Query(20, ge=1, le=MAX_LIST_LIMIT),
+    async def list_batches(owner: Owner, limit: int = Query(20, ge=1, le=MAX_LIST_LIMIT),
                            after: str | None = None) -> Response:
         """Newest first; pass the last id of a page as ``after`` for the next one."""
-        batches, has_more = await service.list_batches(limit, after)
+        batches, has_more = await service.list_batches(limit, after, owner)
         data: list[dict[str, Any]] = [b.to_api() for b in batches]
         return json_response({"object": "list", "data": data,
                               "first_id": data[0]["id"] if data else None,
@@ -141,14 +153,14 @@ def _batches_router(service: BatchService) -> APIRouter:
 
     @router.get("/{batch_id}", response_model=BatchObject,
                 responses=error_responses({**_ANY_ROUTE, **_NO_BATCH}))
-    async def retrieve_batch(batch_id: str) -> Response:
-        return json_response((await service.get_batch(batch_id)).to_api())
+    async def retrieve_batch(batch_id: str, owner: Owner) -> Response:
+        return json_response((await service.get_batch(batch_id, owner)).to_api())
 
     @router.post("/{batch_id}/cancel", response_model=BatchObject, responses=error_responses({
         **_ANY_ROUTE, **_NO_BATCH, 413: _BODY[413],
         409: "the batch already ended (completed, failed or expired)"}))
-    async def cancel_batch(batch_id: str) -> Response:
+    async def cancel_batch(batch_id: str, owner: Owner) -> Response:
         """Stop dispatching; lines in flight finish, then the batch is ``cancelled``."""
-        return json_response((await service.cancel_batch(batch_id)).to_api())
+        return json_response((await service.cancel_batch(batch_id, owner)).to_api())
 
     return router

@@ -231,7 +231,12 @@ class BatchService:
 
     # -- what routes call --------------------------------------------------------------------
 
-    async def upload_file(self, filename: str, purpose: str, content: bytes) -> FileRecord:
+    # Every route-facing call takes ``owner`` (``surge.http.gate.key_owner``): an API key sees
+    # only its own files and batches, as OpenAI scopes them by organization; another key's
+    # ids are "not found", never "forbidden" (which would confirm they exist).
+
+    async def upload_file(self, filename: str, purpose: str, content: bytes,
+                          owner: str = "") -> FileRecord:
         if purpose != "batch":
             raise APIError(400, f"purpose={purpose!r} is not supported: allowed is 'batch'",
                            param="purpose", code="invalid_value")
@@ -243,17 +248,17 @@ class BatchService:
         except BatchFileError as exc:
             raise APIError(400, exc.message, param="file", code="invalid_batch_file") from exc
         return await self._db(self.store.add_file, filename or "batch.jsonl", purpose, content,
-                              num_lines=len(validated.lines), urls=validated.urls)
+                              num_lines=len(validated.lines), urls=validated.urls, owner=owner)
 
     async def create_batch(self, input_file_id: str, endpoint: str, completion_window: str,
-                           metadata: dict[str, str] | None) -> BatchRecord:
+                           metadata: dict[str, str] | None, owner: str = "") -> BatchRecord:
         window = parse_completion_window(completion_window)
         _check_metadata(metadata)
         if endpoint not in self.endpoint_schemas():
             served = ", ".join(u for u in BATCH_URLS if u in self.endpoint_schemas())
             raise APIError(400, f"endpoint={endpoint!r} is not supported: allowed is one of "
                                 f"{served}", param="endpoint", code="invalid_value")
-        source = await self.get_file(input_file_id)
+        source = await self.get_file(input_file_id, owner)
         if source.purpose != "batch":
             raise APIError(400, f"file {input_file_id} has purpose {source.purpose!r}: a "
                                 "batch needs a file uploaded with purpose 'batch'",
@@ -261,7 +266,7 @@ class BatchService:
         # Reads and parses the whole input file: on the store thread, not the event loop.
         await self._db(self._check_one_endpoint, source, endpoint)
         batch = await self._db(self.store.add_batch, endpoint, source.id, completion_window,
-                               window, source.num_lines, metadata)
+                               window, source.num_lines, metadata, owner)
         try:
             return await self._enqueue(batch)
         except Exception as exc:
@@ -274,21 +279,21 @@ class BatchService:
                                 f"batch {batch.id} is marked failed: upload the file again",
                            param="input_file_id", code="invalid_batch_file") from exc
 
-    async def get_batch(self, batch_id: str) -> BatchRecord:
-        batch = await self._db(self.store.get_batch, batch_id)
+    async def get_batch(self, batch_id: str, owner: str = "") -> BatchRecord:
+        batch = await self._db(self.store.get_batch, batch_id, owner)
         if batch is None:
             raise APIError(404, f"No batch found with id '{batch_id}' (GET /v1/batches lists "
                                 "them)", param="batch_id", code="batch_not_found")
         return batch
 
-    async def list_batches(self, limit: int, after: str | None) -> tuple[list[BatchRecord],
-                                                                         bool]:
+    async def list_batches(self, limit: int, after: str | None,
+                           owner: str = "") -> tuple[list[BatchRecord], bool]:
         if after is not None:
-            await self.get_batch(after)  # an unknown cursor is an error, not an empty page
-        return await self._db(self.store.list_batches, limit, after)
+            await self.get_batch(after, owner)  # an unknown cursor is an error, not empty
+        return await self._db(self.store.list_batches, limit, after, owner)
 
-    async def cancel_batch(self, batch_id: str) -> BatchRecord:
-        batch = await self.get_batch(batch_id)
+    async def cancel_batch(self, batch_id: str, owner: str = "") -> BatchRecord:
+        batch = await self.get_batch(batch_id, owner)
         if batch.status in ("cancelling", "cancelled"):
             return batch
         moved = await self._db(self.store.set_status, batch_id, "cancelling",
@@ -298,24 +303,24 @@ class BatchService:
                                 "in_progress batches can be cancelled",
                            code="batch_not_cancellable")
         await self.queue.drop_batch(batch_id)
-        return await self.get_batch(batch_id)
+        return await self.get_batch(batch_id, owner)
 
-    async def get_file(self, file_id: str) -> FileRecord:
-        record = await self._db(self.store.get_file, file_id)
+    async def get_file(self, file_id: str, owner: str = "") -> FileRecord:
+        record = await self._db(self.store.get_file, file_id, owner)
         if record is None:
             raise APIError(404, f"No file found with id '{file_id}'", param="file_id",
                            code="file_not_found")
         return record
 
-    async def file_content(self, file_id: str) -> bytes:
-        await self.get_file(file_id)
+    async def file_content(self, file_id: str, owner: str = "") -> bytes:
+        await self.get_file(file_id, owner)
         return await self._db(self.store.read_file, file_id)
 
-    async def list_files(self, purpose: str | None) -> list[FileRecord]:
-        return await self._db(self.store.list_files, purpose)
+    async def list_files(self, purpose: str | None, owner: str = "") -> list[FileRecord]:
+        return await self._db(self.store.list_files, purpose, owner)
 
-    async def delete_file(self, file_id: str) -> None:
-        await self.get_file(file_id)
+    async def delete_file(self, file_id: str, owner: str = "") -> None:
+        await self.get_file(file_id, owner)
         await self._db(self.store.delete_file, file_id)
 
     def endpoint_schemas(self) -> dict[str, type[BaseModel]]:
@@ -351,7 +356,7 @@ class BatchService:
         """validating -> in_progress, once every line is durably in the queue."""
         await self.queue.put(await self._unanswered_tasks(batch))
         await self._db(self.store.set_status, batch.id, "in_progress", only_from=("validating",))
-        return await self.get_batch(batch.id)
+        return await self.get_batch(batch.id, batch.owner)
 
     async def _unanswered_tasks(self, batch: BatchRecord) -> list[LineTask]:
         content = await self._db(self.store.read_file, batch.input_file_id)
@@ -380,8 +385,8 @@ class BatchService:
         if target == "expired":
             errors += _expired_lines(store, store.get_batch(batch_id))
         suffix = batch_id.removeprefix("batch_")
-        output_id = _write_result_file(store, f"file-{suffix}out", batch_id, "output", output)
-        error_id = _write_result_file(store, f"file-{suffix}err", batch_id, "error", errors)
+        output_id = _write_result_file(store, f"file-{suffix}out", batch, "output", output)
+        error_id = _write_result_file(store, f"file-{suffix}err", batch, "error", errors)
         store.set_output(batch_id, target, output_id, error_id)
         logger.info("batch %s %s: %d answered, %d errors", batch_id, target, len(output),
                     len(errors))
@@ -422,14 +427,15 @@ def _expired_lines(store: BatchStore, batch: BatchRecord | None) -> list[dict[st
             if line.custom_id not in answered]
 
 
-def _write_result_file(store: BatchStore, file_id: str, batch_id: str, kind: str,
+def _write_result_file(store: BatchStore, file_id: str, batch: BatchRecord, kind: str,
                        lines: list[dict[str, Any]]) -> str | None:
     if not lines:
         return None
     import json
 
     content = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
-    store.add_file(f"{batch_id}_{kind}.jsonl", "batch_output", content, file_id=file_id)
+    store.add_file(f"{batch.id}_{kind}.jsonl", "batch_output", content, file_id=file_id,
+                   owner=batch.owner)
     return file_id
 
 

@@ -57,7 +57,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL,
     created_at INTEGER NOT NULL, num_lines INTEGER NOT NULL DEFAULT 0,
-    urls TEXT NOT NULL DEFAULT '[]');
+    urls TEXT NOT NULL DEFAULT '[]', owner TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS batches (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, endpoint TEXT NOT NULL,
     input_file_id TEXT NOT NULL, completion_window TEXT NOT NULL,
@@ -65,13 +65,16 @@ CREATE TABLE IF NOT EXISTS batches (
     in_progress_at INTEGER, finalizing_at INTEGER, completed_at INTEGER, failed_at INTEGER,
     expired_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER,
     output_file_id TEXT, error_file_id TEXT, total INTEGER NOT NULL,
-    completed INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0, metadata TEXT);
+    completed INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0, metadata TEXT,
+    owner TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS batches_by_status ON batches (status);
 CREATE TABLE IF NOT EXISTS results (
     batch_id TEXT NOT NULL, custom_id TEXT NOT NULL, line_no INTEGER NOT NULL,
     result_id TEXT NOT NULL, status_code INTEGER NOT NULL, body TEXT NOT NULL,
     PRIMARY KEY (batch_id, custom_id));
 """
+# Tables made before files and batches had owners get the column (the no-auth namespace).
+_OWNER_COLUMN = "ALTER TABLE {table} ADD COLUMN owner TEXT NOT NULL DEFAULT ''"
 _TIMESTAMP_OF = {"in_progress": "in_progress_at", "finalizing": "finalizing_at",
                  "completed": "completed_at", "failed": "failed_at", "expired": "expired_at",
                  "cancelling": "cancelling_at", "cancelled": "cancelled_at"}
@@ -86,6 +89,7 @@ class FileRecord:
     created_at: int
     num_lines: int = 0
     urls: list[str] = field(default_factory=list)
+    owner: str = ""  # whose file (``ApiKeyAuth.owner``): other keys see no such file
 
     def to_api(self) -> dict[str, Any]:
         """OpenAI's file object."""
@@ -112,6 +116,7 @@ class BatchRecord:
     output_file_id: str | None = None
     error_file_id: str | None = None
     timestamps: dict[str, int | None] = field(default_factory=dict)
+    owner: str = ""  # whose batch: other keys see no such batch
 
     @property
     def expires_at(self) -> float:
@@ -160,6 +165,14 @@ class BatchStore:
         self._conn = sqlite.connect(self.data_dir / "batch.db", synchronous="FULL")
         self._conn.row_factory = sqlite3.Row
         self._conn.executescript(_SCHEMA)
+        self._add_owner_columns()
+
+    def _add_owner_columns(self) -> None:
+        for table in ("files", "batches"):
+            columns = {row["name"] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            if "owner" not in columns:
+                with self._transaction():
+                    self._conn.execute(_OWNER_COLUMN.format(table=table))
 
     def close(self) -> None:
         with self._lock:
@@ -168,32 +181,40 @@ class BatchStore:
     # -- files -------------------------------------------------------------------------------
 
     def add_file(self, filename: str, purpose: str, content: bytes, *, num_lines: int = 0,
-                 urls: list[str] | None = None, file_id: str | None = None) -> FileRecord:
+                 urls: list[str] | None = None, file_id: str | None = None,
+                 owner: str = "") -> FileRecord:
         """Write the bytes durably, then the record: a file id never names missing bytes."""
         record = FileRecord(file_id or new_id("file-"), filename, purpose, len(content),
-                            int(time.time()), num_lines, sorted(urls or []))
+                            int(time.time()), num_lines, sorted(urls or []), owner)
         write_atomically(self.file_path(record.id), content)
         with self._transaction():
             self._conn.execute(
-                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO files (id, filename, purpose, bytes, created_at, "
+                "num_lines, urls, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (record.id, record.filename, record.purpose, record.bytes, record.created_at,
-                 record.num_lines, json.dumps(record.urls)))
+                 record.num_lines, json.dumps(record.urls), owner))
         return record
 
-    def get_file(self, file_id: str) -> FileRecord | None:
+    def get_file(self, file_id: str, owner: str | None = None) -> FileRecord | None:
+        """The file, or None; with ``owner``, only that owner's (None: anyone's, for the
+        service itself)."""
         row = self._query_one("SELECT * FROM files WHERE id = ?", (file_id,))
-        if row is None:
+        if row is None or (owner is not None and row["owner"] != owner):
             return None
         return FileRecord(row["id"], row["filename"], row["purpose"], row["bytes"],
-                          row["created_at"], row["num_lines"], json.loads(row["urls"]))
+                          row["created_at"], row["num_lines"], json.loads(row["urls"]),
+                          row["owner"])
 
-    def list_files(self, purpose: str | None = None) -> list[FileRecord]:
-        sql, args = "SELECT id FROM files ORDER BY created_at DESC, id", ()
-        if purpose is not None:
-            sql, args = ("SELECT id FROM files WHERE purpose = ? ORDER BY created_at DESC, id",
-                         (purpose,))
+    def list_files(self, purpose: str | None = None,
+                   owner: str | None = None) -> list[FileRecord]:
+        conditions = [(column, value) for column, value in (("purpose", purpose),
+                                                            ("owner", owner))
+                      if value is not None]
+        where = " AND ".join(f"{column} = ?" for column, _ in conditions)
+        sql = f"SELECT id FROM files {'WHERE ' + where if where else ''} " \
+              "ORDER BY created_at DESC, id"
         with self._lock:
-            ids = [row["id"] for row in self._conn.execute(sql, args)]
+            ids = [row["id"] for row in self._conn.execute(sql, [v for _, v in conditions])]
         return [record for file_id in ids if (record := self.get_file(file_id)) is not None]
 
     def file_path(self, file_id: str) -> Path:
@@ -212,31 +233,40 @@ class BatchStore:
 
     def add_batch(self, endpoint: str, input_file_id: str, completion_window: str,
                   window_seconds: float, total: int,
-                  metadata: dict[str, str] | None) -> BatchRecord:
+                  metadata: dict[str, str] | None, owner: str = "") -> BatchRecord:
         batch_id = new_id("batch_")
         with self._transaction():
             self._conn.execute(
                 "INSERT INTO batches (id, endpoint, input_file_id, completion_window, "
-                "window_seconds, status, created_at, total, metadata) "
-                "VALUES (?, ?, ?, ?, ?, 'validating', ?, ?, ?)",
+                "window_seconds, status, created_at, total, metadata, owner) "
+                "VALUES (?, ?, ?, ?, ?, 'validating', ?, ?, ?, ?)",
                 (batch_id, endpoint, input_file_id, completion_window, window_seconds,
-                 int(time.time()), total, json.dumps(metadata) if metadata else None))
+                 int(time.time()), total, json.dumps(metadata) if metadata else None, owner))
         record = self.get_batch(batch_id)
         assert record is not None
         return record
 
-    def get_batch(self, batch_id: str) -> BatchRecord | None:
+    def get_batch(self, batch_id: str, owner: str | None = None) -> BatchRecord | None:
+        """The batch, or None; with ``owner``, only that owner's."""
         row = self._query_one("SELECT * FROM batches WHERE id = ?", (batch_id,))
-        return None if row is None else _batch_from_row(row)
+        if row is None or (owner is not None and row["owner"] != owner):
+            return None
+        return _batch_from_row(row)
 
-    def list_batches(self, limit: int, after: str | None = None) -> tuple[list[BatchRecord],
-                                                                          bool]:
-        """Newest first, ``limit`` of them after the batch ``after``; and whether more exist."""
-        sql = "SELECT * FROM batches"
-        args: tuple[Any, ...] = ()
+    def list_batches(self, limit: int, after: str | None = None,
+                     owner: str | None = None) -> tuple[list[BatchRecord], bool]:
+        """Newest first, ``limit`` of them after the batch ``after``; and whether more exist.
+        With ``owner``, only that owner's."""
+        conditions, args_list = [], []
         if after is not None:
-            sql += " WHERE seq < (SELECT seq FROM batches WHERE id = ?)"
-            args = (after,)
+            conditions.append("seq < (SELECT seq FROM batches WHERE id = ?)")
+            args_list.append(after)
+        if owner is not None:
+            conditions.append("owner = ?")
+            args_list.append(owner)
+        sql = "SELECT * FROM batches" + (" WHERE " + " AND ".join(conditions)
+                                         if conditions else "")
+        args: tuple[Any, ...] = tuple(args_list)
         with self._lock:
             rows = self._conn.execute(sql + " ORDER BY seq DESC LIMIT ?",
                                       (*args, limit + 1)).fetchall()
@@ -344,7 +374,8 @@ def _batch_from_row(row: sqlite3.Row) -> BatchRecord:
         row["window_seconds"], row["status"], row["created_at"], row["total"],
         row["completed"], row["failed"],
         json.loads(row["metadata"]) if row["metadata"] else None, row["output_file_id"],
-        row["error_file_id"], {column: row[column] for column in _TIMESTAMP_OF.values()})
+        row["error_file_id"], {column: row[column] for column in _TIMESTAMP_OF.values()},
+        row["owner"])
 
 
 def new_id(prefix: str) -> str:

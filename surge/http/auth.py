@@ -44,6 +44,10 @@ class ApiKeyAuth:
         # Compare fixed-length digests, not the keys: compare_digest on unequal lengths returns
         # early, which would reveal a key's length.
         self._key_digests = [_digest(key) for key in keys]
+        # Who owns stored things (batch files, batches): stable across restarts and replicas,
+        # unlike the key id (its position in --api-key), and not the key itself.
+        self._owners = [hashlib.sha256(b"surge-owner\0" + key.encode()).hexdigest()[:32]
+                        for key in keys]
 
     @property
     def enabled(self) -> bool:
@@ -63,6 +67,14 @@ class ApiKeyAuth:
         if matched is None:
             raise AuthError("Incorrect API key provided.")
         return f"key{matched}"
+
+
+    def owner(self, key_id: str | None) -> str:
+        """The owner name of what the caller with ``key_id`` stores; ``""`` when auth is off
+        (one namespace for everyone)."""
+        if key_id is None:
+            return ""
+        return self._owners[int(key_id.removeprefix("key"))]
 
 
 class RateLimited(Exception):

@@ -16,11 +16,13 @@ from surge.http.auth import ApiKeyAuth, AuthError
 from surge.http.errors import APIError, send_error
 from surge.http.unicode import json_lone_surrogate, surrogate_problem
 
-__all__ = ["KEY_ID_STATE", "RequestGate", "check_text", "header", "key_id", "read_body",
-           "replay", "too_large"]
+__all__ = ["KEY_ID_STATE", "KEY_OWNER_STATE", "RequestGate", "check_text", "header", "key_id",
+           "key_owner", "read_body", "replay", "too_large"]
 
-# Where the gate leaves the caller's key id (``key0``, ...) in ``scope["state"]``.
+# Where the gate leaves the caller's key id (``key0``, ...) in ``scope["state"]``, and the
+# owner name of what the caller stores (``ApiKeyAuth.owner``).
 KEY_ID_STATE = "surge_key_id"
+KEY_OWNER_STATE = "surge_key_owner"
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 # Told why a request was refused ("unauthorized", "body_too_large"), for metrics.
@@ -48,7 +50,9 @@ class RequestGate:
             return await self.app(scope, receive, send)
         try:
             if scope["path"].startswith(self.auth_prefixes):
-                scope.setdefault("state", {})[KEY_ID_STATE] = self._authenticate(scope)
+                state = scope.setdefault("state", {})
+                state[KEY_ID_STATE] = self._authenticate(scope)
+                state[KEY_OWNER_STATE] = self.auth.owner(state[KEY_ID_STATE])
             if scope["method"] in BODY_METHODS:
                 body = await read_body(scope, receive, self.max_body_bytes, self.on_reject)
                 if body is None:
@@ -136,3 +140,9 @@ def header(scope: Scope, name: bytes) -> str | None:
 def key_id(scope: Scope) -> str | None:
     """The caller's API key id that the gate found (None when auth is off)."""
     return scope.get("state", {}).get(KEY_ID_STATE)
+
+
+def key_owner(scope: Scope) -> str:
+    """Whose stored things the caller may see: a name derived from its API key, ``""`` when
+    auth is off (then everything is one namespace)."""
+    return scope.get("state", {}).get(KEY_OWNER_STATE) or ""

@@ -5,6 +5,7 @@ started), and it can be once the batch ended."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,3 +129,43 @@ def test_a_batch_file_with_a_lone_surrogate_fails_one_batch_never_the_server(
         assert "cannot resume" in second.log()
     finally:
         second.stop()
+
+
+@pytest.mark.timeout(180)
+def test_files_and_batches_are_scoped_by_api_key(model_dir: Path, tmp_path: Path) -> None:
+    """As OpenAI scopes them by organization: another key's ids are not found (404, never 403,
+    which would confirm they exist), and its lists are empty."""
+    server = start_server(model_dir, tmp_path / "logs", tmp_path / "data",
+                          "--batch-concurrency", "1", "--api-key", "key-a", "--api-key", "key-b")
+    a = httpx.Client(base_url=server.url, timeout=30.0, headers={"Authorization": "Bearer key-a"})
+    b = httpx.Client(base_url=server.url, timeout=30.0, headers={"Authorization": "Bearer key-b"})
+    try:
+        uploaded = a.post("/v1/files", data={"purpose": "batch"}, files={
+            "file": ("in.jsonl", jsonl(chat_lines(2, max_tokens=2)))}).json()
+        file_id = uploaded["id"]
+        assert b.post("/v1/batches", json={"input_file_id": file_id,
+                                           "endpoint": "/v1/chat/completions"}
+                      ).status_code == 404
+        batch = a.post("/v1/batches", json={"input_file_id": file_id,
+                                            "endpoint": "/v1/chat/completions"}).json()
+        for path in (f"/v1/files/{file_id}", f"/v1/files/{file_id}/content",
+                     f"/v1/batches/{batch['id']}"):
+            assert b.get(path).status_code == 404, path
+            assert a.get(path).status_code == 200, path
+        assert b.delete(f"/v1/files/{file_id}").status_code == 404
+        assert b.post(f"/v1/batches/{batch['id']}/cancel").status_code == 404
+        assert b.get("/v1/files").json()["data"] == []
+        assert b.get("/v1/batches").json()["data"] == []
+        assert [f["id"] for f in a.get("/v1/files").json()["data"]] == [file_id]
+
+        deadline = time.monotonic() + 90
+        while (done := a.get(f"/v1/batches/{batch['id']}").json())["status"] != "completed":
+            assert time.monotonic() < deadline, done
+            time.sleep(0.1)  # polling the batch
+        # Its results belong to the batch's key too.
+        assert a.get(f"/v1/files/{done['output_file_id']}/content").status_code == 200
+        assert b.get(f"/v1/files/{done['output_file_id']}/content").status_code == 404
+    finally:
+        a.close()
+        b.close()
+        server.stop()

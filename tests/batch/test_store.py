@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from surge.batch.queue import LineTask, SqliteQueue
-from surge.batch.store import BatchStore, LineResult
+from surge.batch.store import _SCHEMA, BatchStore, LineResult
 
 
 @pytest.fixture
@@ -68,6 +69,35 @@ def test_batches_page_newest_first(store: BatchStore) -> None:
     assert [b.id for b in page] == ids[::-1][2:4] and more
     page, more = store.list_batches(2, after=page[-1].id)
     assert [b.id for b in page] == [ids[0]] and not more
+
+
+def test_files_and_batches_are_seen_by_their_owner_only(store: BatchStore) -> None:
+    mine = store.add_file("in.jsonl", "batch", b"{}\n", num_lines=1, owner="alice")
+    batch = store.add_batch("/v1/completions", mine.id, "24h", 86400.0, 1, None, owner="alice")
+    assert store.get_file(mine.id, "alice") == mine and store.get_file(mine.id, "bob") is None
+    assert store.get_batch(batch.id, "bob") is None and store.get_batch(batch.id, "alice")
+    assert store.list_files(owner="bob") == [] and store.list_files(owner="alice") == [mine]
+    assert store.list_batches(10, owner="bob") == ([], False)
+    assert [b.id for b in store.list_batches(10, owner="alice")[0]] == [batch.id]
+    # The service itself (recovery, the worker, finalizing) sees every owner's.
+    assert store.get_file(mine.id) == mine and store.get_batch(batch.id).owner == "alice"
+
+
+def test_a_store_from_before_owners_opens_with_its_rows_in_the_no_auth_namespace(
+        tmp_path: Path) -> None:
+    data = tmp_path / "old"
+    data.mkdir()
+    with sqlite3.connect(data / "batch.db") as conn:
+        conn.executescript(_SCHEMA.replace(", owner TEXT NOT NULL DEFAULT ''", "").replace(
+            ",\n    owner TEXT NOT NULL DEFAULT ''", ""))
+        conn.execute("INSERT INTO files (id, filename, purpose, bytes, created_at) "
+                     "VALUES ('file-old', 'in.jsonl', 'batch', 3, 0)")
+    store = BatchStore(data)
+    try:
+        assert store.get_file("file-old", "").owner == ""
+        assert store.get_file("file-old", "alice") is None
+    finally:
+        store.close()
 
 
 def test_file_bytes_are_written_whole(store: BatchStore) -> None:

@@ -156,3 +156,14 @@ def test_request_bigger_than_a_minute_of_tokens_says_how_to_fix_it() -> None:
 def test_limits_must_be_positive_integers_or_none(requests: object, tokens: object) -> None:
     with pytest.raises(ValueError, match=">= 1 or None"):
         RateLimiter(requests, tokens)  # type: ignore[arg-type]
+
+
+def test_the_owner_of_stored_things_is_stable_per_key_and_not_the_key() -> None:
+    from surge.http.auth import ApiKeyAuth
+
+    first, reordered = ApiKeyAuth(["alpha", "beta"]), ApiKeyAuth(["beta", "alpha"])
+    owner = first.owner(first.authenticate("Bearer alpha"))
+    assert owner == reordered.owner(reordered.authenticate("Bearer alpha"))  # not by position
+    assert owner != first.owner(first.authenticate("Bearer beta"))
+    assert "alpha" not in owner and len(owner) == 32
+    assert ApiKeyAuth([]).owner(None) == ""
