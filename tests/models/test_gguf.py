@@ -277,3 +277,13 @@ def test_tiny_gguf_logits_equal_transformers(tmp_path: Path, arch: str) -> None:
         assert max(top, key=top.get) == reference[step].argmax().item(), step
         for token_id, logprob in top.items():
             assert logprob == pytest.approx(reference[step, token_id].item(), abs=1e-4)
+
+
+def test_tensors_no_model_uses_are_skipped_with_a_warning(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture
+                                                          ) -> None:
+    spec = TinyGGUF(extra_tensors={"blk.0.attn_rot_embd": np.ones(8, np.float32)})
+    with caplog.at_level("WARNING", logger="surge.models.gguf.checkpoint"):
+        checkpoint = GGUFCheckpoint(_write(tmp_path, spec))
+    assert "blk.0.attn_rot_embd" in caplog.text
+    assert set(checkpoint.tensor_names()) == set(hf_weights())

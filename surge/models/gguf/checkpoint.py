@@ -15,6 +15,7 @@ implementation of every block format.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ _GLOBAL_TENSORS = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+logger = logging.getLogger(__name__)
 _FIX = "re-download it (for a catalogue model: `surge pull NAME`)"
 
 
@@ -127,7 +129,11 @@ class GGUFCheckpoint:
                             f"supported GGUF architectures: {', '.join(_ARCHITECTURES)}")
         self._tensors: dict[str, TensorInfo] = self._file.tensors
         self._check_tensor_types()
-        self._hf_to_gguf = {_hf_name(name): name for name in self._tensors if _hf_name(name)}
+        self._hf_to_gguf = {hf: name for name in self._tensors if (hf := _hf_name(name))}
+        unknown = sorted(set(self._tensors) - set(self._hf_to_gguf.values()))
+        if unknown:  # the loader reports any tensor the model then lacks
+            logger.warning("%s: skipping %d tensors no %s model uses, e.g. %s", self.path,
+                           len(unknown), self.architecture, unknown[:3])
 
     # -- the Checkpoint contract -------------------------------------------------------------
 
