@@ -24,7 +24,8 @@ __all__ = ["SUPPORTED_GGUF_PRE_TOKENIZERS", "ChatTokenizer", "eos_token_ids", "g
            "load_tokenizer"]
 
 class ChatTokenizer:
-    """A `tokenizers.Tokenizer` plus what generation needs from tokenizer_config.json."""
+    """A `tokenizers.Tokenizer` plus what generation needs from tokenizer_config.json (or a
+    GGUF file's metadata): special tokens, EOS ids and the chat template."""
 
     def __init__(self, tokenizer: Tokenizer, config: dict[str, Any], eos_token_ids: set[int]):
         self.tokenizer = tokenizer
@@ -72,7 +73,7 @@ def load_tokenizer(model: str | Path, chat_template: str | Path | None = None) -
     if is_gguf(model):
         vocab = open_vocab(model)
         tokenizer, config = gguf_tokenizer(vocab)
-        eos = {i for i in (vocab.eos_token_id, vocab.eot_token_id) if i is not None}
+        eos = _gguf_eos_ids(vocab)
     else:
         path = model / "tokenizer.json"
         if not path.is_file():
@@ -91,11 +92,15 @@ def eos_token_ids(model: str | Path) -> frozenset[int]:
     """Every id that ends generation for this checkpoint (without building a ChatTokenizer)."""
     model = Path(model)
     if is_gguf(model):
-        vocab = open_vocab(model)
-        return frozenset(i for i in (vocab.eos_token_id, vocab.eot_token_id) if i is not None)
+        return frozenset(_gguf_eos_ids(open_vocab(model)))
     path = model / "tokenizer.json"
     tokenizer = Tokenizer.from_file(str(path)) if path.is_file() else None
     return frozenset(_eos_ids(model, tokenizer, _read_json(model / "tokenizer_config.json")))
+
+
+def _gguf_eos_ids(vocab: GGUFVocab) -> set[int]:
+    """End of sequence, and end of turn where the file names one (Llama 3's <|eot_id|>)."""
+    return {i for i in (vocab.eos_token_id, vocab.eot_token_id) if i is not None}
 
 
 def _directory_chat_template(model_dir: Path, config: dict[str, Any]) -> str | None:
