@@ -4,6 +4,7 @@ tiny model's greedy answers independent of batching, and clear errors where it c
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from surge import LLM, SamplingParams
-from surge.config import EngineConfig
+from surge.config import EngineConfig, add_engine_args
 from surge.models.gguf import GGUFCheckpoint
 from surge.models.linear import Linear, UnquantizedLinearMethod
 from surge.models.loader import build_model, load_model
@@ -215,6 +216,18 @@ def test_quantized_model_greedy_is_stable_across_batching(
     llm = LLM(model_dir, dtype="float32", quantization=quantization)
     layers = [m for m in llm.engine.core.loaded.model.modules() if isinstance(m, Linear)]
     assert sum(isinstance(m.method, UnquantizedLinearMethod) for m in layers) == 1  # the head
+
+
+def test_flags_reach_the_engine_config() -> None:
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    config = EngineConfig.from_args(parser.parse_args(
+        ["--quantization", "int4", "--quantization-group-size", "64"]))
+    assert (config.quantization, config.quantization_group_size) == ("int4", 64)
+    defaults = EngineConfig.from_args(parser.parse_args([]))
+    assert (defaults.quantization, defaults.quantization_group_size) == ("none", 32)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--quantization", "int2"])
 
 
 # -- bad input ---------------------------------------------------------------------------------
