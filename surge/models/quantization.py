@@ -23,13 +23,15 @@ so above a per-shape token threshold a layer instead dequantizes its weights int
 buffer shared by all layers and runs the dense GEMM (prefill, large batches). The threshold is
 measured once per layer shape at load (both paths timed at 1, 2, 4, ... tokens) unless given.
 
-From GGUF files (`checkpoint_tensors`): with ``int4`` and group size 32, Q4_0 and Q4_1 blocks are
-repacked as they are, codes unchanged and each block's scale kept (exact in float32; a bfloat16
-serving dtype rounds the block scales and Q4_1's offsets to bfloat16). Every other stored type,
-and Q8_0 under ``int8`` (its per-block scales do not fit the per-row kernel), is dequantized to
-float32 and quantized as above. Without ``--quantization`` a GGUF file is dequantized to the
-serving dtype, as before: on this CPU bfloat16 serves batches faster (see
-benchmarks/bench_quant.py), and it is the reference the quantized modes are judged against.
+From GGUF files (`checkpoint_tensors`): with ``int4`` and group size 32, Q4_0, Q4_1 and Q4_K
+blocks (Q4_K: each 32-weight sub-block) are repacked as they are, codes unchanged and each
+block's scale kept (Q4_0 bit for bit in float32; Q4_1/Q4_K's offsets are re-expressed as a zero
+point, one float32 rounding; a bfloat16 serving dtype rounds scales and zeros to bfloat16).
+Every other stored type, and Q8_0 under ``int8`` (its per-block scales do not fit the per-row
+kernel), is dequantized to float32 and quantized as above. Without ``--quantization`` a GGUF
+file is dequantized to the serving dtype, as before: on this CPU bfloat16 serves batches
+faster (see benchmarks/bench_quant.py), and it is the reference the quantized modes are
+judged against.
 """
 
 from __future__ import annotations
@@ -377,41 +379,74 @@ def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 
 # -- GGUF blocks kept as they are ------------------------------------------------------------
 
-# GGUF type -> bytes per block of 32 weights; each block starts with fp16 d (Q4_1: then fp16 m),
-# then 16 bytes of codes: the low nibble of byte i is weight i, the high nibble weight 16 + i.
-_GGUF_INT4_BLOCKS = {"Q4_0": 18, "Q4_1": 20}
-_GGUF_BLOCK = 32
+_GGUF_BLOCK = 32  # weights per scale in Q4_0, Q4_1 and Q4_K's sub-blocks: int4 group size 32
+Int4Blocks = tuple[np.ndarray, np.ndarray, np.ndarray]  # codes, scales, zeros (float32)
+
+
+def _q4_legacy(blocks: np.ndarray, with_min: bool) -> Int4Blocks:
+    """Q4_0 / Q4_1 blocks [rows, n, 18 or 20]: fp16 d (Q4_1: then fp16 m), then 16 bytes whose
+    low nibble i is weight i and high nibble weight 16 + i. Q4_0: w = (q - 8) d; Q4_1:
+    w = q d + m = (q - 8) d + (m + 8 d)."""
+    d = _fp16(blocks[..., 0:2])
+    nibbles = blocks[..., -16:]
+    codes = np.concatenate((nibbles & 15, nibbles >> 4), axis=-1)
+    zeros = _fp16(blocks[..., 2:4]) + 8 * d if with_min else np.zeros_like(d)
+    return codes, d, zeros
+
+
+def _q4_k(blocks: np.ndarray) -> Int4Blocks:
+    """Q4_K super-blocks [rows, n, 144] of 8 sub-blocks of 32: fp16 d and dmin, 12 bytes of
+    6-bit sub-block scales and mins, 128 bytes of codes (per 64 weights, 32 bytes: low nibbles
+    the first sub-block, high nibbles the second). w = d sc q - dmin m
+    = (q - 8) (d sc) + (8 d sc - dmin m); d sc is exact in float32."""
+    from gguf.quants import Q4_K
+
+    rows, n = blocks.shape[:2]
+    d, dmin = _fp16(blocks[..., 0:2]), _fp16(blocks[..., 2:4])
+    sc, m = Q4_K.get_scale_min(blocks[..., 4:16].reshape(rows * n, 12))
+    scales = d[..., None] * sc.reshape(rows, n, 8).astype(np.float32)
+    zeros = 8 * scales - dmin[..., None] * m.reshape(rows, n, 8).astype(np.float32)
+    qs = blocks[..., 16:].reshape(rows, n, 4, 1, 32)
+    codes = (qs >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)) & 15
+    return codes.reshape(rows, n * 8, 32), scales.reshape(rows, -1), zeros.reshape(rows, -1)
+
+
+def _fp16(pairs: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(pairs).view(np.float16)[..., 0].astype(np.float32)
+
+
+# GGUF type -> (bytes per block, weights per block, decoder of [rows, blocks, bytes]).
+_GGUF_INT4: dict[str, tuple[int, int, Callable[[np.ndarray], Int4Blocks]]] = {
+    "Q4_0": (18, 32, lambda blocks: _q4_legacy(blocks, with_min=False)),
+    "Q4_1": (20, 32, lambda blocks: _q4_legacy(blocks, with_min=True)),
+    "Q4_K": (144, 256, _q4_k),
+}
 
 
 def gguf_int4_blocks(raw: RawTensor, group_size: int
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(codes, scales, zeros) read straight from Q4_0/Q4_1 blocks, in the form
+    """(codes, scales, zeros) read straight from Q4_0/Q4_1/Q4_K blocks, in the form
     ``w = (code - 8) * scale + zero``; None when the type or group size does not allow it."""
-    block_bytes = _GGUF_INT4_BLOCKS.get(raw.ggml_type)
-    if block_bytes is None or group_size != _GGUF_BLOCK:
+    if raw.ggml_type not in _GGUF_INT4 or group_size != _GGUF_BLOCK:
         return None
+    block_bytes, block_weights, decode = _GGUF_INT4[raw.ggml_type]
     rows, columns = raw.shape
-    blocks = np.ascontiguousarray(raw.data).reshape(rows, columns // _GGUF_BLOCK, block_bytes)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    nibbles = blocks[..., block_bytes - 16:]
-    codes = np.concatenate((nibbles & 15, nibbles >> 4), axis=-1).reshape(rows, columns)
-    if raw.ggml_type == "Q4_0":  # w = (q - 8) * d
-        zeros = np.zeros_like(d)
-    else:  # Q4_1: w = q * d + m = (q - 8) * d + (m + 8 d)
-        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-        zeros = m + 8 * d
-    return torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(zeros)
+    blocks = np.ascontiguousarray(raw.data).reshape(rows, columns // block_weights, block_bytes)
+    codes, scales, zeros = decode(blocks)
+    return (torch.from_numpy(np.ascontiguousarray(codes).reshape(rows, columns)),
+            torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32)),
+            torch.from_numpy(np.ascontiguousarray(zeros, dtype=np.float32)))
 
 
 def keeps_gguf_blocks(method: LinearMethod, ggml_type: str) -> bool:
     """Whether ``method``'s loader reads GGUF blocks of ``ggml_type`` without decoding them."""
     return (isinstance(method, Int4LinearMethod) and method.group_size == _GGUF_BLOCK
-            and ggml_type in _GGUF_INT4_BLOCKS)
+            and ggml_type in _GGUF_INT4)
 
 
 def checkpoint_tensors(checkpoint: Any, model: nn.Module
                        ) -> Iterator[tuple[str, torch.Tensor | RawTensor]]:
-    """The checkpoint's tensors for ``model``: a GGUF file's Q4_0/Q4_1 projections stay raw
+    """The checkpoint's tensors for ``model``: a GGUF file's Q4_0/Q4_1/Q4_K projections stay raw
     blocks where the quantized layer keeps them as they are, everything else as usual."""
     from surge.models.gguf import GGUFCheckpoint
 

@@ -26,7 +26,7 @@ from surge.models.quantization import (
     quantization_method,
     unpack_int4,
 )
-from tests.models.tiny_gguf import TinyGGUF
+from tests.models.tiny_gguf import TinyGGUF, hf_weights
 
 ALWAYS_KERNEL, ALWAYS_DENSE = 1 << 20, 1  # thresholds that force one path
 METHODS = {
@@ -160,6 +160,31 @@ def test_gguf_q4_blocks_are_repacked_exactly(tmp_path: Path, kind: Q) -> None:
             assert torch.equal(ours, theirs), module
         else:  # q * d + m against (q - 8) * d + (m + 8 d): the same value, rounded once more
             torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+
+
+def random_q4_k(rows: int, columns: int, rng: np.random.Generator) -> np.ndarray:
+    """Random Q4_K super-blocks (gguf has no K-quant quantizer) with sane fp16 d and dmin."""
+    blocks = rng.integers(0, 256, (rows * columns // 256, 144), dtype=np.uint8)
+    for offset in (0, 2):
+        scales = rng.uniform(1e-3, 1e-2, len(blocks)).astype(np.float16)
+        blocks[:, offset:offset + 2] = scales.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(rows, -1)
+
+
+def test_gguf_q4_k_sub_blocks_are_repacked_exactly(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    weights = hf_weights()
+    raw = {name: (random_q4_k(*tensor.shape, rng), Q.Q4_K) for name, tensor in weights.items()
+           if name.startswith("model.layers.0.") and tensor.ndim == 2}
+    path = TinyGGUF(raw=raw).write(tmp_path / "tiny.gguf", weights)
+    checkpoint = GGUFCheckpoint(path)
+    model = load_model(path, "float32", "cpu", quantization="int4").model
+    for module, shards in SHARDS.items():
+        layer = model.get_submodule(f"model.layers.0.{module}")
+        theirs = gguf_reference(checkpoint, [f"model.layers.0.{s}.weight" for s in shards])
+        assert theirs.abs().max() > 0
+        # d sc q - dmin m against (q - 8) (d sc) + (8 d sc - dmin m): one more rounding.
+        torch.testing.assert_close(dequantized_weight(layer), theirs, atol=1e-6, rtol=1e-6)
 
 
 def test_gguf_q8_0_is_requantized_per_row(tmp_path: Path) -> None:
