@@ -3,6 +3,7 @@ supported tensor type against its float reference, the q/k un-permutation, and r
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import gguf
@@ -189,8 +190,47 @@ def test_not_a_gguf_file_is_refused(tmp_path: Path) -> None:
         GGUFCheckpoint(tmp_path / "missing.gguf")
 
 
-def test_llama31_rope_factors_are_refused_not_ignored(tmp_path: Path) -> None:
-    spec = TinyGGUF(extra_tensors={"rope_freqs.weight": np.ones(HEAD_DIM // 2, np.float32)})
+def llama_cpp_rope_factors(theta: float, dim: int, factor: float, low: float, high: float,
+                           original_context: int) -> np.ndarray:
+    """What llama.cpp's converter stores as rope_freqs.weight for Llama 3 rope scaling
+    (convert_hf_to_gguf.py, LlamaModel.generate_extra_tensors)."""
+    freqs = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    low_freq_wavelen, high_freq_wavelen = original_context / low, original_context / high
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (original_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+@pytest.mark.parametrize("factor", [8.0, 32.0])  # Llama 3.1, Llama 3.2
+def test_llama3_rope_factors_become_rope_scaling(tmp_path: Path, factor: float) -> None:
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    factors = llama_cpp_rope_factors(100000.0, HEAD_DIM, factor, 1.0, 4.0, 8192)
+    spec = TinyGGUF(extra_tensors={"rope_freqs.weight": factors})
+    checkpoint = GGUFCheckpoint(_write(tmp_path, spec))
+    config = checkpoint.read_config()
+    assert config["rope_scaling"]["rope_type"] == "llama3"
+    assert "rope_freqs.weight" not in checkpoint.tensor_names()
+    # transformers' own Llama 3 rope on the recovered parameters divides each frequency by
+    # exactly the factor llama.cpp stored.
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](LlamaConfig(**config), "cpu")
+    base = 1.0 / (100000.0 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float64) / HEAD_DIM))
+    torch.testing.assert_close(inv_freq.double(), base / torch.from_numpy(factors).double(),
+                               rtol=1e-5, atol=0)
+
+
+def test_rope_factors_of_another_kind_are_refused_not_ignored(tmp_path: Path) -> None:
+    factors = np.linspace(1, 3, HEAD_DIM // 2, dtype=np.float32) ** 2
+    spec = TinyGGUF(extra_tensors={"rope_freqs.weight": factors})
     with pytest.raises(GGUFError, match="rope_freqs"):
         GGUFCheckpoint(_write(tmp_path, spec))
 

@@ -130,7 +130,8 @@ class GGUFCheckpoint:
         self._tensors: dict[str, TensorInfo] = self._file.tensors
         self._check_tensor_types()
         self._hf_to_gguf = {hf: name for name in self._tensors if (hf := _hf_name(name))}
-        unknown = sorted(set(self._tensors) - set(self._hf_to_gguf.values()))
+        unknown = sorted(set(self._tensors) - set(self._hf_to_gguf.values())
+                         - {"rope_freqs.weight"})  # read into the config's rope_scaling
         if unknown:  # the loader reports any tensor the model then lacks
             logger.warning("%s: skipping %d tensors no %s model uses, e.g. %s", self.path,
                            len(unknown), self.architecture, unknown[:3])
@@ -201,10 +202,10 @@ class GGUFCheckpoint:
                 raise GGUFError(f"{self.path}: tensor {tensor.name} has type "
                                 f"{tensor.type_name}, which Surge does not read; "
                                 f"supported GGUF types: {', '.join(SUPPORTED_GGUF_TYPES)}")
-        if "rope_freqs.weight" in self._tensors:
-            raise GGUFError(f"{self.path}: per-frequency rope factors (rope_freqs.weight, "
-                            "Llama 3.1-style scaling) are not supported in GGUF files yet; "
-                            "load the Hugging Face checkpoint directory instead")
+        if "rope_freqs.weight" in self._tensors and self._llama3_rope() is None:
+            raise GGUFError(f"{self.path}: its per-frequency rope factors (rope_freqs.weight) "
+                            "do not follow Llama 3's rope scaling, the only kind Surge reads "
+                            "from GGUF; load the Hugging Face checkpoint directory instead")
 
     def _permuted_heads(self, hf_name: str) -> int | None:
         """How many heads llama.cpp's converter interleaved in this tensor's rows, if any."""
@@ -224,6 +225,8 @@ class GGUFCheckpoint:
         return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
     def _rope_scaling(self) -> dict[str, Any] | None:
+        if "rope_freqs.weight" in self._tensors:
+            return self._llama3_rope()
         kind = self._meta(f"{self.architecture}.rope.scaling.type")
         if kind in (None, "none"):
             return None
@@ -234,6 +237,20 @@ class GGUFCheckpoint:
         if original:
             scaling["original_max_position_embeddings"] = int(original)
         return scaling
+
+    @functools.cached_property
+    def _rope_freqs(self) -> np.ndarray:
+        return np.asarray(self._file.array(self._tensors["rope_freqs.weight"]), np.float64)
+
+    def _llama3_rope(self) -> dict[str, Any] | None:
+        """Llama 3 rope scaling, recovered from the per-frequency factors llama.cpp stores
+        instead of its parameters (None when they do not fit it)."""
+        arch = self.architecture
+        heads = self._int(f"{arch}.attention.head_count")
+        dim = int(self._meta(f"{arch}.rope.dimension_count")
+                  or self._int(f"{arch}.embedding_length") // heads)
+        theta = float(self._meta(f"{arch}.rope.freq_base", 10000.0))
+        return llama3_rope_from_factors(self._rope_freqs, theta, dim)
 
     def _tensor(self, name: str) -> Any:
         if name not in self._tensors:
@@ -283,6 +300,44 @@ def read_vocab(file: GGUFFile) -> GGUFVocab:
 
 def open_vocab(path: str | Path) -> GGUFVocab:
     return read_vocab(open_gguf(Path(path)))
+
+
+def llama3_rope_from_factors(factors: np.ndarray, theta: float, dim: int,
+                             original_context: int = 8192) -> dict[str, Any] | None:
+    """Llama 3 rope-scaling parameters that give these per-frequency factors, or None.
+
+    llama.cpp's converter turns (factor, low_freq_factor, high_freq_factor, original context L)
+    into one divisor per frequency: 1 for short wavelengths, `factor` for long ones, and between
+    them 1 / ((1 - s) / factor + s) with s = (L / wavelength - low) / (high - low). s is linear in
+    1 / wavelength, so the middle band gives its slope and intercept; any L with the matching
+    low and high gives the same frequencies, so L is Llama 3's 8192. Accepted only if the
+    parameters reproduce every factor.
+    """
+    wavelengths = 2 * np.pi * theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    if factors.shape != wavelengths.shape:
+        return None
+    factor = float(factors.max())
+    middle = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    if factor <= 1 or middle.sum() < 2:
+        return None
+    smooth = (1 / factors[middle] - 1 / factor) / (1 - 1 / factor)
+    slope, intercept = np.polyfit(1 / wavelengths[middle], smooth, 1)
+    # Rounded: the stored factors are float32, so the fit carries noise past 6 decimals.
+    low = round(float(-intercept * original_context / slope), 6)
+    high = round(float(low + original_context / slope), 6)
+    params = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+              "high_freq_factor": high,
+              "original_max_position_embeddings": original_context}
+    rebuilt = _llama3_factors(wavelengths, factor, low, high, original_context)
+    return params if np.allclose(rebuilt, factors, rtol=1e-4) else None
+
+
+def _llama3_factors(wavelengths: np.ndarray, factor: float, low: float, high: float,
+                    original_context: int) -> np.ndarray:
+    smooth = (original_context / wavelengths - low) / (high - low)
+    middle = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelengths < original_context / high, 1.0,
+                    np.where(wavelengths > original_context / low, factor, middle))
 
 
 def _hf_name(gguf_name: str) -> str | None:
