@@ -149,7 +149,7 @@ class WeightOnlyLinearMethod(LinearMethod):
         if self.threshold is not None:
             layer.kernel_threshold = self.threshold
             return
-        key = (*self.shape_key(layer), layer.dtype)
+        key = (*self.shape_key(layer), layer.dtype, torch.get_num_threads())
         if key not in _MEASURED:
             _MEASURED[key] = self.measure_threshold(layer)
         layer.kernel_threshold = _MEASURED[key]
