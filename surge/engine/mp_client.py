@@ -8,6 +8,11 @@ The client binds two ipc sockets in a private temp folder and spawns the engine 
 - one receive task decodes each step's message and hands its outputs to those streams;
 - a supervisor task waits on the process's sentinel. When the process dies it fails every
   in-flight request with ``EngineDeadError`` at once and, if allowed, starts a new engine.
+
+Restarts have a budget over a time window: at most ``max_restarts`` within any
+``restart_window`` seconds (3 in 600 s by default). Deaths further apart are each restarted,
+however many there are over the server's life; an engine that keeps dying (a bad GPU, a
+model that crashes on load) is given up, and the server exits non-zero for its supervisor.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import time
+from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
@@ -178,12 +185,12 @@ class _EngineProcess:
             self.send(Shutdown())
         if await self.wait_exit(SHUTDOWN_TIMEOUT_SECONDS):
             return
-        logger.warning("the engine did not exit within %.0f s: terminating it",
+        # The engine ignores SIGTERM while this process lives (it reaches the whole process
+        # group when the server is told to stop): SIGKILL is the way to stop it from here.
+        logger.warning("the engine did not exit within %.0f s: killing it",
                        SHUTDOWN_TIMEOUT_SECONDS)
-        self.process.terminate()
-        if not await self.wait_exit(KILL_TIMEOUT_SECONDS):
-            self.process.kill()
-            await self.wait_exit(KILL_TIMEOUT_SECONDS)
+        self.process.kill()
+        await self.wait_exit(KILL_TIMEOUT_SECONDS)
 
     def close(self) -> None:
         """Release sockets and the process handle (the process must have exited)."""
@@ -200,7 +207,8 @@ class _EngineProcess:
 
 
 class MPEngineClient(EngineClient):
-    """The engine core in a child process; restarts it (up to ``max_restarts``) if it dies.
+    """The engine core in a child process; restarts it if it dies (at most ``max_restarts``
+    times within any ``restart_window`` seconds).
 
     Beyond ``EngineClient``: ``dead`` and ``exit_code`` say that the engine is gone for good
     (``restart=False`` or restarts exhausted), so a server can exit non-zero;
@@ -208,11 +216,16 @@ class MPEngineClient(EngineClient):
     """
 
     def __init__(self, config: EngineConfig, model_dir: str, *, restart: bool = True,
-                 max_restarts: int = 3):
+                 max_restarts: int = 3, restart_window: float = 600.0):
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) \
                 or max_restarts < 0:
             raise ValueError(f"max_restarts={max_restarts!r} is invalid: allowed is an "
                              "integer >= 0")
+        if not restart_window > 0:
+            raise ValueError(f"restart_window={restart_window!r} is invalid: allowed is a "
+                             "number of seconds > 0")
+        self.restart_window = restart_window
+        self._restart_times: deque[float] = deque()  # monotonic times of recent restarts
         super().__init__()
         self.config, self.model_dir = config, str(model_dir)
         self.restart, self.max_restarts = restart, max_restarts
@@ -396,10 +409,12 @@ class MPEngineClient(EngineClient):
         await self._restart_or_die(code)
 
     async def _restart_or_die(self, code: int | None) -> None:
-        while self.restart and self.num_restarts < self.max_restarts and not self._stopping:
+        while self.restart and not self._stopping and self._restart_allowed():
             self.num_restarts += 1
-            logger.warning("restarting the engine (restart %d of at most %d)",
-                           self.num_restarts, self.max_restarts)
+            self._restart_times.append(time.monotonic())
+            logger.warning("restarting the engine (restart %d; %d of at most %d within %g s)",
+                           self.num_restarts, len(self._restart_times), self.max_restarts,
+                           self.restart_window)
             try:
                 await self._launch()
                 return
@@ -409,6 +424,24 @@ class MPEngineClient(EngineClient):
         self._exit_code = code
         self._dead.set()
         logger.error("the engine is dead (%s) and will not be restarted", describe_exit(code))
+
+    def _restart_allowed(self) -> bool:
+        """Fewer than ``max_restarts`` restarts within the last ``restart_window`` seconds."""
+        since = time.monotonic() - self.restart_window
+        while self._restart_times and self._restart_times[0] < since:
+            self._restart_times.popleft()
+        return len(self._restart_times) < self.max_restarts
+
+    @property
+    def why_not_restarted(self) -> str:
+        """Why a dead engine stays dead, for the server's last words."""
+        if not self.restart:
+            return "restarts are off (--no-engine-restart)"
+        if self._stopping:
+            return "the server is stopping"
+        return (f"it was restarted {len(self._restart_times)} times within "
+                f"{self.restart_window:g} s, the most allowed (--engine-max-restarts "
+                f"{self.max_restarts}, --engine-restart-window {self.restart_window:g})")
 
     def _unavailable_reason(self) -> str:
         if self._stopping:

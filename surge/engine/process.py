@@ -109,10 +109,15 @@ def run_engine_process(config_msgpack: bytes, model_dir: str, input_address: str
     """Entry point of the engine process (a multiprocessing "spawn" target).
 
     The config travels as msgpack, so it is validated again on this side. Exits 0 on a
-    Shutdown message, on SIGTERM, or when the parent is gone; 1 if loading or a step fails.
+    Shutdown message, or when the parent is gone (also on SIGTERM then); 1 if loading or a
+    step fails. SIGTERM while the server lives is ignored: it reaches the whole process group
+    (systemd, ``kill -TERM -- -PGID``) and the server drains its requests first, then stops
+    the engine itself (a Shutdown message, SIGKILL if that fails).
     """
     # Ctrl-C reaches the whole process group: the server handles it and shuts us down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    global _PARENT_PID
+    _PARENT_PID = parent_pid
     signal.signal(signal.SIGTERM, _on_sigterm)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s "
                         "surge.engine[%(process)d] %(message)s")
@@ -140,7 +145,16 @@ def _remove_orphaned_folder(address: str) -> None:
         shutil.rmtree(os.path.dirname(address.removeprefix("ipc://")), ignore_errors=True)
 
 
+# The server that started this engine: while it lives, it decides when the engine stops.
+_PARENT_PID: int | None = None
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    if os.getppid() == _PARENT_PID:
+        # No logging here: a handler may run inside a logging call of the interrupted code.
+        os.write(2, b"surge.engine: SIGTERM ignored while the server lives: it drains its "
+                    b"requests, then stops the engine\n")
+        return
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills outright
     raise _Terminated
 

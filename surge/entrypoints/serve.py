@@ -3,8 +3,11 @@
 The server listens at once and loads the model in the background (``/health`` answers 503
 until it is ready). SIGTERM or Ctrl-C drain: new requests get 503, in-flight ones get up to
 ``--drain-timeout`` seconds to finish, the rest are aborted, the engine shuts down, and the
-process exits 0. If the engine dies and ``--no-engine-restart`` is set, in-flight requests get
-an error and the process exits 1.
+process exits 0 (SIGTERM to the whole process group, systemd's default, does the same: the
+engine ignores it while the server lives, and the server stops it after the drain). If the
+engine dies, in-flight requests get an error and it is restarted, at most
+``--engine-max-restarts`` times within any ``--engine-restart-window`` seconds (3 in 600 s);
+past that budget, or with ``--no-engine-restart``, the process exits 1.
 
 This is where the server meets its optional features: each (embedding and classification
 models, the batch API, the web apps) is a ``FeaturePlugin`` that adds its flags and, when on,
@@ -54,6 +57,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     http.add_argument("--no-engine-restart", dest="engine_restart", action="store_false",
                       help="if the engine process dies, fail in-flight requests and exit 1 "
                            "instead of restarting it")
+    http.add_argument("--engine-max-restarts", type=int, default=3,
+                      help="restarts of a dying engine allowed within --engine-restart-window; "
+                           "one more death exits the server with status 1 (default 3)")
+    http.add_argument("--engine-restart-window", type=float, default=600.0,
+                      help="seconds over which --engine-max-restarts counts: deaths further "
+                           "apart are always restarted (default 600)")
     http.add_argument("--request-timeout", type=float, default=600.0,
                       help="seconds a request may take before it is aborted with 504 "
                            "(default 600; 0 disables)")
@@ -146,7 +155,9 @@ def run_serve(args: argparse.Namespace) -> int:
     llm = None
     if main_model_generates(model_dir):
         llm = make_llm(args.engine_mode, config, model_dir, args.engine_restart,
-                       load_tokenizer(model_dir, config.chat_template))
+                       load_tokenizer(model_dir, config.chat_template),
+                       max_restarts=args.engine_max_restarts,
+                       restart_window=args.engine_restart_window)
     control = ServerControl()
     app = build_app(settings, llm, features, control)
     server = DrainingServer(uvicorn.Config(
@@ -171,13 +182,16 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     for name, value, low in [("max_queued_requests", args.max_queued_requests, 1),
                              ("max_queued_tokens", args.max_queued_tokens, 1),
                              ("port", args.port, 0),
-                             ("max_connections", getattr(args, "max_connections", None) or 1, 1)]:
+                             ("max_connections", getattr(args, "max_connections", None) or 1, 1),
+                             ("engine_max_restarts", getattr(args, "engine_max_restarts", 0),
+                              0)]:
         if value < low:
             raise ValueError(f"--{name.replace('_', '-')}={value} is invalid: allowed is an "
                              f"integer >= {low}")
-    if getattr(args, "header_timeout", 1.0) <= 0:
-        raise ValueError(f"--header-timeout={args.header_timeout} is invalid: allowed is a "
-                         "number of seconds > 0")
+    for name in ("header_timeout", "engine_restart_window"):
+        if getattr(args, name, 1.0) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: "
+                             "allowed is a number of seconds > 0")
     return ServerSettings(
         model_names=names, api_keys=api_keys,
         rate_limit_rpm=args.rate_limit_rpm, rate_limit_tpm=args.rate_limit_tpm,
@@ -188,7 +202,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def make_llm(mode: str, config: EngineConfig, model_dir: str, restart: bool,
-             tokenizer: ChatTokenizer) -> GenerationModel:
+             tokenizer: ChatTokenizer, *, max_restarts: int = 3,
+             restart_window: float = 600.0) -> GenerationModel:
     """The engine client of ``mode``, with what the server needs to supervise it."""
     from surge.server.app import GenerationModel
 
@@ -198,7 +213,8 @@ def make_llm(mode: str, config: EngineConfig, model_dir: str, restart: bool,
         return GenerationModel(InprocEngineClient(config, model_dir), tokenizer)
     from surge.engine.mp_client import MPEngineClient
 
-    engine = MPEngineClient(config, model_dir, restart=restart)
+    engine = MPEngineClient(config, model_dir, restart=restart, max_restarts=max_restarts,
+                            restart_window=restart_window)
     return GenerationModel(engine, tokenizer, _process_supervision(engine))
 
 
@@ -211,7 +227,8 @@ def _process_supervision(engine: MPEngineClient) -> EngineSupervision:
     return EngineSupervision(gone_for_good=lambda: engine.dead,
                              stop_restarting=stop_restarting,
                              pid=lambda: engine.engine_pid,
-                             num_restarts=lambda: engine.num_restarts)
+                             num_restarts=lambda: engine.num_restarts,
+                             why_not_restarted=lambda: engine.why_not_restarted)
 
 
 def _announce(model_name: str) -> Callable[[str, int], None]:

@@ -66,12 +66,15 @@ class EngineSupervision:
     stop_restarting: Callable[[], None]
     pid: Callable[[], int | None]
     num_restarts: Callable[[], int]
+    # Why a gone engine is not restarted (restarts off, or its restart budget spent).
+    why_not_restarted: Callable[[], str] = lambda: "restarts are off"
 
     @classmethod
     def of_thread(cls, engine: EngineClient) -> EngineSupervision:
         """An engine on a thread of this process: never restarted, no process of its own."""
         return cls(gone_for_good=lambda: not engine.is_healthy, stop_restarting=lambda: None,
-                   pid=lambda: None, num_restarts=lambda: 0)
+                   pid=lambda: None, num_restarts=lambda: 0,
+                   why_not_restarted=lambda: "an engine thread is never restarted")
 
 
 class EngineSupervisor:
@@ -149,7 +152,8 @@ class EngineSupervisor:
         deadline = time.monotonic() + FAIL_IN_FLIGHT_SECONDS
         while self.context.num_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(HEALTH_POLL_SECONDS)  # their engine streams already failed
-        logger.error("the engine is gone and restarts are off: exiting with status 1")
+        logger.error("the engine is gone and will not be restarted (%s): exiting with "
+                     "status 1", self.supervision.why_not_restarted())
         self.control.request_exit(1)
 
     async def _stop(self) -> None:

@@ -213,6 +213,17 @@ def test_ctrl_c_to_the_process_group_leaves_the_engine_to_the_server(shared: Ses
     assert shared.client.engine_pid == pid and shared.client.is_healthy
 
 
+@pytest.mark.timeout(120)
+def test_sigterm_to_the_process_group_leaves_the_engine_to_the_server(shared: Session) -> None:
+    """systemd (and `kill -TERM -- -PGID`) signal the whole group: the engine used to exit at
+    once, failing every request the server was draining."""
+    pid = shared.client.engine_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    assert len(shared.run(collect(shared.client, "after-sigterm", PROMPTS[2]))) == 12
+    assert shared.client.engine_pid == pid and shared.client.is_healthy
+
+
 # -- engines of their own ------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -257,23 +268,56 @@ def test_shutdown_ends_in_flight_requests_and_leaves_no_child(model_dir: Path) -
 
 
 @pytest.mark.timeout(300)
-def test_without_restart_a_terminated_engine_stays_dead(model_dir: Path) -> None:
+def test_without_restart_a_killed_engine_stays_dead(model_dir: Path) -> None:
+    # SIGKILL: SIGTERM is ignored while the server lives (the test above).
     async def main() -> None:
         client = await started_client(model_dir, restart=False)
         try:
             tasks = await in_flight(client, 2)
             assert client.engine_pid is not None
-            os.kill(client.engine_pid, signal.SIGTERM)
-            assert await asyncio.wait_for(client.wait_dead(), PROMPT_SECONDS) == 0  # clean exit
+            os.kill(client.engine_pid, signal.SIGKILL)
+            assert await asyncio.wait_for(client.wait_dead(), PROMPT_SECONDS) == -9
             errors = await asyncio.wait_for(asyncio.gather(*tasks), PROMPT_SECONDS)
             assert all(isinstance(e, EngineDeadError) for e in errors), errors
-            assert client.dead and client.exit_code == 0 and not client.is_healthy
+            assert client.dead and client.exit_code == -9 and not client.is_healthy
+            assert client.why_not_restarted == "restarts are off (--no-engine-restart)"
             with pytest.raises(EngineDeadError, match="will not be restarted"):
                 client.generate(AddRequest("too-late", PROMPTS[2], GREEDY))
         finally:
             await client.shutdown()
 
     asyncio.run(main())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_restarts_are_budgeted_over_a_window_not_over_the_servers_life(
+        model_dir: Path) -> None:
+    """At most one restart per second here: deaths further apart are each restarted (the
+    client used to give up at the second death, however long after the first)."""
+    async def kill_and_wait_back(client: MPEngineClient) -> None:
+        old_pid = client.engine_pid
+        assert old_pid is not None
+        os.kill(old_pid, signal.SIGKILL)
+        assert await poll(lambda: client.is_healthy and client.engine_pid != old_pid,
+                          START_SECONDS)
+
+    async def main() -> None:
+        client = await started_client(model_dir, max_restarts=1, restart_window=1.0)
+        try:
+            await kill_and_wait_back(client)
+            await asyncio.sleep(1.1)  # the restart budget's window passes
+            await kill_and_wait_back(client)
+            assert client.num_restarts == 2 and not client.dead
+        finally:
+            await client.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_bad_restart_window_is_refused() -> None:
+    with pytest.raises(ValueError, match="restart_window=0 is invalid"):
+        MPEngineClient(CONFIG, "unused", restart_window=0)
 
 
 @pytest.mark.timeout(300)
