@@ -101,11 +101,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--log-prompts", action="store_true",
                           help="log prompts and outputs (off by default: they may be private)")
 
-    pooling, batch, apps = _plugins()
+    pooling, batch, apps, cache = _plugins()
     pooling.add_args(parser)
     batch.add_args(parser)
     add_engine_args(parser.add_argument_group("engine"))
     apps.add_args(parser)
+    cache.add_args(parser)
 
     from surge.router.cli import add_replica_args
 
@@ -114,12 +115,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 def _plugins() -> list[FeaturePlugin]:
     """Every optional feature of `surge serve`, in the order they mount (and their flags
-    show in --help): embedding and classification models, the batch API, the web apps."""
+    show in --help): embedding and classification models, the batch API, the web apps,
+    the response cache."""
     from surge.apps.config import AppsPlugin
     from surge.batch.config import BatchPlugin
+    from surge.cache.config import CachePlugin
     from surge.entrypoints.serve_pooling import PoolingPlugin
 
-    return [PoolingPlugin(), BatchPlugin(), AppsPlugin()]
+    return [PoolingPlugin(), BatchPlugin(), AppsPlugin(), CachePlugin()]
 
 
 def run_serve(args: argparse.Namespace) -> int:

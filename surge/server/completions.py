@@ -44,6 +44,14 @@ from surge.server.admission import Ticket
 from surge.server.context import RequestContext
 from surge.server.metrics import ServerMetrics
 from surge.server.models import ServedModels
+from surge.server.response_cache import (
+    NO_CACHE,
+    NOT_CACHED,
+    CacheLookup,
+    CacheQuery,
+    cached_response,
+    with_cache_header,
+)
 from surge.server.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -63,6 +71,9 @@ logger = logging.getLogger(__name__)
 ENGINE_DEAD = "engine_dead"  # the error code of requests the engine's death failed
 
 _COMPLETION_PREFIX, _CHAT_PREFIX = "cmpl", "chatcmpl"  # of response ids, as OpenAI's
+# Request fields outside the response cache's key: the prompt goes in as token ids, ``user``
+# is part of the tenant, and ``priority`` changes when, not what, the answer is.
+_NOT_IN_CACHE_KEY = {"prompt", "messages", "user", "priority"}
 
 
 @dataclass
@@ -162,27 +173,40 @@ class OpenAIServingCompletions:
     async def create_completion(self, body: CompletionRequest, request: Request) -> Response:
         _refuse_unsupported_completion(body)
         prompts, texts = await self._completion_prompts(body.prompt)
+        cache = await self._cache_lookup(request, body, "completions", prompts,
+                                         texts if body.echo else None)
+        if cache.answer is not None:
+            return self._answer_from_cache(cache, request, _COMPLETION_PREFIX)
         prepared = self._prepare(body, prompts, texts, body.max_tokens, body.logprobs,
                                  request, _COMPLETION_PREFIX)
         if body.stream:
-            return SSEResponse(self._stream_completion(prepared, body),
-                                functools.partial(self._release, prepared))
+            return with_cache_header(SSEResponse(
+                cache.record_stream(self._stream_completion(prepared, body)),
+                functools.partial(self._release, prepared)), cache)
         outputs = await self._run_to_end(prepared, request)
-        return json_response(self._completion_body(prepared, body, outputs))
+        payload = self._completion_body(prepared, body, outputs)
+        await cache.store_body(payload)
+        return with_cache_header(json_response(payload), cache)
 
     async def create_chat_completion(self, body: ChatCompletionRequest,
                                      request: Request) -> Response:
         _refuse_unsupported_chat(body)
         prompt = await self._chat_prompt(body)
+        cache = await self._cache_lookup(request, body, "chat", [prompt], None)
+        if cache.answer is not None:
+            return self._answer_from_cache(cache, request, _CHAT_PREFIX)
         max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         prepared = self._prepare(body, [prompt], [None], max_tokens, logprobs, request,
                                  _CHAT_PREFIX)
         if body.stream:
-            return SSEResponse(self._stream_chat(prepared, body),
-                                functools.partial(self._release, prepared))
+            return with_cache_header(SSEResponse(
+                cache.record_stream(self._stream_chat(prepared, body)),
+                functools.partial(self._release, prepared)), cache)
         outputs = await self._run_to_end(prepared, request)
-        return json_response(self._chat_body(prepared, body, outputs))
+        payload = self._chat_body(prepared, body, outputs)
+        await cache.store_body(payload)
+        return with_cache_header(json_response(payload), cache)
 
     def check_available(self) -> None:
         """503 unless the engine can take a request right now."""
@@ -213,6 +237,33 @@ class OpenAIServingCompletions:
         first token yet: the batch worker holds back new lines while there are any."""
         return sum(1 for run in self._runs
                    if not run.started and run.priority < more_urgent_than)
+
+    # -- response cache (surge.server.response_cache) ----------------------------------------
+
+    async def _cache_lookup(self, request: Request, body: _SamplingRequest, endpoint: str,
+                            prompts: list[list[int]], texts: list[str | None] | None
+                            ) -> CacheLookup:
+        """The cache's verdict on this request, keyed by the prompts' token ids (after the
+        chat template) and every other field but the tenant's ``user`` and ``priority``."""
+        cache = self.context.response_cache
+        if cache is NO_CACHE:
+            return NOT_CACHED
+        material = body.model_dump(exclude=_NOT_IN_CACHE_KEY)
+        material["prompt_token_ids"] = prompts
+        if texts is not None:  # echoed as sent
+            material["prompt_texts"] = texts
+        info = self.engine.info
+        return await cache.lookup(request, CacheQuery(
+            endpoint, body.model or self.served_model, info.model_dir,
+            f"{info.dtype} {info.device}", material,
+            reproducible=body.temperature == 0 or body.seed is not None, user=body.user))
+
+    def _answer_from_cache(self, lookup: CacheLookup, request: Request,
+                           prefix: str) -> Response:
+        """A hit skips the engine and admission, but not the caller's rate limit."""
+        assert lookup.answer is not None
+        self.context.charge(request, max(lookup.answer.num_tokens, 1))
+        return cached_response(lookup, prefix)
 
     # -- tokenization ------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from surge.http.gate import key_id
 from surge.http.responses import unless_disconnected
 from surge.server.admission import AdmissionController, AdmissionRejected, Ticket
 from surge.server.metrics import ServerMetrics
+from surge.server.response_cache import NO_CACHE, ResponseCache
 
 __all__ = ["RequestContext"]
 
@@ -35,6 +36,8 @@ class RequestContext:
         self.request_timeout = request_timeout
         self._refusal: APIError | None = None
         self._num_in_flight = 0
+        # A response-cache feature replaces it when it mounts (surge.cache).
+        self.response_cache: ResponseCache = NO_CACHE
 
     # -- refusal -----------------------------------------------------------------------------
 

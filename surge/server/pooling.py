@@ -52,6 +52,14 @@ from surge.http.responses import json_response
 from surge.models.tasks import Task
 from surge.server.images import ImageLimits, decode_base64_image, decode_image
 from surge.server.models import TASK_WORDS, ServedModel, ServedModels
+from surge.server.response_cache import (
+    NO_CACHE,
+    NOT_CACHED,
+    CacheLookup,
+    CacheQuery,
+    cached_response,
+    with_cache_header,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -299,15 +307,34 @@ class _PoolingHandler:
         _check_dimensions(body.dimensions, embedder.dim)
         token_ids = await self._token_ids(embedder, _embedding_inputs(body.input))
         token_ids = _fit_lengths(token_ids, embedder, body.truncate_prompt_tokens)
+        cache = await self._cache_lookup(request, body, served, token_ids)
+        if cache.answer is not None:  # answered without the batcher; still rate-limited
+            self.context.charge(request, max(cache.answer.num_tokens, 1))
+            return cached_response(cache, None)
         num_tokens = sum(len(ids) for ids in token_ids)
         self.context.charge(request, num_tokens)
         vectors = await self._run(served, token_ids, request)
         encode = _base64_vector if body.encoding_format == "base64" else _float_vector
         data = [{"object": "embedding", "index": i, "embedding": encode(v)}
                 for i, v in enumerate(vectors)]
-        return json_response({"object": "list", "data": data, "model": served.spec.name,
-                              "usage": {"prompt_tokens": num_tokens,
-                                        "total_tokens": num_tokens}})
+        payload = {"object": "list", "data": data, "model": served.spec.name,
+                   "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}}
+        await cache.store_body(payload)
+        return with_cache_header(json_response(payload), cache)
+
+    async def _cache_lookup(self, request: Request, body: EmbeddingRequest,
+                            served: _PooledModel, token_ids: list[list[int]]) -> CacheLookup:
+        """Embeddings are always reproducible: keyed by the inputs' token ids (after
+        truncation) and the fields that shape the answer."""
+        cache = self.context.response_cache
+        if cache is NO_CACHE:
+            return NOT_CACHED
+        material = {"input_token_ids": token_ids, "encoding_format": body.encoding_format,
+                    "dimensions": body.dimensions}
+        return await cache.lookup(request, CacheQuery(
+            "embeddings", served.spec.name, str(served.spec.model_dir),
+            f"{self.pools.settings.dtype} {self.pools.settings.device}", material,
+            reproducible=True, user=body.user))
 
     async def _token_ids(self, embedder: TextEmbedder, inputs: list[str] | list[list[int]]
                          ) -> list[list[int]]:

@@ -1,0 +1,55 @@
+"""`surge serve`'s response-cache flags and its plugin. Light on imports (``--help`` stays
+fast): the cache itself loads only when the flags turn it on."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from surge.cache.feature import CacheFeature
+    from surge.server.app import ServerSettings
+
+__all__ = ["CachePlugin"]
+
+
+class CachePlugin:
+    """A ``surge.server.features.FeaturePlugin``."""
+
+    def add_args(self, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group(
+            "response cache", "answer a repeated reproducible request (temperature 0, a fixed "
+            "seed, embeddings) of the same tenant without the engine; header X-Surge-Cache: "
+            "hit|miss|bypass; 'Cache-Control: no-cache' skips the lookup, 'no-store' the "
+            "keeping")
+        group.add_argument("--response-cache", action="store_true",
+                           help="turn the exact response cache on (off by default)")
+        group.add_argument("--response-cache-bytes", type=int, default=256 << 20,
+                           metavar="BYTES", help="the local cache's size bound, least "
+                           "recently used entries leave first (default 268435456)")
+        group.add_argument("--response-cache-ttl", type=float, default=3600.0,
+                           metavar="SECONDS", help="how long an answer is kept (default 3600)")
+        group.add_argument("--cache-url", default=None, metavar="redis://HOST:PORT/DB",
+                           help="share the cache with every replica through this Redis (a "
+                                "local LRU stays in front; Redis slow or down means bypass, "
+                                "never a failed request); implies --response-cache")
+        group.add_argument("--cache-key-prefix", default="surge:rc:", metavar="PREFIX",
+                           help="prefix of the cache's Redis keys (default surge:rc:)")
+        group.add_argument("--cache-timeout", type=float, default=0.1, metavar="SECONDS",
+                           help="longest wait for Redis per call before bypassing "
+                                "(default 0.1)")
+
+    def from_args(self, args: argparse.Namespace, settings: ServerSettings,
+                  model_dir: str) -> CacheFeature | None:
+        if not (args.response_cache or args.cache_url):
+            return None
+        from surge.cache.exact import CacheSettings
+        from surge.cache.feature import CacheFeature
+        from surge.cache.shared import RedisTier
+
+        cache_settings = CacheSettings(max_bytes=args.response_cache_bytes,
+                                       ttl=args.response_cache_ttl,
+                                       key_prefix=args.cache_key_prefix)
+        shared = (RedisTier(args.cache_url, timeout=args.cache_timeout)
+                  if args.cache_url else None)
+        return CacheFeature(cache_settings, shared)

@@ -1,0 +1,261 @@
+"""The exact response cache: a request answered before, by the same tenant, of the same
+model version, with the same normalized request, is answered again without the engine.
+
+Only reproducible requests are cached (temperature 0, a fixed seed, embeddings). Never kept:
+errors, streams that were cut off or ended in an error event, and answers that stopped at
+``max_tokens`` (``finish_reason: length``), which a larger budget would have continued.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+
+from surge.cache.keys import FORMAT_VERSION, CacheControl, cache_key, tenant_of
+from surge.cache.local import LocalLRU
+from surge.cache.metrics import CacheMetrics
+from surge.cache.shared import RedisTier, SharedTierDown
+from surge.http.responses import SSE_DONE
+from surge.server.response_cache import CachedAnswer, CacheLookup, CacheQuery
+
+__all__ = ["CacheSettings", "ExactCache"]
+
+logger = logging.getLogger("surge.cache")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    max_bytes: int = 256 << 20
+    ttl: float = 3600.0
+    key_prefix: str = "surge:rc:"
+    # With a shared tier, a local copy lives at most this long, so a flush (or an entry
+    # another replica replaced) reaches every replica soon.
+    local_ttl_with_shared: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 1:
+            raise ValueError(f"--response-cache-bytes={self.max_bytes} is invalid: allowed "
+                             "is an integer >= 1")
+        if not self.ttl > 0:
+            raise ValueError(f"--response-cache-ttl={self.ttl} is invalid: allowed is a "
+                             "number of seconds > 0")
+
+
+class ExactCache:
+    """A ``surge.server.response_cache.ResponseCache``."""
+
+    def __init__(self, settings: CacheSettings, metrics: CacheMetrics,
+                 shared: RedisTier | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.shared = shared
+        self.local = LocalLRU(settings.max_bytes, on_evict=self._evicted)
+
+    async def lookup(self, request: Request, query: CacheQuery) -> CacheLookup:
+        started = time.perf_counter()
+        try:
+            return await self._lookup(request, query)
+        finally:
+            self.metrics.lookup_seconds.observe(time.perf_counter() - started)
+
+    async def flush(self) -> dict[str, int]:
+        """Forget every entry: this replica's, and the shared tier's (others' local copies
+        expire within ``local_ttl_with_shared``)."""
+        flushed = {"local": self.local.clear(), "shared": 0}
+        self._update_gauges()
+        if self.shared is not None:
+            try:
+                flushed["shared"] = await self.shared.flush(self.settings.key_prefix)
+            except SharedTierDown:
+                self.metrics.shared_errors.labels("flush").inc()
+                raise
+        return flushed
+
+    def stats(self) -> dict[str, Any]:
+        return {"entries": len(self.local), "bytes": self.local.num_bytes,
+                "max_bytes": self.settings.max_bytes, "ttl": self.settings.ttl,
+                "shared": self.shared.url if self.shared is not None else None,
+                "shared_up": self.shared.is_up if self.shared is not None else None}
+
+    async def close(self) -> None:
+        if self.shared is not None:
+            await self.shared.close()
+
+    # -- looking up --------------------------------------------------------------------------
+
+    async def _lookup(self, request: Request, query: CacheQuery) -> _Lookup:
+        control = CacheControl.of(request.headers.get("cache-control"))
+        if not query.reproducible:
+            return self._bypass("not_reproducible")
+        key = cache_key(tenant_of(request, query.user), query)
+        keep = None if control.no_store else key
+        if control.no_cache:
+            return self._bypass("no_cache", self, keep, query.endpoint)
+        answer = self.local.get(key)
+        if answer is not None:
+            self.metrics.hits.labels(query.endpoint, "local").inc()
+            return _Lookup("hit", answer)
+        if self.shared is not None:
+            try:
+                answer = await self._shared_get(key)
+            except SharedTierDown:
+                self.metrics.shared_errors.labels("get").inc()
+                return self._bypass("shared_tier_down")
+            if answer is not None:
+                self.metrics.hits.labels(query.endpoint, "shared").inc()
+                return _Lookup("hit", answer)
+        self.metrics.misses.labels(query.endpoint).inc()
+        return _Lookup("miss", None, self, keep, query.endpoint)
+
+    def _bypass(self, reason: str, cache: ExactCache | None = None, key: str | None = None,
+                endpoint: str = "") -> _Lookup:
+        self.metrics.bypasses.labels(reason).inc()
+        return _Lookup("bypass", None, cache, key, endpoint)
+
+    async def _shared_get(self, key: str) -> CachedAnswer | None:
+        assert self.shared is not None
+        raw = await self.shared.get(self.settings.key_prefix + key)
+        if raw is None:
+            return None
+        decoded = _decode(raw, key)
+        if decoded is None:  # overwritten when this request's answer is kept
+            self.metrics.corrupt.inc()
+            logger.warning("response cache: unreadable entry %s%s in Redis, treated as a "
+                           "miss", self.settings.key_prefix, key)
+            return None
+        answer, expires_at = decoded
+        remaining = min(expires_at - time.time(), self.settings.local_ttl_with_shared)
+        self._put_local(key, answer, len(raw), remaining)
+        return answer
+
+    # -- keeping -----------------------------------------------------------------------------
+
+    async def store(self, key: str, endpoint: str, answer: CachedAnswer) -> None:
+        ttl = self.settings.ttl
+        expires_at = time.time() + ttl
+        encoded = _encode(answer, key, expires_at)
+        if len(encoded) > self.settings.max_bytes:
+            return  # larger than the whole cache: kept nowhere
+        local_ttl = ttl if self.shared is None else min(ttl, self.settings.local_ttl_with_shared)
+        self._put_local(key, answer, len(encoded), local_ttl)
+        self.metrics.stores.labels(endpoint).inc()
+        if self.shared is not None:
+            try:
+                await self.shared.set(self.settings.key_prefix + key, encoded, ttl)
+            except SharedTierDown:
+                self.metrics.shared_errors.labels("set").inc()
+
+    def _put_local(self, key: str, answer: CachedAnswer, size: int, ttl: float) -> None:
+        self.local.put(key, answer, size, ttl)
+        self._update_gauges()
+
+    def _evicted(self, reason: str) -> None:
+        self.metrics.evictions.labels(reason).inc()
+
+    def _update_gauges(self) -> None:
+        self.metrics.bytes.set(self.local.num_bytes)
+        self.metrics.entries.set(len(self.local))
+
+
+@dataclass
+class _Lookup:
+    """A ``surge.server.response_cache.CacheLookup``: ``key`` None means nothing is kept."""
+
+    status: str
+    answer: CachedAnswer | None
+    cache: ExactCache | None = None
+    key: str | None = None
+    endpoint: str = ""
+
+    async def store_body(self, body: dict[str, Any]) -> None:
+        if self.cache is None or self.key is None or _cut_short(body.get("choices", ())):
+            return
+        await self.cache.store(self.key, self.endpoint,
+                               CachedAnswer(body=body, num_tokens=_total_tokens(body)))
+
+    def record_stream(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        if self.cache is None or self.key is None:
+            return events
+        return self._recorded(events)
+
+    async def _recorded(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        payloads: list[dict[str, Any]] | None = []
+        async with contextlib.aclosing(events) as stream:  # type: ignore[type-var]
+            async for data in stream:
+                if data == SSE_DONE and payloads is not None:
+                    # Kept before [DONE] goes out: a client that saw the end finds the entry.
+                    await self._store_events(payloads)
+                elif payloads is not None:
+                    payloads = _add_event(payloads, data)
+                yield data
+
+    async def _store_events(self, payloads: list[dict[str, Any]]) -> None:
+        assert self.cache is not None and self.key is not None
+        if any(_cut_short(event.get("choices", ())) for event in payloads):
+            return
+        usage = [e["usage"] for e in payloads if isinstance(e.get("usage"), dict)]
+        num_tokens = usage[-1].get("total_tokens", 0) if usage else 0
+        await self.cache.store(self.key, self.endpoint,
+                               CachedAnswer(events=payloads, num_tokens=num_tokens))
+
+
+def _add_event(payloads: list[dict[str, Any]], data: bytes) -> list[dict[str, Any]] | None:
+    """``payloads`` with ``data``'s events added; None when the stream must not be kept
+    (an error event, or a frame this cache does not understand)."""
+    for frame in data.split(b"\n\n"):
+        if not frame:
+            continue
+        if not frame.startswith(b"data: "):
+            return None
+        try:
+            event = msgspec.json.decode(frame[len(b"data: "):])
+        except msgspec.DecodeError:
+            return None
+        if not isinstance(event, dict) or "error" in event:
+            return None
+        payloads.append(event)
+    return payloads
+
+
+def _cut_short(choices: Iterable[Any]) -> bool:
+    return any(isinstance(c, dict) and c.get("finish_reason") == "length" for c in choices)
+
+
+def _total_tokens(body: dict[str, Any]) -> int:
+    usage = body.get("usage")
+    return int(usage.get("total_tokens", 0)) if isinstance(usage, dict) else 0
+
+
+# -- the shared tier's entries ---------------------------------------------------------------
+
+
+def _encode(answer: CachedAnswer, key: str, expires_at: float) -> bytes:
+    return msgspec.json.encode({"format": FORMAT_VERSION, "key": key, "expires_at": expires_at,
+                                "body": answer.body, "events": answer.events,
+                                "num_tokens": answer.num_tokens})
+
+
+def _decode(raw: bytes, key: str) -> tuple[CachedAnswer, float] | None:
+    """The entry, or None when it is not one this version wrote for ``key``."""
+    try:
+        entry = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(entry, dict) or entry.get("format") != FORMAT_VERSION \
+            or entry.get("key") != key:
+        return None
+    body, events, expires_at = entry.get("body"), entry.get("events"), entry.get("expires_at")
+    valid = ((isinstance(body, dict) and events is None)
+             or (body is None and isinstance(events, list)
+                 and all(isinstance(e, dict) for e in events)))
+    if not valid or not isinstance(expires_at, int | float):
+        return None
+    return CachedAnswer(body=body, events=events,
+                        num_tokens=int(entry.get("num_tokens") or 0)), float(expires_at)
