@@ -63,7 +63,7 @@ class EngineConfig:
     chat_template: str | None = None
     # Weight-only quantization: none keeps the serving dtype (a quantized GGUF is dequantized);
     # int8 per output row; int4 per group of quantization_group_size inputs (32 keeps a GGUF's
-    # Q4_0/Q4_1 blocks as they are).
+    # Q4_0/Q4_1/Q4_K blocks as they are).
     quantization: str = "none"
     quantization_group_size: int = 32
     scheduling_policy: str = "priority"
