@@ -3,12 +3,46 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["SamplingParams"]
+__all__ = ["SamplingParams", "StructuredOutputsParams"]
 
 # Temperatures below this are treated as greedy: dividing logits by ~0 only produces inf/nan.
 GREEDY_EPSILON = 1e-5
 MAX_LOGPROBS = 20
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the output, named as vLLM names it: exactly one field is set.
+
+    ``json``: a JSON schema (dict or JSON text); ``json_object``: any JSON object;
+    ``regex``: a regular expression (Rust ``regex`` syntax); ``choice``: one of these strings;
+    ``grammar``: a Lark or GBNF (llama.cpp) grammar. The engine compiles it once per distinct
+    constraint and masks every step's logits so the output always matches it.
+    """
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        named = [name for name in ("json", "regex", "choice", "grammar")
+                 if getattr(self, name) is not None]
+        named += ["json_object"] if self.json_object else []
+        _check(len(named) == 1, "structured_outputs", named or None,
+               "exactly one of json, json_object, regex, choice, grammar")
+        _check(self.json is None or isinstance(self.json, dict | str), "structured_outputs.json",
+               self.json, "a JSON schema (an object, or its JSON text)")
+        _check(self.regex is None or (isinstance(self.regex, str) and self.regex),
+               "structured_outputs.regex", self.regex, "a non-empty string")
+        _check(self.grammar is None or (isinstance(self.grammar, str) and self.grammar.strip()),
+               "structured_outputs.grammar", self.grammar, "a non-empty Lark or GBNF grammar")
+        _check(self.choice is None or (isinstance(self.choice, list) and self.choice and all(
+            isinstance(c, str) and c for c in self.choice)), "structured_outputs.choice",
+            self.choice, "a non-empty list of non-empty strings")
 
 
 @dataclass
@@ -35,6 +69,8 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Constrained decoding (JSON schema, regex, choice, grammar); None: unconstrained.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -42,6 +78,8 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.top_k = 0 if self.top_k in (None, -1) else self.top_k
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self._validate()
 
     def _validate(self) -> None:
@@ -70,6 +108,10 @@ class SamplingParams:
                self.stop_token_ids, "a list of integers >= 0")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs
                <= MAX_LOGPROBS), "logprobs", self.logprobs, f"an integer in [0, {MAX_LOGPROBS}]")
+        _check(self.structured_outputs is None
+               or isinstance(self.structured_outputs, StructuredOutputsParams),
+               "structured_outputs", self.structured_outputs,
+               "a StructuredOutputsParams (or a dict of its fields) or None")
 
     @property
     def is_greedy(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 import torch
 
@@ -17,9 +18,11 @@ from surge.engine.kv_cache import BlockManager
 from surge.engine.protocol import AddRequest, EngineCoreOutput, EngineStats
 from surge.engine.request import FinishReason, Request
 from surge.engine.runner import ModelRunner
-from surge.engine.scheduler import make_scheduler
+from surge.engine.sampler import SampleResult
+from surge.engine.scheduler import SchedulerOutput, make_scheduler
+from surge.engine.structured import GrammarState, StructuredOutputs
 from surge.models.loader import LoadedModel, load_model
-from surge.tokenizer import eos_token_ids
+from surge.tokenizer import eos_token_ids, load_tokenizer
 
 __all__ = ["EngineCore", "EngineCoreOutput", "plan_num_blocks"]
 
@@ -28,6 +31,9 @@ logger = logging.getLogger(__name__)
 # On CPU the cache competes with everything else in RAM and is zeroed at start-up; cap the
 # default at 2 GiB (about 90k tokens of a 135M model) unless the user sizes it explicitly.
 _CPU_DEFAULT_CAP_BYTES = 2 << 30
+# How long an idle step waits for a grammar compile before returning to the loop (which then
+# checks for new commands): long enough not to spin, short enough to stay responsive.
+_GRAMMAR_WAIT_SECONDS = 0.01
 # Tenant names come from users (API key ids, the `user` field): keep them short.
 MAX_TENANT_CHARS = 256
 
@@ -54,6 +60,10 @@ class EngineCore:
             tenant_weights=config.tenant_weights)
         self.runner = ModelRunner(self.loaded, num_blocks, config.block_size, config.seed)
         self.num_steps = 0
+        self._model_dir = model_dir
+        # Structured-output requests whose grammar is still compiling: kept out of the
+        # scheduler until it is ready, so they never hold a seat or stall a step.
+        self._awaiting_grammar: dict[str, tuple[Request, Future[GrammarState]]] = {}
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB) on %s", num_blocks,
                     config.block_size, self.runner.kv_cache_bytes / 2**20, self.loaded.device)
 
@@ -80,27 +90,71 @@ class EngineCore:
             raise ValueError(f"priority={command.priority!r} is invalid: allowed is an integer")
         _check_tenant(command.tenant)
         arrival = {"arrival_time": command.arrival_time} if command.arrival_time else {}
-        self.scheduler.add_request(Request(
+        request = Request(
             command.request_id, list(ids), command.params, self.eos_token_ids,
             max_model_len=self.max_model_len, priority=command.priority,
-            tenant=command.tenant, **arrival))
+            tenant=command.tenant, **arrival)
+        spec = command.params.structured_outputs
+        if spec is None:
+            self.scheduler.add_request(request)
+            return
+        if (command.request_id in self._awaiting_grammar
+                or command.request_id in self.scheduler.requests):
+            raise ValueError(f"request_id={command.request_id!r} is already in the engine")
+        self._awaiting_grammar[command.request_id] = (
+            request, self._structured_outputs().compile(spec))
+
+    def _structured_outputs(self) -> StructuredOutputs:
+        """The grammar engine, created with the first constrained request: its tokenizer
+        index is built once per engine, on the compile thread."""
+        if self.runner.structured is None:
+            tokenizer = load_tokenizer(self._model_dir).tokenizer
+            self.runner.structured = StructuredOutputs(
+                tokenizer.to_str(), self.vocab_size, self.eos_token_ids)
+        return self.runner.structured
+
+    def _admit_compiled(self) -> list[EngineCoreOutput]:
+        """Move requests whose grammar compiled into the scheduler; fail those whose
+        grammar did not (that request only)."""
+        failed = []
+        for request_id, (request, compiled) in list(self._awaiting_grammar.items()):
+            if not compiled.done():
+                continue
+            del self._awaiting_grammar[request_id]
+            error = compiled.exception()
+            if error is not None:
+                logger.warning("request %s: %s", request_id, error)
+                failed.append(EngineCoreOutput(request_id, [], finish_reason=FinishReason.ABORT,
+                                               error=str(error)))
+                continue
+            request.grammar = compiled.result()
+            self.scheduler.add_request(request)
+        return failed
+
+    def _wait_for_grammars(self) -> None:
+        pending = [compiled for _, compiled in self._awaiting_grammar.values()]
+        if pending:
+            wait(pending, timeout=_GRAMMAR_WAIT_SECONDS, return_when=FIRST_COMPLETED)
 
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
-        aborted = self.scheduler.finish_requests(request_ids, FinishReason.ABORT)
-        return [EngineCoreOutput(r.request_id, [], finish_reason=FinishReason.ABORT)
-                for r in aborted]
+        aborted = [r.request_id for r in
+                   self.scheduler.finish_requests(request_ids, FinishReason.ABORT)]
+        aborted += [rid for rid in request_ids if self._awaiting_grammar.pop(rid, None)]
+        return [EngineCoreOutput(rid, [], finish_reason=FinishReason.ABORT) for rid in aborted]
 
     def finish_request(self, request_id: str, reason: FinishReason,
                        stop_reason: int | str | None) -> None:
+        self._awaiting_grammar.pop(request_id, None)
         self.scheduler.finish_requests([request_id], reason, stop_reason)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._awaiting_grammar)
 
     def stats(self) -> EngineStats:
         kv = self.block_manager
         return EngineStats(
-            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting + len(self._awaiting_grammar),
             kv_cache_usage=kv.usage, num_blocks=kv.num_blocks,
             prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
             num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
@@ -111,14 +165,19 @@ class EngineCore:
         self.scheduler.set_tenant_weights(weights)
 
     def step(self) -> list[EngineCoreOutput]:
+        outputs = self._admit_compiled() if self._awaiting_grammar else []
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
-            return []
+            if not outputs:
+                self._wait_for_grammars()  # only grammars are left: wait, do not spin
+            return outputs
         self.num_steps += 1
         results = self.runner.execute(scheduled)
+        grammar_done = _advance_grammars(scheduled, results)
         self.scheduler.update_from_output(
             scheduled, {rid: result.token_id for rid, result in results.items()})
-        outputs = []
+        if grammar_done:  # with ignore_eos the scheduler would keep them: the grammar ends them
+            self.scheduler.finish_requests(grammar_done, FinishReason.STOP)
         for chunk in scheduled.chunks:
             request = chunk.request
             result = results.get(request.request_id)
@@ -129,6 +188,30 @@ class EngineCore:
                 request.request_id, [result.token_id], logprobs, request.finish_reason,
                 request.stop_reason, request.num_cached_tokens, request.first_scheduled_time))
         return outputs
+
+
+def _advance_grammars(scheduled: SchedulerOutput, results: dict[str, SampleResult]
+                      ) -> list[str]:
+    """Feed each constrained request its sampled token; the ids whose grammar has ended.
+
+    A complete grammar allows only EOS next, so a request ends on an EOS token like any
+    other (its text never shows the EOS, and ``stop`` is its finish reason): the mask makes
+    the step after the last grammar token sample EOS, and the scheduler finishes it there.
+    """
+    done = []
+    for chunk in scheduled.chunks:
+        request = chunk.request
+        result = results.get(request.request_id)
+        if request.grammar is None or result is None:
+            continue
+        request.grammar.accept(result.token_id)
+        if request.grammar.error is not None:
+            logger.warning("request %s left its grammar: %s", request.request_id,
+                           request.grammar.error)
+            done.append(request.request_id)
+        elif request.grammar.is_terminated and result.token_id in request.eos_token_ids:
+            done.append(request.request_id)
+    return done
 
 
 def _check_tenant(tenant: object) -> None:

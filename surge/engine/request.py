@@ -68,6 +68,8 @@ class Request:
     num_charged_prompt_tokens: int = 0
     # A seeded request's own random stream, created at its first sampled token.
     generator: Any = None
+    # A structured-output request's grammar position (surge.engine.structured.GrammarState).
+    grammar: Any = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

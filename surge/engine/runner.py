@@ -13,6 +13,7 @@ import torch
 from surge.engine.request import Request
 from surge.engine.sampler import RowPenalties, SampleResult, SamplingBatch, sample
 from surge.engine.scheduler import ScheduledChunk, SchedulerOutput
+from surge.engine.structured import StructuredOutputs
 from surge.models.attention import AttentionMetadata, PrefillChunk, forward_context
 from surge.models.loader import LoadedModel
 
@@ -29,6 +30,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         # Unseeded requests sample from this, so a whole run repeats for the same engine seed.
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # Set by the engine core once a request asks for structured outputs.
+        self.structured: StructuredOutputs | None = None
         self._allocate_kv_cache()
 
     def _allocate_kv_cache(self) -> None:
@@ -48,16 +51,23 @@ class ModelRunner:
         """Run one step; returns the sampled token of every request whose chunk completes."""
         chunks = sorted(output.chunks, key=lambda c: c.num_tokens != 1)  # decodes first
         input_ids, positions, metadata = self._prepare(chunks)
-        with forward_context(metadata):
-            hidden = self.model(input_ids, positions)
         sampling = [(end - 1, chunk.request) for chunk, end in zip(
             chunks, _cumulative_ends(chunks), strict=True) if chunk.samples]
+        requests = [request for _, request in sampling]
+        # Grammar masks are computed on a worker thread while the model runs.
+        grammar_rows = [row for row, r in enumerate(requests) if r.grammar is not None]
+        masks = (self.structured.fill_bitmask([requests[row].grammar for row in grammar_rows])
+                 if grammar_rows and self.structured is not None else None)
+        with forward_context(metadata):
+            hidden = self.model(input_ids, positions)
         if not sampling:
             return {}
         rows = torch.tensor([row for row, _ in sampling], device=self.device)
         logits = self.model.compute_logits(hidden[rows]).float()
-        requests = [request for _, request in sampling]
-        results = sample(logits, self._sampling_batch(requests), self.generator)
+        batch = self._sampling_batch(requests)
+        if masks is not None:
+            batch.grammar_rows, batch.grammar_bitmask = grammar_rows, masks.result()
+        results = sample(logits, batch, self.generator)
         return {r.request_id: res for r, res in zip(requests, results, strict=True)}
 
     def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:
