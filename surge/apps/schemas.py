@@ -155,5 +155,6 @@ class StatusReport(BaseModel):
     requests_total: float
     requests_rejected_total: float
     prefix_cache_hit_rate: float | None
+    response_cache_hit_rate: float | None = None
     replicas: list[dict[str, object]]
     upstream: str

@@ -106,6 +106,11 @@ class StatusWindow:
             "requests_rejected_total": v.get("request_rejected_total", 0.0),
             "prefix_cache_hit_rate": _ratio(v.get("prefix_cache_hits_total", 0.0),
                                             v.get("prefix_cache_queries_total", 0.0)),
+            # Of the requests the response cache looked up (None: no cache, or no lookups).
+            "response_cache_hit_rate": _ratio(
+                v.get("response_cache_hits_total", 0.0),
+                v.get("response_cache_hits_total", 0.0)
+                + v.get("response_cache_misses_total", 0.0)),
         }
 
 

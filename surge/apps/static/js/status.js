@@ -12,6 +12,8 @@ function render(s) {
   $("queue").textContent = formatNumber(s.queue_depth, 0);
   $("kv").textContent = `${formatNumber(s.kv_cache_usage * 100, 1)} %`;
   $("total").textContent = formatNumber(s.requests_total, 0);
+  $("response-cache").textContent = s.response_cache_hit_rate == null ? "–"
+    : `${formatNumber(s.response_cache_hit_rate * 100, 1)} %`;
   $("window").textContent = formatNumber(s.window_seconds, 0);
   $("latency").tBodies[0].replaceChildren(...Object.entries(s.latency_seconds).map(
     ([key, q]) => el("tr", {}, el("th", {}, LATENCY_NAMES[key] || key),
