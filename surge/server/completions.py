@@ -61,6 +61,7 @@ from surge.server.schemas import (
     CompletionStreamResponse,
     _SamplingRequest,
 )
+from surge.server.structured import check_request_fields, structured_outputs_of
 from surge.server.tokenize import Tokenization
 from surge.tokenizer import ChatTokenizer
 
@@ -172,6 +173,7 @@ class OpenAIServingCompletions:
 
     async def create_completion(self, body: CompletionRequest, request: Request) -> Response:
         _refuse_unsupported_completion(body)
+        await check_request_fields(body)
         prompts, texts = await self._completion_prompts(body.prompt)
         cache = await self._cache_lookup(request, body, "completions", prompts,
                                          texts if body.echo else None)
@@ -191,6 +193,7 @@ class OpenAIServingCompletions:
     async def create_chat_completion(self, body: ChatCompletionRequest,
                                      request: Request) -> Response:
         _refuse_unsupported_chat(body)
+        await check_request_fields(body)
         prompt = await self._chat_prompt(body)
         cache = await self._cache_lookup(request, body, "chat", [prompt], None)
         if cache.answer is not None:
@@ -685,7 +688,8 @@ def _sampling_params(body: _SamplingRequest, max_tokens: int | None,
             stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
             stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos,
             logprobs=logprobs, skip_special_tokens=body.skip_special_tokens,
-            include_stop_str_in_output=body.include_stop_str_in_output)
+            include_stop_str_in_output=body.include_stop_str_in_output,
+            structured_outputs=structured_outputs_of(body))
     except ValueError as exc:
         # SamplingParams says "field=value is invalid: allowed is ..."; the field is the param.
         raise APIError(400, str(exc), param=str(exc).split("=", 1)[0],
@@ -717,9 +721,6 @@ def _refuse_unsupported_chat(body: ChatCompletionRequest) -> None:
     if body.tools:
         raise APIError(400, "'tools' is not supported by this server: allowed is an empty "
                        "list or null", param="tools")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise APIError(400, f"'response_format.type'={body.response_format.type!r} is not "
-                       "supported: allowed is 'text'", param="response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     _refuse_logit_bias(body)

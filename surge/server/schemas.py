@@ -6,8 +6,10 @@ clients and fuzzers (schemathesis) see exactly what is accepted. Responses are b
 dicts and encoded with msgspec for speed; their models here document them.
 
 Field names follow OpenAI; the extra sampling fields (``top_k``, ``min_p``,
-``repetition_penalty``, ``ignore_eos``, ``priority``, ...) follow vLLM. Unknown fields are
-ignored, as vLLM ignores them, so clients written for other servers keep working.
+``repetition_penalty``, ``ignore_eos``, ``priority``, ``guided_json``, ...) follow vLLM.
+Unknown fields are ignored, as vLLM ignores them, so clients written for other servers keep
+working; but vLLM's own extra fields that Surge does not implement are refused with a 400
+naming them (``UNIMPLEMENTED_VLLM_FIELDS``), never silently ignored.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from surge.http.openapi import ErrorResponse
 from surge.sampling_params import MAX_LOGPROBS
 
 __all__ = [
+    "UNIMPLEMENTED_VLLM_FIELDS",
     "ChatCompletionRequest",
     "ChatCompletionResponse",
     "ChatCompletionStreamResponse",
@@ -34,6 +37,7 @@ __all__ = [
     "ModelList",
     "TokenizeRequest",
     "TokenizeResponse",
+    "unimplemented_fields",
 ]
 
 MAX_N = 16
@@ -52,8 +56,64 @@ class StreamOptions(_Request):
     include_usage: bool = Field(False, description="send a last chunk with token usage")
 
 
+class JsonSchemaFormat(_Request):
+    """OpenAI's ``response_format.json_schema``."""
+
+    name: str | None = Field(None, description="the schema's name (not used)")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema",
+                                           description="the JSON schema; omitted: any object")
+    strict: bool | None = Field(None, description="accepted; the output always follows the "
+                                                  "schema")
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(None, description="with type 'json_schema'")
+
+
+class StructuredOutputsRequest(_Request):
+    """vLLM's ``structured_outputs``: exactly one field."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON schema")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = Field(None, description="a Lark or GBNF grammar")
+
+
+# vLLM's extra request fields that Surge does not implement, each with the value that means
+# "not used" (vLLM's default): any other value is refused with a 400 naming the field.
+UNIMPLEMENTED_VLLM_FIELDS: dict[str, object] = {
+    "guided_whitespace_pattern": None, "structural_tag": None, "use_beam_search": False,
+    "length_penalty": 1.0, "truncate_prompt_tokens": None, "prompt_logprobs": None,
+    "allowed_token_ids": None, "bad_words": None, "logits_processors": None,
+    "spaces_between_special_tokens": True, "return_tokens_as_token_ids": False,
+    "return_token_ids": False, "continue_final_message": False, "documents": None,
+    "chat_template": None, "chat_template_kwargs": None, "mm_processor_kwargs": None,
+    "cache_salt": None, "kv_transfer_params": None, "vllm_xargs": None,
+    "thinking_token_budget": None, "request_id": None,
+}
+# Grammar backends a request may name: Surge's is llguidance (vLLM calls it "guidance").
+GRAMMAR_BACKENDS = ("guidance", "llguidance", "auto")
+
+
+def unimplemented_fields(body: BaseModel) -> list[str]:
+    """Names of vLLM extra fields this request sets to something Surge would ignore."""
+    extra = body.model_extra or {}
+    names = [name for name, unused in UNIMPLEMENTED_VLLM_FIELDS.items()
+             if name in extra and extra[name] not in (unused, None, [], {})]
+    backend = extra.get("guided_decoding_backend")
+    if backend is not None and backend not in GRAMMAR_BACKENDS:
+        names.append("guided_decoding_backend")
+    return names
+
+
 class _SamplingRequest(_Request):
     """Fields shared by completions and chat completions."""
+
+    # Extra fields are kept (not validated) so vLLM's unimplemented ones can be refused by name.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
 
     model: str | None = Field(None, description="the served model's name (GET /v1/models); "
                                                 "omitted means the served model")
@@ -80,6 +140,14 @@ class _SamplingRequest(_Request):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: Int64 = Field(0, description="lower values are scheduled first")
+    # Structured outputs: OpenAI's response_format, vLLM's guided_* and structured_outputs.
+    response_format: ResponseFormat | None = Field(
+        None, description="'json_object' or 'json_schema' constrain the output")
+    guided_json: dict[str, Any] | str | None = Field(None, description="a JSON schema")
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = Field(None, description="a Lark or GBNF grammar")
+    structured_outputs: StructuredOutputsRequest | None = None
 
 
 class CompletionRequest(_SamplingRequest):
@@ -105,10 +173,6 @@ class ChatMessage(_Request):
     name: str | None = None
 
 
-class ResponseFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"]
-
-
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: Int64 | None = Field(None, ge=1, description="null: up to the context length")
@@ -116,7 +180,6 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
-    response_format: ResponseFormat | None = Field(None, description="only 'text' is supported")
     tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty")
 
 
