@@ -27,6 +27,13 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 # Told why a request was refused ("unauthorized", "body_too_large"), for metrics.
 OnReject = Callable[[str], None]
+# Asked after auth, before the body is read: an error refuses the request at once (overload:
+# a 429 that costs neither reading nor parsing the body), None lets it through.
+Shed = Callable[[Scope], "APIError | None"]
+
+
+def _never_shed(scope: Scope) -> APIError | None:
+    return None
 
 
 def _ignore(reason: str) -> None:
@@ -38,8 +45,10 @@ class RequestGate:
     limit on POST, PUT and PATCH."""
 
     def __init__(self, app: ASGIApp, *, auth: ApiKeyAuth, max_body_bytes: int,
-                 auth_prefixes: tuple[str, ...], on_reject: OnReject = _ignore) -> None:
+                 auth_prefixes: tuple[str, ...], on_reject: OnReject = _ignore,
+                 shed: Shed = _never_shed) -> None:
         self.app = app
+        self.shed = shed
         self.auth = auth
         self.max_body_bytes = max_body_bytes
         self.auth_prefixes = auth_prefixes
@@ -53,6 +62,8 @@ class RequestGate:
                 state = scope.setdefault("state", {})
                 state[KEY_ID_STATE] = self._authenticate(scope)
                 state[KEY_OWNER_STATE] = self.auth.owner(state[KEY_ID_STATE])
+            if (refusal := self.shed(scope)) is not None:
+                raise refusal
             if scope["method"] in BODY_METHODS:
                 body = await read_body(scope, receive, self.max_body_bytes, self.on_reject)
                 if body is None:

@@ -132,6 +132,13 @@ class AdmissionController:
             self._queued_tokens += num_prompt_tokens
         return Ticket(self, num_prompt_tokens)
 
+    def refuse_if_full(self) -> None:
+        """Raise AdmissionRejected when no request, however small, would be admitted now:
+        lets a server refuse before it reads and parses the request (a 429 nearly free)."""
+        with self._lock:
+            if self._num_queued >= self.max_queued_requests:
+                self._check_room(0)
+
     def retry_after(self) -> int:
         """Whole seconds until the requests now waiting have likely started, in [1, 60].
 

@@ -63,3 +63,46 @@ def test_burst_gets_429_fast_and_accepted_requests_complete(
 def _rejected(url: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=10).text
     return metric_value(text, "surge:request_rejected_total", reason="queue_full_requests")
+
+
+@pytest.mark.timeout(180)
+def test_a_full_queue_refuses_before_reading_the_body(
+        small_queue_server: ServerProcess) -> None:
+    """Clients that ignore Retry-After used to cost ~4 ms of API CPU per 429 (body, JSON,
+    validation, tokenizing) and starve the engine. With the queue full, even a body that is not
+    JSON gets the 429: nothing of it was parsed."""
+    url = small_queue_server.url
+
+    async def flood() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=8)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+            running = [asyncio.Event() for _ in range(2)]
+
+            async def streamed(started: asyncio.Event) -> None:
+                async with http.stream("POST", "/v1/completions",
+                                       json={**BODY, "stream": True}) as response:
+                    async for _ in response.aiter_lines():
+                        started.set()
+
+            long = [asyncio.ensure_future(streamed(event)) for event in running]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in running)), 60)
+            # Both engine slots busy: the next two wait in the queue, which is then full.
+            long += [asyncio.ensure_future(http.post("/v1/completions", json=BODY))
+                     for _ in range(2)]
+            answers = []
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                answers.append(await http.post(
+                    "/v1/chat/completions", content=b"not json at all",
+                    headers={"content-type": "application/json"}))
+                if answers[-1].status_code == 429:
+                    break
+                await asyncio.sleep(0.02)  # until the long requests fill the queue
+            await asyncio.gather(*long)
+            return answers
+
+    answers = asyncio.run(flood())
+    assert answers[-1].status_code == 429, [a.text for a in answers[-3:]]
+    assert answers[-1].json()["error"]["code"] == "queue_full_requests"
+    assert int(answers[-1].headers["Retry-After"]) >= 1
+    assert {a.status_code for a in answers[:-1]} <= {400}  # before the queue filled: parsed
