@@ -35,16 +35,27 @@ class CachePlugin:
                                 "never a failed request); implies --response-cache")
         group.add_argument("--cache-key-prefix", default="surge:rc:", metavar="PREFIX",
                            help="prefix of the cache's Redis keys (default surge:rc:)")
+        group.add_argument("--semantic-cache", action="store_true",
+                           help="also answer a chat request whose last user message means the "
+                                "same as an answered one (same tenant, model, sampling fields, "
+                                "system prompt and earlier turns); implies --response-cache")
+        group.add_argument("--semantic-threshold", type=float, default=0.9, metavar="COSINE",
+                           help="least cosine similarity of the two messages' embeddings "
+                                "(default 0.9)")
+        group.add_argument("--semantic-model", default="all-minilm-l6-v2", metavar="NAME",
+                           help="the served embedding model that embeds messages (default "
+                                "all-minilm-l6-v2: add --extra-model all-minilm-l6-v2)")
         group.add_argument("--cache-timeout", type=float, default=0.1, metavar="SECONDS",
                            help="longest wait for Redis per call before bypassing "
                                 "(default 0.1)")
 
     def from_args(self, args: argparse.Namespace, settings: ServerSettings,
                   model_dir: str) -> CacheFeature | None:
-        if not (args.response_cache or args.cache_url):
+        if not (args.response_cache or args.cache_url or args.semantic_cache):
             return None
         from surge.cache.exact import CacheSettings
         from surge.cache.feature import CacheFeature
+        from surge.cache.semantic import SemanticSettings
         from surge.cache.shared import RedisTier
 
         cache_settings = CacheSettings(max_bytes=args.response_cache_bytes,
@@ -52,4 +63,7 @@ class CachePlugin:
                                        key_prefix=args.cache_key_prefix)
         shared = (RedisTier(args.cache_url, timeout=args.cache_timeout)
                   if args.cache_url else None)
-        return CacheFeature(cache_settings, shared)
+        semantic = (SemanticSettings(model=args.semantic_model,
+                                     threshold=args.semantic_threshold)
+                    if args.semantic_cache else None)
+        return CacheFeature(cache_settings, shared, semantic)

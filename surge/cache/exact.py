@@ -4,6 +4,10 @@ model version, with the same normalized request, is answered again without the e
 Only reproducible requests are cached (temperature 0, a fixed seed, embeddings). Never kept:
 errors, streams that were cut off or ended in an error event, and answers that stopped at
 ``max_tokens`` (``finish_reason: length``), which a larger budget would have continued.
+
+With a semantic tier (``surge.cache.semantic``), an exact miss of a chat request may still be
+answered by the entry whose last user message means the same (``X-Surge-Cache:
+semantic-hit``).
 """
 
 from __future__ import annotations
@@ -18,9 +22,16 @@ from typing import Any
 import msgspec
 from starlette.requests import Request
 
-from surge.cache.keys import FORMAT_VERSION, CacheControl, cache_key, tenant_of
+from surge.cache.keys import (
+    FORMAT_VERSION,
+    CacheControl,
+    cache_key,
+    model_fingerprint,
+    tenant_of,
+)
 from surge.cache.local import LocalLRU
 from surge.cache.metrics import CacheMetrics
+from surge.cache.semantic import SemanticIndex, last_user_turn, scope_of
 from surge.cache.shared import RedisTier, SharedTierDown
 from surge.http.responses import SSE_DONE
 from surge.server.response_cache import CachedAnswer, CacheLookup, CacheQuery
@@ -52,10 +63,11 @@ class ExactCache:
     """A ``surge.server.response_cache.ResponseCache``."""
 
     def __init__(self, settings: CacheSettings, metrics: CacheMetrics,
-                 shared: RedisTier | None = None) -> None:
+                 shared: RedisTier | None = None, semantic: SemanticIndex | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
         self.shared = shared
+        self.semantic = semantic
         self.local = LocalLRU(settings.max_bytes, on_evict=self._evicted)
 
     async def lookup(self, request: Request, query: CacheQuery) -> CacheLookup:
@@ -69,6 +81,8 @@ class ExactCache:
         """Forget every entry: this replica's, and the shared tier's (others' local copies
         expire within ``local_ttl_with_shared``)."""
         flushed = {"local": self.local.clear(), "shared": 0}
+        if self.semantic is not None:
+            self.semantic.clear()
         self._update_gauges()
         if self.shared is not None:
             try:
@@ -94,7 +108,8 @@ class ExactCache:
         control = CacheControl.of(request.headers.get("cache-control"))
         if not query.reproducible:
             return self._bypass("not_reproducible")
-        key = cache_key(tenant_of(request, query.user), query)
+        tenant = tenant_of(request, query.user)
+        key = cache_key(tenant, query)
         keep = None if control.no_store else key
         if control.no_cache:
             return self._bypass("no_cache", self, keep, query.endpoint)
@@ -111,8 +126,14 @@ class ExactCache:
             if answer is not None:
                 self.metrics.hits.labels(query.endpoint, "shared").inc()
                 return _Lookup("hit", answer)
+        probe = await self._semantic_probe(tenant, query)
+        if probe is not None:
+            answer = await self._semantic_answer(probe)
+            if answer is not None:
+                self.metrics.hits.labels(query.endpoint, "semantic").inc()
+                return _Lookup("semantic-hit", answer)
         self.metrics.misses.labels(query.endpoint).inc()
-        return _Lookup("miss", None, self, keep, query.endpoint)
+        return _Lookup("miss", None, self, keep, query.endpoint, probe)
 
     def _bypass(self, reason: str, cache: ExactCache | None = None, key: str | None = None,
                 endpoint: str = "") -> _Lookup:
@@ -135,9 +156,46 @@ class ExactCache:
         self._put_local(key, answer, len(raw), remaining)
         return answer
 
+    # -- by meaning ---------------------------------------------------------------------------
+
+    async def _semantic_probe(self, tenant: str, query: CacheQuery) -> _Probe | None:
+        """The last user turn's vector and the scope it must match in; None when the
+        semantic tier is off, the request is not a chat ending in a user's text, or the
+        embedding model cannot answer now."""
+        turn = last_user_turn(query.messages) if self.semantic is not None else None
+        if turn is None:
+            return None
+        assert self.semantic is not None
+        text, earlier = turn
+        vector = await self.semantic.embed(text)
+        if vector is None:
+            return None
+        exact = {k: v for k, v in query.material.items() if k != "prompt_token_ids"}
+        scope = scope_of(tenant, {"embedder": self.semantic.settings.model,
+                                  "endpoint": query.endpoint, "model": query.model,
+                                  "variant": query.model_variant,
+                                  "version": model_fingerprint(query.model_dir),
+                                  "request": exact}, earlier)
+        return _Probe(scope, vector)
+
+    async def _semantic_answer(self, probe: _Probe) -> CachedAnswer | None:
+        assert self.semantic is not None
+        try:
+            found = await self.semantic.nearest(probe.scope, probe.vector)
+            if found is None:
+                return None
+            answer = self.local.get(found[0])
+            if answer is None and self.shared is not None:
+                answer = await self._shared_get(found[0])
+            return answer
+        except SharedTierDown:
+            self.metrics.shared_errors.labels("get").inc()
+            return None
+
     # -- keeping -----------------------------------------------------------------------------
 
-    async def store(self, key: str, endpoint: str, answer: CachedAnswer) -> None:
+    async def store(self, key: str, endpoint: str, answer: CachedAnswer,
+                    probe: _Probe | None = None) -> None:
         ttl = self.settings.ttl
         expires_at = time.time() + ttl
         encoded = _encode(answer, key, expires_at)
@@ -146,11 +204,13 @@ class ExactCache:
         local_ttl = ttl if self.shared is None else min(ttl, self.settings.local_ttl_with_shared)
         self._put_local(key, answer, len(encoded), local_ttl)
         self.metrics.stores.labels(endpoint).inc()
-        if self.shared is not None:
-            try:
+        try:
+            if self.shared is not None:
                 await self.shared.set(self.settings.key_prefix + key, encoded, ttl)
-            except SharedTierDown:
-                self.metrics.shared_errors.labels("set").inc()
+            if probe is not None and self.semantic is not None:
+                await self.semantic.add(probe.scope, probe.vector, key)
+        except SharedTierDown:
+            self.metrics.shared_errors.labels("set").inc()
 
     def _put_local(self, key: str, answer: CachedAnswer, size: int, ttl: float) -> None:
         self.local.put(key, answer, size, ttl)
@@ -164,6 +224,12 @@ class ExactCache:
         self.metrics.entries.set(len(self.local))
 
 
+@dataclass(frozen=True)
+class _Probe:
+    scope: str
+    vector: Any  # np.ndarray, unit length
+
+
 @dataclass
 class _Lookup:
     """A ``surge.server.response_cache.CacheLookup``: ``key`` None means nothing is kept."""
@@ -173,12 +239,14 @@ class _Lookup:
     cache: ExactCache | None = None
     key: str | None = None
     endpoint: str = ""
+    probe: _Probe | None = None
 
     async def store_body(self, body: dict[str, Any]) -> None:
         if self.cache is None or self.key is None or _cut_short(body.get("choices", ())):
             return
         await self.cache.store(self.key, self.endpoint,
-                               CachedAnswer(body=body, num_tokens=_total_tokens(body)))
+                               CachedAnswer(body=body, num_tokens=_total_tokens(body)),
+                               self.probe)
 
     def record_stream(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         if self.cache is None or self.key is None:
@@ -203,7 +271,7 @@ class _Lookup:
         usage = [e["usage"] for e in payloads if isinstance(e.get("usage"), dict)]
         num_tokens = usage[-1].get("total_tokens", 0) if usage else 0
         await self.cache.store(self.key, self.endpoint,
-                               CachedAnswer(events=payloads, num_tokens=num_tokens))
+                               CachedAnswer(events=payloads, num_tokens=num_tokens), self.probe)
 
 
 def _add_event(payloads: list[dict[str, Any]], data: bytes) -> list[dict[str, Any]] | None:

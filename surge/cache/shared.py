@@ -58,6 +58,20 @@ class RedisTier:
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         await self._call(self._client.set(key, value, px=max(1, int(ttl * 1000))))
 
+    async def push(self, key: str, value: bytes, keep_last: int, ttl: float) -> None:
+        """Append to the list ``key``, keep its last ``keep_last`` items, renew its TTL."""
+        async def pipeline() -> None:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.rpush(key, value)
+                pipe.ltrim(key, -keep_last, -1)
+                pipe.pexpire(key, max(1, int(ttl * 1000)))
+                await pipe.execute()
+
+        await self._call(pipeline())
+
+    async def range(self, key: str) -> list[bytes]:
+        return await self._call(self._client.lrange(key, 0, -1))
+
     async def flush(self, prefix: str) -> int:
         """Delete every key under ``prefix``; the number deleted."""
         deleted = 0

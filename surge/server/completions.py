@@ -259,7 +259,9 @@ class OpenAIServingCompletions:
         return await cache.lookup(request, CacheQuery(
             endpoint, body.model or self.served_model, info.model_dir,
             f"{info.dtype} {info.device}", material,
-            reproducible=body.temperature == 0 or body.seed is not None, user=body.user))
+            reproducible=body.temperature == 0 or body.seed is not None, user=body.user,
+            messages=[m.model_dump() for m in body.messages]
+            if isinstance(body, ChatCompletionRequest) else None))
 
     def _answer_from_cache(self, lookup: CacheLookup, request: Request,
                            prefix: str) -> Response:

@@ -161,6 +161,16 @@ class _PooledModel:
     def ready(self) -> bool:
         return self.batcher is not None
 
+    async def embed_texts(self, texts: list[str], deadline: float | None) -> list[np.ndarray]:
+        """Vectors of ``texts``, each cut to the model's input length, through the same
+        batcher as /v1/embeddings: for features (the semantic response cache)."""
+        embedder: TextEmbedder = self.model  # type: ignore[assignment]
+        if self.batcher is None or embedder is None:
+            raise APIError(503, f"the model {self.spec.name!r} is still loading",
+                           code="model_loading")
+        ids = [embedder.truncate(t, embedder.max_tokens) for t in embedder.tokenize(texts)]
+        return await self.batcher.submit_many(ids, deadline)
+
 
 class ModelPools:
     """Every embedding and classification model of the server, by name."""

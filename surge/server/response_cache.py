@@ -53,6 +53,8 @@ class CacheQuery:
     material: dict[str, Any]
     reproducible: bool
     user: str | None = None
+    # Chat only: the messages as sent, for a semantic cache (it embeds the last user turn).
+    messages: list[dict[str, Any]] | None = None
 
 
 @dataclass

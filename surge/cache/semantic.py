@@ -1,0 +1,140 @@
+"""The semantic tier: a chat request whose last user message means the same as one answered
+before (cosine similarity of their embeddings at or above the threshold) gets that answer.
+
+Entries are scoped, and a scope must match exactly: the tenant, the model and its version,
+every sampling field, and every message but the last user one (the system prompt and the
+earlier turns). Only the last user message is compared by meaning. Vectors come from an
+embedding model this server serves, through the same dynamic batcher as /v1/embeddings.
+
+With Redis, each scope's vectors are one Redis list (shared by every replica, searched here);
+without it, an in-process index bounded per scope and by the TTL.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from surge.cache.shared import RedisTier
+
+__all__ = ["SemanticIndex", "SemanticSettings", "last_user_turn", "scope_of"]
+
+Embed = Callable[[str], Awaitable[np.ndarray | None]]
+
+
+@dataclass(frozen=True)
+class SemanticSettings:
+    model: str = "all-minilm-l6-v2"
+    threshold: float = 0.9
+    max_entries_per_scope: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"--semantic-threshold={self.threshold} is invalid: allowed is a "
+                             "cosine similarity in (0, 1]")
+
+
+def last_user_turn(messages: list[dict[str, Any]] | None
+                   ) -> tuple[str, list[dict[str, Any]]] | None:
+    """The last message's text when a user sent it, and the messages before it; None when
+    the conversation does not end with a user's text."""
+    if not messages or messages[-1].get("role") != "user":
+        return None
+    content = messages[-1].get("content")
+    if isinstance(content, list):
+        content = " ".join(part.get("text", "") for part in content if isinstance(part, dict))
+    if not isinstance(content, str) or not content.strip():
+        return None
+    return content, messages[:-1]
+
+
+def scope_of(tenant: str, exact_material: dict[str, Any],
+             earlier: list[dict[str, Any]]) -> str:
+    """What must match exactly for two requests to share answers by meaning."""
+    material = {"tenant": tenant, "exact": exact_material, "earlier": earlier}
+    encoded = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(encoded.encode()).hexdigest()
+
+
+@dataclass
+class _Item:
+    vector: np.ndarray
+    key: str
+    expires_at: float  # wall clock, as Redis entries carry it
+
+
+class SemanticIndex:
+    def __init__(self, settings: SemanticSettings, embed: Embed, ttl: float,
+                 shared: RedisTier | None = None, key_prefix: str = "") -> None:
+        self.settings = settings
+        self.embed = embed
+        self.ttl = ttl
+        self.shared = shared
+        self.key_prefix = key_prefix + "sem:"
+        self._local: dict[str, list[_Item]] = {}
+
+    async def nearest(self, scope: str, vector: np.ndarray) -> tuple[str, float] | None:
+        """The exact key of the most similar entry of ``scope`` at or above the threshold,
+        and its similarity. Raises SharedTierDown when Redis does not answer."""
+        items = [i for i in await self._items(scope) if i.vector.shape == vector.shape]
+        if not items:
+            return None
+        similarities = np.stack([item.vector for item in items]) @ vector
+        best = int(np.argmax(similarities))
+        if similarities[best] < self.settings.threshold:
+            return None
+        return items[best].key, float(similarities[best])
+
+    async def add(self, scope: str, vector: np.ndarray, key: str) -> None:
+        item = _Item(vector, key, time.time() + self.ttl)
+        if self.shared is None:
+            items = [i for i in self._local.get(scope, []) if i.key != key]
+            items.append(item)
+            self._local[scope] = items[-self.settings.max_entries_per_scope:]
+            return
+        await self.shared.push(self.key_prefix + scope, _encode(item),
+                               self.settings.max_entries_per_scope, self.ttl)
+
+    def clear(self) -> None:
+        self._local.clear()
+
+    async def _items(self, scope: str) -> list[_Item]:
+        now = time.time()
+        if self.shared is None:
+            items = [i for i in self._local.get(scope, []) if i.expires_at > now]
+            if items:
+                self._local[scope] = items
+            else:
+                self._local.pop(scope, None)
+            return items
+        raw = await self.shared.range(self.key_prefix + scope)
+        return [item for item in map(_decode, raw) if item is not None and item.expires_at > now]
+
+
+def unit(vector: np.ndarray) -> np.ndarray:
+    vector = np.asarray(vector, dtype=np.float32)
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else vector
+
+
+def _encode(item: _Item) -> bytes:
+    return msgspec.json.encode({"key": item.key, "exp": item.expires_at,
+                                "vec": base64.b64encode(item.vector.tobytes()).decode()})
+
+
+def _decode(raw: bytes) -> _Item | None:
+    """An entry, or None for one this version cannot read (skipped, never an error)."""
+    try:
+        entry = msgspec.json.decode(raw)
+        vector = np.frombuffer(base64.b64decode(entry["vec"]), dtype=np.float32)
+        return _Item(vector, str(entry["key"]), float(entry["exp"]))
+    except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+        return None
