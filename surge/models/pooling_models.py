@@ -38,7 +38,22 @@ def pool_dtype(name: str, device: torch.device) -> torch.dtype:
     return resolve_dtype(name, device, auto="float32")
 
 
-class TextEmbedder:
+class _OneForwardModel:
+    """A network of ``task`` loaded from ``model_dir`` by the one loader."""
+
+    task: Task
+
+    def __init__(self, model_dir: str | Path, dtype: str | torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> None:
+        self.model_dir = Path(model_dir)
+        loaded = load_model(model_dir, dtype, device, task=self.task)
+        self.model: nn.Module = loaded.model
+        self.dtype, self.device = loaded.dtype, loaded.device
+        assert loaded.architecture is not None
+        self.architecture = loaded.architecture.name
+
+
+class TextEmbedder(_OneForwardModel):
     """A BERT encoder with sentence-transformers pooling: token ids -> unit vectors."""
 
     task: Task = "embed"
@@ -47,9 +62,7 @@ class TextEmbedder:
                  device: str | torch.device = "cpu") -> None:
         from tokenizers import Tokenizer
 
-        self.model_dir = Path(model_dir)
-        loaded = load_model(model_dir, dtype, device, task="embed")
-        self.model, self.dtype, self.device = loaded.model, loaded.dtype, loaded.device
+        super().__init__(model_dir, dtype, device)
         self.pooling: Pooling = read_pooling(model_dir)
         tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
         tokenizer.no_padding()
@@ -100,21 +113,17 @@ class _Labels:
                     for i in range(count)])
 
 
-class ImageClassifier:
-    """ResNet or ViT with its preprocessing: images -> class probabilities."""
+class ImageClassifier(_OneForwardModel):
+    """An image classifier (ResNet, ViT, EfficientNet-Lite) with its preprocessing: images ->
+    class probabilities."""
 
     task: Task = "classify"
 
     def __init__(self, model_dir: str | Path, dtype: str | torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> None:
-        self.model_dir = Path(model_dir)
-        loaded = load_model(model_dir, dtype, device, task="classify")
-        self.model: nn.Module = loaded.model
-        self.dtype, self.device = loaded.dtype, loaded.device
+        super().__init__(model_dir, dtype, device)
         self.processor = ImageProcessor.from_pretrained(model_dir)
         self.labels = _Labels.from_config(read_config(model_dir)).names
-        assert loaded.architecture is not None
-        self.architecture = loaded.architecture.name
 
     @property
     def num_labels(self) -> int:
