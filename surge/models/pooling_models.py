@@ -23,19 +23,14 @@ from torch import nn
 from surge.models.bert import Pooling, read_pooling
 from surge.models.checkpoint import read_config
 from surge.models.image_processor import ImageProcessor
-from surge.models.loader import load_model, resolve_device, resolve_dtype
+from surge.models.loader import load_model, resolve_device
 from surge.models.tasks import Task, detect_task
 
-__all__ = ["ImageClassifier", "PoolModel", "TextEmbedder", "load_pool_model", "pool_dtype",
+__all__ = ["ImageClassifier", "PoolModel", "TextEmbedder", "load_pool_model",
            "warm_up"]
 
 logger = logging.getLogger(__name__)
 
-
-
-def pool_dtype(name: str, device: torch.device) -> torch.dtype:
-    """float32 unless asked: these models are small and their outputs are compared closely."""
-    return resolve_dtype(name, device, auto="float32")
 
 
 class _OneForwardModel:

@@ -30,7 +30,7 @@ from surge.models.resnet import ResNetConfig, ResNetForImageClassification
 from surge.models.vit import ViTConfig, ViTForImageClassification
 
 __all__ = ["ARCHITECTURES", "SUPPORTED_ARCHITECTURES", "Architecture", "Task",
-           "find_architecture", "names_for", "register", "resolve_architecture"]
+           "find_architecture", "names_for", "register"]
 
 Task = Literal["generate", "embed", "classify"]
 TASKS: tuple[Task, ...] = ("generate", "embed", "classify")
@@ -108,12 +108,6 @@ def find_architecture(hf: dict[str, Any], task: Task | None = None) -> Architect
         raise ValueError(f"architecture {described!r} serves task {found.task!r}, not {task!r}; "
                          f"architectures for {task!r}: {', '.join(names_for(task))}")
     return found
-
-
-def resolve_architecture(hf: dict[str, Any]) -> tuple[type[nn.Module], Any]:
-    """(class, config) of a text-generation checkpoint."""
-    arch = find_architecture(hf, "generate")
-    return arch.model_class, arch.read_config(hf)
 
 
 # Text-generation architectures (kept for callers that list them).
