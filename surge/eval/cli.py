@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from surge.config import DTYPES
+from surge.config import DTYPES, INT4_GROUP_SIZES, QUANTIZATIONS
 
 __all__ = ["add_parser", "run_eval"]
 
@@ -30,6 +30,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "ratios and their agreement")
     p.add_argument("--against-dtype", default=None, choices=DTYPES,
                    help="dtype of the baseline (default: --dtype)")
+    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+                   help="weight-only quantization of the model (default none)")
+    p.add_argument("--against-quantization", default="none", choices=QUANTIZATIONS,
+                   help="weight-only quantization of the baseline (default none)")
+    p.add_argument("--quantization-group-size", type=int, default=32, choices=INT4_GROUP_SIZES,
+                   help="int4 group size, for both models (default 32)")
     p.add_argument("--text", default=None, metavar="FILE",
                    help="UTF-8 text for perplexity (default: the held-out split of Python's "
                         "reference documentation, pydoc_data.topics)")
@@ -59,8 +65,10 @@ def run_eval(args: argparse.Namespace) -> int:
                           prompt_file=args.prompt_file, max_tokens=args.max_tokens,
                           context_length=args.context_length, stride=args.stride,
                           progress=args.progress)
-    model = ModelSpec(args.model, args.dtype, args.device)
-    against = (ModelSpec(args.against, args.against_dtype or args.dtype, args.device)
+    model = ModelSpec(args.model, args.dtype, args.device,
+                      _quantization(args.quantization, args.quantization_group_size))
+    against = (ModelSpec(args.against, args.against_dtype or args.dtype, args.device,
+                         _quantization(args.against_quantization, args.quantization_group_size))
                if args.against else None)
     report = evaluate(model, against, options)
     print(report.table())
@@ -68,3 +76,10 @@ def run_eval(args: argparse.Namespace) -> int:
         report.write_json(args.json)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
+
+
+def _quantization(method: str, group_size: int) -> dict[str, object]:
+    """ModelSpec options for one model: nothing when unquantized, so reports stay as before."""
+    if method == "none":
+        return {}
+    return {"quantization": method, "quantization_group_size": group_size}

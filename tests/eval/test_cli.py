@@ -70,6 +70,24 @@ def test_one_model_prints_one_column(tiny_checkpoint: Callable[[str], Path], tmp
     assert "agreement" not in out and "prompt accuracy" not in out
 
 
+def test_quantized_model_against_its_float_self(tiny_checkpoint: Callable[[str], Path],
+                                                tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The quality gate of a quantization: --quantization int8 --against the same model."""
+    model = tiny_checkpoint("tiny-llama")
+    out_json = tmp_path / "report.json"
+    code, _, _ = run(capsys, "--model", model, "--dtype", "float32", "--quantization", "int8",
+                     "--against", model, "--no-prompts", "--max-tokens", "200",
+                     "--context-length", "64", "--json", out_json)
+    assert code == 0
+    report = json.loads(out_json.read_text())
+    assert report["model"]["model"]["quantization"] == "int8"
+    assert "quantization" not in report["against"]["model"]
+    # int8 weights move each logit a little: close to the float model, but not identical.
+    assert report["ratios"]["perplexity"] == pytest.approx(1.0, rel=0.05)
+    assert 0 < report["agreement"]["text"]["mean_kl"] < 0.05
+
+
 @pytest.mark.parametrize(("make_args", "message"), [
     (lambda d, tmp: ["--model", tmp / "missing"], "model '.*missing' not found"),
     (lambda d, tmp: ["--model", d, "--against", tmp / "other"], "model '.*other' not found"),
