@@ -29,6 +29,9 @@ class CachePlugin:
                            "recently used entries leave first (default 268435456)")
         group.add_argument("--response-cache-ttl", type=float, default=3600.0,
                            metavar="SECONDS", help="how long an answer is kept (default 3600)")
+        group.add_argument("--response-cache-keep-length", action="store_true",
+                           help="also keep answers cut by max_tokens (finish_reason length; "
+                                "not kept by default)")
         group.add_argument("--cache-url", default=None, metavar="redis://HOST:PORT/DB",
                            help="share the cache with every replica through this Redis (a "
                                 "local LRU stays in front; Redis slow or down means bypass, "
@@ -60,7 +63,8 @@ class CachePlugin:
 
         cache_settings = CacheSettings(max_bytes=args.response_cache_bytes,
                                        ttl=args.response_cache_ttl,
-                                       key_prefix=args.cache_key_prefix)
+                                       key_prefix=args.cache_key_prefix,
+                                       keep_length_cut=args.response_cache_keep_length)
         shared = (RedisTier(args.cache_url, timeout=args.cache_timeout)
                   if args.cache_url else None)
         semantic = (SemanticSettings(model=args.semantic_model,

@@ -46,6 +46,8 @@ class CacheSettings:
     max_bytes: int = 256 << 20
     ttl: float = 3600.0
     key_prefix: str = "surge:rc:"
+    # Keep answers cut by max_tokens too (the same request is cut at the same place).
+    keep_length_cut: bool = False
     # With a shared tier, a local copy lives at most this long, so a flush (or an entry
     # another replica replaced) reaches every replica soon.
     local_ttl_with_shared: float = 10.0
@@ -242,11 +244,15 @@ class _Lookup:
     probe: _Probe | None = None
 
     async def store_body(self, body: dict[str, Any]) -> None:
-        if self.cache is None or self.key is None or _cut_short(body.get("choices", ())):
+        if self.cache is None or self.key is None or self._refused(body.get("choices", ())):
             return
         await self.cache.store(self.key, self.endpoint,
                                CachedAnswer(body=body, num_tokens=_total_tokens(body)),
                                self.probe)
+
+    def _refused(self, choices: Iterable[Any]) -> bool:
+        assert self.cache is not None
+        return not self.cache.settings.keep_length_cut and _cut_short(choices)
 
     def record_stream(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         if self.cache is None or self.key is None:
@@ -266,7 +272,7 @@ class _Lookup:
 
     async def _store_events(self, payloads: list[dict[str, Any]]) -> None:
         assert self.cache is not None and self.key is not None
-        if any(_cut_short(event.get("choices", ())) for event in payloads):
+        if any(self._refused(event.get("choices", ())) for event in payloads):
             return
         usage = [e["usage"] for e in payloads if isinstance(e.get("usage"), dict)]
         num_tokens = usage[-1].get("total_tokens", 0) if usage else 0

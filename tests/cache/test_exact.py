@@ -251,3 +251,15 @@ def test_redis_down_is_a_bypass_logged_once(caplog: pytest.LogCaptureFixture) ->
     warnings = [r for r in caplog.records if "requests bypass the cache" in r.getMessage()]
     assert len(warnings) == 1
 
+
+
+def test_length_cut_answers_are_kept_only_when_asked() -> None:
+    async def main() -> None:
+        body = {"choices": [{"finish_reason": "length"}]}
+        for keep, expected in ((False, "miss"), (True, "hit")):
+            cache = ExactCache(CacheSettings(keep_length_cut=keep),
+                               CacheMetrics(CollectorRegistry()))
+            await (await cache.lookup(_request(), _query([8]))).store_body(body)
+            assert (await cache.lookup(_request(), _query([8]))).status == expected
+
+    asyncio.run(main())
