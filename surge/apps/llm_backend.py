@@ -69,6 +69,11 @@ class ChatStream:
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
 
+    @property
+    def answered_from_cache(self) -> bool:
+        """The model server's response cache answered (X-Surge-Cache: hit or semantic-hit)."""
+        return self._response.headers.get("x-surge-cache", "").endswith("hit")
+
     async def deltas(self) -> AsyncIterator[ChatDelta]:
         async for line in self._response.aiter_lines():
             if not line.startswith("data:"):

@@ -8,7 +8,6 @@ UI. Errors use OpenAI's shape (``surge.http.errors.APIError``).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,7 +26,7 @@ from surge.apps.identity import ApiKeyGuard, user_id
 from surge.apps.llm_backend import LLMBackend
 from surge.apps.status import StatusWindow, parse_metrics
 from surge.apps.storage import GenerationRecord, Store, new_id
-from surge.apps.writing import LENGTHS, TEMPLATES, TONES, build_prompt, cache_key, check_request
+from surge.apps.writing import LENGTHS, TEMPLATES, TONES, build_prompt, check_request
 from surge.http.errors import APIError
 from surge.http.openapi import error_responses, event_stream_content
 from surge.http.responses import SSEResponse, sse_event
@@ -306,23 +305,19 @@ def _add_writing_routes(router: APIRouter, rt: AppsRuntime) -> None:
     async def create_generation(body: schemas.GenerationCreate, request: Request,
                                 user: UserId) -> dict[str, Any]:
         """Write with a template, tone and length. A deterministic request (temperature 0 or
-        a seed) that was answered before is answered at once from storage, `cached: true`."""
+        a seed) that this user sent before is answered from the model server's response
+        cache (`surge serve --response-cache`), `cached: true`."""
         problem = check_request(body.template, body.inputs, body.tone, body.length)
         if problem:
             raise APIError(400, problem, param="inputs" if "inputs" in problem else None)
         inputs = {k: v.strip() for k, v in body.inputs.items() if v.strip()}
         started = time.perf_counter()
-        key = cache_key(body.template, inputs, body.tone, body.length, body.model,
-                        body.temperature, body.seed, user)
-        record = await _cached_generation(rt, user, key)
-        cached = record is not None
-        if record is None:
-            text, finish = await _generate(rt, body, inputs, user, request)
-            record = GenerationRecord(
-                new_id(), user, body.template, body.tone, body.length, inputs, body.model,
-                body.temperature, body.seed, key, text, finish, time.time())
-            if rt.store is not None:
-                await rt.db(rt.store.add_generation, record)
+        text, finish, cached = await _generate(rt, body, inputs, user, request)
+        record = GenerationRecord(
+            new_id(), user, body.template, body.tone, body.length, inputs, body.model,
+            body.temperature, body.seed, None, text, finish, time.time())
+        if rt.store is not None:
+            await rt.db(rt.store.add_generation, record)
         latency_ms = (time.perf_counter() - started) * 1000
         return {**record.to_dict(), "cached": cached, "latency_ms": round(latency_ms, 2)}
 
@@ -342,25 +337,14 @@ def _add_writing_routes(router: APIRouter, rt: AppsRuntime) -> None:
         return Response(status_code=204)
 
 
-async def _cached_generation(rt: AppsRuntime, user: str,
-                             key: str | None) -> GenerationRecord | None:
-    """A copy of the stored answer to this user's same deterministic request (the key
-    covers the user: nobody learns what another user asked)."""
-    if key is None or rt.store is None:
-        return None
-    found = await rt.db(rt.store.find_cached, key)
-    if found is None:
-        return None
-    record = dataclasses.replace(found, id=new_id(), user_id=user, created_at=time.time())
-    await rt.db(rt.store.add_generation, record)
-    return record
-
-
 async def _generate(rt: AppsRuntime, body: schemas.GenerationCreate, inputs: dict[str, str],
-                    user: str, request: Request) -> tuple[str, str | None]:
+                    user: str, request: Request) -> tuple[str, str | None, bool]:
+    """The text, its finish reason, and whether the model server answered from its response
+    cache. ``user`` is the cache's tenant there: nobody learns, by an instant answer, that
+    another user sent the same (private) request."""
     messages, max_tokens = build_prompt(body.template, inputs, body.tone, body.length)
     payload: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens,
-                               "temperature": body.temperature}
+                               "temperature": body.temperature, "user": user}
     if body.seed is not None:
         payload["seed"] = body.seed
     if body.model:
@@ -379,7 +363,7 @@ async def _generate(rt: AppsRuntime, body: schemas.GenerationCreate, inputs: dic
         error = done.get("error") or {}
         raise APIError(502, f"the model server failed while writing: "
                        f"{error.get('message', 'unknown error')}", code="upstream_failed")
-    return "".join(parts), done.get("finish_reason")
+    return "".join(parts), done.get("finish_reason"), stream.answered_from_cache
 
 
 async def _no_persist(result: TurnResult) -> None:

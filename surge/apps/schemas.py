@@ -93,7 +93,8 @@ class GenerationCreate(BaseModel):
     tone: str = "neutral"
     length: str = "medium"
     temperature: float = Field(0.0, ge=0, le=2, description="0 (or a seed) makes the request "
-                               "deterministic, so a repeat is answered from the cache")
+                               "deterministic, so a repeat is answered from the model "
+                               "server's response cache")
     seed: int | None = Field(None, ge=0, lt=2**63)
     model: str | None = None
 
@@ -110,7 +111,8 @@ class Generation(BaseModel):
     output: str
     finish_reason: str | None
     created_at: float
-    cached: bool = Field(False, description="answered from an earlier identical request")
+    cached: bool = Field(False, description="answered from the model server's response "
+                         "cache (an earlier identical request by this user)")
     latency_ms: float | None = None
 
 
