@@ -35,6 +35,7 @@ class SemanticSettings:
     model: str = "all-minilm-l6-v2"
     threshold: float = 0.9
     max_entries_per_scope: int = 1000
+    max_local_scopes: int = 10_000  # without Redis: the oldest scope goes past this many
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold <= 1:
@@ -98,7 +99,10 @@ class SemanticIndex:
         if self.shared is None:
             items = [i for i in self._local.get(scope, []) if i.key != key]
             items.append(item)
+            self._local.pop(scope, None)  # re-inserted last: the most recently written
             self._local[scope] = items[-self.settings.max_entries_per_scope:]
+            while len(self._local) > self.settings.max_local_scopes:
+                del self._local[next(iter(self._local))]
             return
         await self.shared.push(self.key_prefix + scope, _encode(item),
                                self.settings.max_entries_per_scope, self.ttl)

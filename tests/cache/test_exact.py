@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 
 import msgspec
+import numpy as np
 import pytest
 import redis
 from prometheus_client import CollectorRegistry
@@ -18,6 +19,7 @@ from surge.cache.exact import CacheSettings, ExactCache
 from surge.cache.keys import CacheControl
 from surge.cache.local import LocalLRU
 from surge.cache.metrics import CacheMetrics
+from surge.cache.semantic import SemanticIndex, SemanticSettings
 from surge.cache.shared import RedisTier
 from surge.http.gate import KEY_ID_STATE
 from surge.http.responses import SSE_DONE, sse_event
@@ -261,5 +263,24 @@ def test_length_cut_answers_are_kept_only_when_asked() -> None:
                                CacheMetrics(CollectorRegistry()))
             await (await cache.lookup(_request(), _query([8]))).store_body(body)
             assert (await cache.lookup(_request(), _query([8]))).status == expected
+
+    asyncio.run(main())
+
+
+def test_the_local_semantic_index_is_bounded() -> None:
+    async def no_vector(text: str) -> None:
+        return None
+
+    async def main() -> None:
+        settings = SemanticSettings(max_entries_per_scope=2, max_local_scopes=3)
+        index = SemanticIndex(settings, no_vector, ttl=60.0)
+        vector = np.array([1.0, 0.0], dtype=np.float32)
+        for i in range(3):
+            await index.add("scope", vector, f"key-{i}")
+        assert [i.key for i in await index._items("scope")] == ["key-1", "key-2"]
+        for name in ("b", "c", "d"):
+            await index.add(name, vector, name)
+        assert await index.nearest("scope", vector) is None  # the oldest scope left
+        assert await index.nearest("d", vector) == ("d", 1.0)
 
     asyncio.run(main())
