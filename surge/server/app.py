@@ -32,6 +32,7 @@ from surge.http.services import Services
 from surge.server.admission import AdmissionController, AdmissionRejected
 from surge.server.completions import OpenAIServingCompletions, add_generation_routes
 from surge.server.context import RequestContext
+from surge.server.docs import add_offline_docs
 from surge.server.features import Feature, ServerHost, ServingLoad
 from surge.server.lifecycle import EngineSupervision, EngineSupervisor, ServerLifecycle
 from surge.server.metrics import ServerMetrics
@@ -124,7 +125,9 @@ def build_app(settings: ServerSettings, llm: GenerationModel | None = None,
     lifecycle = ServerLifecycle(context, services,
                                 drain_hooks=[supervisor.begin_drain] if supervisor else [])
     app = FastAPI(title="Surge", version=surge.__version__, lifespan=lifecycle.lifespan,
-                  description="OpenAI-compatible API of the Surge serving engine.")
+                  description="OpenAI-compatible API of the Surge serving engine.",
+                  docs_url=None)
+    add_offline_docs(app, "Surge")  # Swagger UI's assets ship with the package: no CDN
     control.on_drain(lifecycle.begin_drain)
     install_error_handlers(app)
     document_validation_as_400(app)
