@@ -271,9 +271,10 @@ def resolve_model(name: str | os.PathLike[str]) -> Path:
     if key in CATALOGUE:
         return pull(key)
     raise FileNotFoundError(
-        f"model {str(name)!r} not found: give a checkpoint directory in Hugging Face layout "
-        f"(with config.json), a .gguf file, or a catalogue name ({', '.join(sorted(CATALOGUE))};"
-        " see `surge pull --list`). For a small random-weight test checkpoint: "
+        f"model {str(name)!r} not found ({path / 'config.json'} not found): give a checkpoint "
+        f"directory in Hugging Face layout (with config.json), a .gguf file, or a catalogue "
+        f"name ({', '.join(sorted(CATALOGUE))}; see `surge pull --list`). For a small "
+        "random-weight test checkpoint: "
         "surge make-model --preset tiny-llama --out models/tiny-llama")
 
 
