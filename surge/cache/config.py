@@ -45,6 +45,10 @@ class CachePlugin:
         group.add_argument("--semantic-threshold", type=float, default=0.9, metavar="COSINE",
                            help="least cosine similarity of the two messages' embeddings "
                                 "(default 0.9)")
+        group.add_argument("--semantic-compare", choices=("last", "conversation"),
+                           default="last", help="compare the last user message by meaning and "
+                           "every earlier message exactly (default), or the whole "
+                           "conversation by meaning and only the system prompt exactly")
         group.add_argument("--semantic-model", default="all-minilm-l6-v2", metavar="NAME",
                            help="the served embedding model that embeds messages (default "
                                 "all-minilm-l6-v2: add --extra-model all-minilm-l6-v2)")
@@ -68,6 +72,7 @@ class CachePlugin:
         shared = (RedisTier(args.cache_url, timeout=args.cache_timeout)
                   if args.cache_url else None)
         semantic = (SemanticSettings(model=args.semantic_model,
-                                     threshold=args.semantic_threshold)
+                                     threshold=args.semantic_threshold,
+                                     compare=args.semantic_compare)
                     if args.semantic_cache else None)
         return CacheFeature(cache_settings, shared, semantic)

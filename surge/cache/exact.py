@@ -31,7 +31,7 @@ from surge.cache.keys import (
 )
 from surge.cache.local import LocalLRU
 from surge.cache.metrics import CacheMetrics
-from surge.cache.semantic import SemanticIndex, last_user_turn, scope_of
+from surge.cache.semantic import SemanticIndex, compared_text, scope_of
 from surge.cache.shared import RedisTier, SharedTierDown
 from surge.http.responses import SSE_DONE
 from surge.server.response_cache import CachedAnswer, CacheLookup, CacheQuery
@@ -161,13 +161,14 @@ class ExactCache:
     # -- by meaning ---------------------------------------------------------------------------
 
     async def _semantic_probe(self, tenant: str, query: CacheQuery) -> _Probe | None:
-        """The last user turn's vector and the scope it must match in; None when the
+        """The compared text's vector and the scope it must match in; None when the
         semantic tier is off, the request is not a chat ending in a user's text, or the
         embedding model cannot answer now."""
-        turn = last_user_turn(query.messages) if self.semantic is not None else None
+        if self.semantic is None:
+            return None
+        turn = compared_text(query.messages, self.semantic.settings.compare)
         if turn is None:
             return None
-        assert self.semantic is not None
         text, earlier = turn
         vector = await self.semantic.embed(text)
         if vector is None:

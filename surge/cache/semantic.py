@@ -25,7 +25,12 @@ import numpy as np
 
 from surge.cache.shared import RedisTier
 
-__all__ = ["SemanticIndex", "SemanticSettings", "last_user_turn", "scope_of"]
+__all__ = ["SCOPES", "SemanticIndex", "SemanticSettings", "compared_text", "scope_of"]
+
+# What is compared by meaning: the last user message (every earlier message must match
+# exactly), or the whole conversation (only the system and developer messages must match).
+SCOPES = ("last", "conversation")
+_INSTRUCTIONS = ("system", "developer")
 
 Embed = Callable[[str], Awaitable[np.ndarray | None]]
 
@@ -36,25 +41,35 @@ class SemanticSettings:
     threshold: float = 0.9
     max_entries_per_scope: int = 1000
     max_local_scopes: int = 10_000  # without Redis: the oldest scope goes past this many
+    compare: str = "last"
 
     def __post_init__(self) -> None:
+        if self.compare not in SCOPES:
+            raise ValueError(f"--semantic-compare={self.compare!r} is invalid: allowed is one "
+                             f"of {', '.join(SCOPES)}")
         if not 0 < self.threshold <= 1:
             raise ValueError(f"--semantic-threshold={self.threshold} is invalid: allowed is a "
                              "cosine similarity in (0, 1]")
 
 
-def last_user_turn(messages: list[dict[str, Any]] | None
-                   ) -> tuple[str, list[dict[str, Any]]] | None:
-    """The last message's text when a user sent it, and the messages before it; None when
-    the conversation does not end with a user's text."""
-    if not messages or messages[-1].get("role") != "user":
+def compared_text(messages: list[dict[str, Any]] | None, compare: str = "last"
+                  ) -> tuple[str, list[dict[str, Any]]] | None:
+    """The text compared by meaning and the messages that must match exactly; None when the
+    conversation does not end with a user's text."""
+    if not messages or messages[-1].get("role") != "user" or not _text(messages[-1]).strip():
         return None
-    content = messages[-1].get("content")
+    if compare == "last":
+        return _text(messages[-1]), messages[:-1]
+    said = [m for m in messages if m.get("role") not in _INSTRUCTIONS]
+    return ("\n".join(f"{m.get('role')}: {_text(m)}" for m in said),
+            [m for m in messages if m.get("role") in _INSTRUCTIONS])
+
+
+def _text(message: dict[str, Any]) -> str:
+    content = message.get("content")
     if isinstance(content, list):
-        content = " ".join(part.get("text", "") for part in content if isinstance(part, dict))
-    if not isinstance(content, str) or not content.strip():
-        return None
-    return content, messages[:-1]
+        return " ".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else ""
 
 
 def scope_of(tenant: str, exact_material: dict[str, Any],

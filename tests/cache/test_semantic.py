@@ -10,13 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
-from surge.cache.semantic import SemanticIndex, SemanticSettings, unit
+from surge.cache.exact import CacheSettings, ExactCache
+from surge.cache.metrics import CacheMetrics
+from surge.cache.semantic import SemanticIndex, SemanticSettings, compared_text, unit
 from surge.cache.shared import RedisTier
 from surge.hub import resolve_model
 from surge.models.pooling_models import TextEmbedder
+from surge.server.response_cache import CacheQuery
 from tests.cache._http import CACHE, chat, metric, post, stopping
 from tests.cache.conftest import KEYS, REDIS_URL
+from tests.cache.test_exact import _request
 from tests.server._helpers import ServerProcess, start_server
 
 CHAT = "/v1/chat/completions"
@@ -94,3 +99,49 @@ def test_the_threshold_must_be_a_cosine_similarity() -> None:
     with pytest.raises(ValueError, match=r"--semantic-threshold=1.5 is invalid: allowed is a "
                                          r"cosine similarity in \(0, 1\]"):
         SemanticSettings(threshold=1.5)
+
+
+def _messages(*pairs: tuple[str, str]) -> list[dict]:
+    return [{"role": role, "content": content} for role, content in pairs]
+
+
+def test_what_is_compared_by_meaning_and_what_exactly() -> None:
+    talk = _messages(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"),
+                     ("user", [{"type": "text", "text": "What is recursion?"}]))
+    assert compared_text(talk) == ("What is recursion?", talk[:-1])
+    assert compared_text(talk, "conversation") == (
+        "user: Hi\nassistant: Hello!\nuser: What is recursion?", talk[:1])
+    assert compared_text(talk[:-1]) is None  # ends with the assistant: nothing to answer
+    assert compared_text(_messages(("user", "  "))) is None
+    with pytest.raises(ValueError, match="--semantic-compare='all' is invalid: allowed is one "
+                                         "of last, conversation"):
+        SemanticSettings(compare="all")
+
+
+def test_the_exact_cache_answers_a_paraphrase_only_in_the_same_scope(
+        minilm: TextEmbedder) -> None:
+    async def embed(text: str) -> np.ndarray:
+        [vector] = minilm.embed_batch(minilm.tokenize([text]))
+        return unit(vector)
+
+    def query(messages: list[dict]) -> CacheQuery:
+        # As the server sends it: the rendered prompt's ids (here: one per character).
+        ids = [ord(c) for m in messages for c in m["content"]]
+        return CacheQuery("chat", "tiny", None, "float32 cpu",
+                          {"prompt_token_ids": [ids], "temperature": 0}, True, None, messages)
+
+    async def main() -> None:
+        cache = ExactCache(CacheSettings(), CacheMetrics(CollectorRegistry()),
+                           semantic=SemanticIndex(SemanticSettings(), embed, 60.0))
+        asked = _messages(("user", QUESTION))
+        lookup = await cache.lookup(_request(), query(asked))
+        await lookup.store_body({"choices": [{"finish_reason": "stop", "text": "answer"}]})
+        # Its token ids differ, so only the semantic tier can answer it.
+        hit = await cache.lookup(_request(), query(_messages(("user", PARAPHRASE))))
+        assert hit.status == "semantic-hit" and hit.answer is not None
+        earlier = _messages(("user", "Hi"), ("assistant", "Hello"), ("user", PARAPHRASE))
+        assert (await cache.lookup(_request(), query(earlier))).status == "miss"
+        assert (await cache.lookup(_request("key-b"), query(_messages(("user", PARAPHRASE))))
+                ).status == "miss"
+
+    asyncio.run(main())
