@@ -66,7 +66,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[rows]).float()
         batch = self._sampling_batch(requests)
         if masks is not None:
-            batch.grammar_rows, batch.grammar_bitmask = grammar_rows, masks.result()
+            batch.grammar_rows, batch.grammar_allowed = grammar_rows, masks.result()
         results = sample(logits, batch, self.generator)
         return {r.request_id: res for r, res in zip(requests, results, strict=True)}
 

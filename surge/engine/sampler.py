@@ -61,11 +61,10 @@ class SamplingBatch:
     penalties: list[RowPenalties | None] | None = None
     # Ids a row may not pick yet: EOS and stop token ids before its min_tokens.
     banned_token_ids: list[list[int]] | None = None
-    # Constrained rows (structured outputs) and their allowed tokens: an int32 bitmask
-    # [len(grammar_rows), ceil(V / 32)], bit j of word i allowing id 32 * i + j. None when no
-    # row is constrained, so unconstrained steps do no mask work at all.
+    # Constrained rows (structured outputs) and their allowed tokens: bool [len(grammar_rows),
+    # V]. None when no row is constrained, so unconstrained steps do no mask work at all.
     grammar_rows: list[int] | None = None
-    grammar_bitmask: torch.Tensor | None = None
+    grammar_allowed: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.temperatures)
@@ -81,15 +80,15 @@ def sample(logits: torch.Tensor, batch: SamplingBatch,
     num_logprobs = batch.num_logprobs
     wants_logprobs = any(k is not None for k in num_logprobs)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
-    if (batch.penalties is not None or batch.banned_token_ids is not None
-            or batch.grammar_rows is not None):
-        logits = logits.clone()
+    constrained = batch.grammar_rows is not None and batch.grammar_allowed is not None
+    if constrained:  # out of place: the masked logits are a new tensor
+        logits = _mask_disallowed(logits, batch.grammar_rows, batch.grammar_allowed)
+    if batch.penalties is not None or batch.banned_token_ids is not None:
+        logits = logits if constrained else logits.clone()
         if batch.penalties is not None:
             _apply_penalties(logits, batch.penalties)
         if batch.banned_token_ids is not None:
             _mask_banned(logits, batch.banned_token_ids)
-        if batch.grammar_rows is not None and batch.grammar_bitmask is not None:
-            _mask_disallowed(logits, batch.grammar_rows, batch.grammar_bitmask)
     token_ids = logits.argmax(dim=-1)
     random_rows = [row for row, t in enumerate(batch.temperatures) if t >= GREEDY_EPSILON]
     if random_rows:
@@ -126,16 +125,19 @@ def _mask_banned(logits: torch.Tensor, banned_token_ids: list[list[int]]) -> Non
             logits[row, banned] = float("-inf")
 
 
-_BIT_POSITIONS = torch.arange(32, dtype=torch.int32)
-
-
-def _mask_disallowed(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
-    """Set the logits of tokens a row's grammar does not allow to -inf, all rows at once."""
-    vocab = logits.shape[1]
-    bits = bitmask.to(logits.device).unsqueeze(-1) >> _BIT_POSITIONS.to(logits.device)
-    allowed = (bits & 1).bool().flatten(1)[:, :vocab]
-    index = torch.tensor(rows, device=logits.device)
-    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+def _mask_disallowed(logits: torch.Tensor, rows: list[int], allowed: torch.Tensor
+                     ) -> torch.Tensor:
+    """A copy of ``logits`` where tokens a row's grammar does not allow are -inf, all rows at
+    once (``torch.where`` measured faster than ``masked_fill`` on CPU)."""
+    device = logits.device
+    allowed = allowed.to(device, non_blocking=True)
+    minus_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=device)
+    if len(rows) == logits.shape[0]:  # rows are in order (the runner lists them so)
+        return torch.where(allowed, logits, minus_inf)
+    masked = logits.clone()
+    index = torch.tensor(rows, device=device)
+    masked[index] = torch.where(allowed, logits[index], minus_inf)
+    return masked
 
 
 def _sample_random(logits: torch.Tensor, batch: SamplingBatch, rows: list[int],

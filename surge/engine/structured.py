@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 # Distinct constraints kept compiled; a compiled matcher is a few hundred KiB at most.
 _CACHE_SIZE = 256
+_BIT_POSITIONS = torch.arange(32, dtype=torch.int32)
 
 
 class GrammarError(ValueError):
@@ -148,8 +149,9 @@ class StructuredOutputs:
         return state
 
     def fill_bitmask(self, states: list[GrammarState]) -> Future[torch.Tensor]:
-        """Allowed tokens of each state's next position, as an int32 bitmask
-        [len(states), ceil(vocab / 32)], computed in one call on the mask thread."""
+        """Allowed tokens of each state's next position, bool [len(states), vocab]: one
+        grammar-engine call for all rows, then unpacked, both on the mask thread (so the step
+        loop only applies it)."""
         return self._masker.submit(self._fill, states)
 
     def shutdown(self) -> None:
@@ -177,7 +179,9 @@ class StructuredOutputs:
         self._executor.unsafe_compute_mask_ptr(
             [(state.matcher, row) for row, state in enumerate(states)],
             bitmask.data_ptr(), bitmask.shape[1] * 4, len(states))
-        return bitmask
+        # Bit j of word i allows id 32 * i + j.
+        bits = (bitmask.unsqueeze(-1) >> _BIT_POSITIONS) & 1
+        return bits.bool().flatten(1)[:, :self._vocab_size]
 
     def _remember(self, key: str, template: Future[llguidance.LLMatcher]) -> None:
         if len(self._compiled) >= _CACHE_SIZE:  # drop the oldest entry (insertion order)

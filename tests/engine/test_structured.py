@@ -213,7 +213,9 @@ def test_identical_constraints_compile_once_and_states_are_independent(
     assert len(structured._compiled) == 1
     first.accept(tokenizer.encode("a", add_special_tokens=False)[0])
     masks = structured.fill_bitmask([first, second]).result()
-    assert masks.shape == (2, -(-tokenizer.vocab_size // 32))
+    assert masks.shape == (2, tokenizer.vocab_size) and masks.dtype == torch.bool
+    allowed_first = {tokenizer.decode([i]) for i in masks[0].nonzero().flatten().tolist()}
+    assert "b" in allowed_first and "c" not in allowed_first
     assert not torch.equal(masks[0], masks[1])  # advancing one left the other at the start
     structured.shutdown()
 
@@ -244,8 +246,11 @@ def test_structured_outputs_params_need_exactly_one_constraint() -> None:
 
 def test_sampler_masks_only_constrained_rows() -> None:
     logits = torch.tensor([[0.0, 5.0, 1.0, 2.0], [0.0, 5.0, 1.0, 2.0]])
-    # Row 1 may pick ids 2 and 3 only (bits 2 and 3 of word 0).
+    # Row 1 may pick ids 2 and 3 only.
     batch = SamplingBatch([0.0, 0.0], [0, 0], [1.0, 1.0], [0.0, 0.0], [None, None],
                           [None, None], grammar_rows=[1],
-                          grammar_bitmask=torch.tensor([[0b1100]], dtype=torch.int32))
+                          grammar_allowed=torch.tensor([[False, False, True, True]]))
     assert [r.token_id for r in sample(logits, batch)] == [1, 3]
+    batch.grammar_rows, batch.grammar_allowed = [0, 1], torch.tensor(
+        [[True, False, True, False], [False, False, True, True]])
+    assert [r.token_id for r in sample(logits, batch)] == [2, 3]
