@@ -62,7 +62,7 @@ def grammar_text(spec: StructuredOutputsParams) -> str:
         return llguidance.grammar_from("grammar", spec.grammar)
     except GrammarError:
         raise
-    except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+    except Exception as exc:  # user input into a native library: any failure means invalid
         raise GrammarError(f"structured_outputs {_kind(spec)} is invalid: {exc}") from exc
 
 
@@ -80,7 +80,11 @@ def _json_grammar(schema: object) -> str:
 def validate_constraint(spec: StructuredOutputsParams) -> None:
     """Raise GrammarError naming the problem when the constraint cannot compile (a schema
     with a bad regex, an unknown type, a grammar syntax error, ...)."""
-    error = llguidance.LLMatcher.validate_grammar(grammar_text(spec))
+    grammar = grammar_text(spec)
+    try:
+        error = llguidance.LLMatcher.validate_grammar(grammar)
+    except Exception as exc:  # reported as the constraint's problem
+        error = str(exc)
     if error:
         raise GrammarError(f"structured_outputs {_kind(spec)} is invalid: {error}")
 
