@@ -47,3 +47,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    # With SamplingParams(prompt_logprobs=k): one entry per prompt token, the first None.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

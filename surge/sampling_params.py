@@ -71,6 +71,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # Constrained decoding (JSON schema, regex, choice, grammar); None: unconstrained.
     structured_outputs: StructuredOutputsParams | None = None
+    # Log-probabilities of the prompt's tokens (and the top k alternatives), computed in the
+    # prefill: None: off. Such a request bypasses the prefix cache (every position is needed).
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -108,6 +111,9 @@ class SamplingParams:
                self.stop_token_ids, "a list of integers >= 0")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs
                <= MAX_LOGPROBS), "logprobs", self.logprobs, f"an integer in [0, {MAX_LOGPROBS}]")
+        _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs) and 0 <=
+               self.prompt_logprobs <= MAX_LOGPROBS), "prompt_logprobs", self.prompt_logprobs,
+               f"an integer in [0, {MAX_LOGPROBS}]")
         _check(self.structured_outputs is None
                or isinstance(self.structured_outputs, StructuredOutputsParams),
                "structured_outputs", self.structured_outputs,

@@ -186,7 +186,9 @@ class EngineCore:
             logprobs = [result.logprobs] if result.logprobs is not None else None
             outputs.append(EngineCoreOutput(
                 request.request_id, [result.token_id], logprobs, request.finish_reason,
-                request.stop_reason, request.num_cached_tokens, request.first_scheduled_time))
+                request.stop_reason, request.num_cached_tokens, request.first_scheduled_time,
+                prompt_logprobs=(request.prompt_logprobs
+                                 if request.num_output_tokens == 1 else None)))
         return outputs
 
 

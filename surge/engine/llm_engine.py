@@ -16,7 +16,7 @@ from surge.engine.core import EngineCore
 from surge.engine.output_processor import OutputProcessor
 from surge.engine.protocol import AddRequest, EngineCoreOutput
 from surge.engine.request import ANONYMOUS_TENANT, FinishReason
-from surge.outputs import RequestOutput
+from surge.outputs import RequestOutput, TokenLogprobs
 from surge.sampling_params import SamplingParams
 from surge.tokenizer import ChatTokenizer, load_tokenizer
 
@@ -32,6 +32,7 @@ class _Tracked:
     prompt: str | None
     prompt_token_ids: list[int]
     processor: OutputProcessor
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class LLMEngine:
@@ -77,6 +78,7 @@ class LLMEngine:
 
     def _emit(self, out: EngineCoreOutput) -> RequestOutput:
         tracked = self._tracked[out.request_id]
+        tracked.prompt_logprobs = tracked.prompt_logprobs or out.prompt_logprobs
         delta = tracked.processor.process(out)
         if delta.needs_abort:
             self.core.finish_request(out.request_id, FinishReason.STOP, delta.stop_reason)
@@ -84,4 +86,4 @@ class LLMEngine:
             del self._tracked[out.request_id]
         return RequestOutput(out.request_id, tracked.prompt, tracked.prompt_token_ids,
                              [tracked.processor.completion(delta)], delta.finished,
-                             out.num_cached_tokens)
+                             out.num_cached_tokens, tracked.prompt_logprobs)

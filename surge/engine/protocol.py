@@ -47,6 +47,9 @@ class EngineCoreOutput(msgspec.Struct):
     first_scheduled_time: float | None = None  # time.monotonic() when it first got a seat
     # Set when the engine refused the request (it then also carries finish_reason ABORT).
     error: str | None = None
+    # With prompt_logprobs, on the request's first output: one entry per prompt token (the
+    # first is None: nothing precedes it).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class TenantStats(msgspec.Struct):

@@ -70,6 +70,9 @@ class Request:
     generator: Any = None
     # A structured-output request's grammar position (surge.engine.structured.GrammarState).
     grammar: Any = None
+    # With prompt_logprobs: one entry per prompt position so far (None for the first token,
+    # which has no context), filled by the runner during the prefill.
+    prompt_logprobs: list[Any] | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

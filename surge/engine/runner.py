@@ -16,6 +16,7 @@ from surge.engine.scheduler import ScheduledChunk, SchedulerOutput
 from surge.engine.structured import StructuredOutputs
 from surge.models.attention import AttentionMetadata, PrefillChunk, forward_context
 from surge.models.loader import LoadedModel
+from surge.outputs import TokenLogprobs
 
 __all__ = ["ModelRunner"]
 
@@ -60,6 +61,7 @@ class ModelRunner:
                  if grammar_rows and self.structured is not None else None)
         with forward_context(metadata):
             hidden = self.model(input_ids, positions)
+        self._record_prompt_logprobs(chunks, hidden)
         if not sampling:
             return {}
         rows = torch.tensor([row for row, _ in sampling], device=self.device)
@@ -69,6 +71,33 @@ class ModelRunner:
             batch.grammar_rows, batch.grammar_allowed = grammar_rows, masks.result()
         results = sample(logits, batch, self.generator)
         return {r.request_id: res for r, res in zip(requests, results, strict=True)}
+
+    def _record_prompt_logprobs(self, chunks: list[ScheduledChunk], hidden: torch.Tensor
+                                ) -> None:
+        """Append the logprob of each prompt token this chunk's positions predict (position
+        p predicts token p + 1), for requests that asked; a recomputed prefill (after a
+        preemption) skips positions already recorded."""
+        for chunk, end in zip(chunks, _cumulative_ends(chunks), strict=True):
+            request = chunk.request
+            k = request.sampling_params.prompt_logprobs
+            if k is None:
+                continue
+            if request.prompt_logprobs is None:
+                request.prompt_logprobs = [None]
+            first = len(request.prompt_logprobs) - 1
+            last = min(chunk.start + chunk.num_tokens, request.num_prompt_tokens - 1)
+            if not chunk.start <= first < last:
+                continue
+            offset = end - chunk.num_tokens - chunk.start
+            logits = self.model.compute_logits(hidden[offset + first:offset + last]).float()
+            raw = torch.log_softmax(logits, dim=-1)
+            targets = request.token_ids[first + 1:last + 1]
+            chosen = raw.gather(1, self._tensor(targets).unsqueeze(1)).squeeze(1).tolist()
+            top_values, top_ids = raw.topk(k, dim=-1) if k else (None, None)
+            for row, (target, logprob) in enumerate(zip(targets, chosen, strict=True)):
+                top = ({} if top_ids is None else dict(zip(
+                    top_ids[row].tolist(), top_values[row].tolist(), strict=True)))
+                request.prompt_logprobs.append(TokenLogprobs(target, logprob, top))
 
     def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:
         """One pass over the rows; penalty and min_tokens lists only when a row needs them."""
