@@ -44,6 +44,12 @@ from surge.server.admission import Ticket
 from surge.server.context import RequestContext
 from surge.server.metrics import ServerMetrics
 from surge.server.models import ServedModels
+from surge.server.prompt_logprobs import (
+    check_prompt_logprobs_request,
+    engine_max_tokens,
+    prompt_logprobs_of,
+    vllm_prompt_logprobs,
+)
 from surge.server.response_cache import (
     NO_CACHE,
     NOT_CACHED,
@@ -99,6 +105,7 @@ class _Delta:
     logprobs: list[TokenLogprobs] | None
     finish_reason: str | None
     stop_reason: int | str | None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # on the first delta, if asked
 
 
 @dataclass
@@ -110,12 +117,14 @@ class _Accumulated:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def text(self) -> str:
         return "".join(self.text_parts)
 
     def add(self, delta: _Delta) -> None:
+        self.prompt_logprobs = self.prompt_logprobs or delta.prompt_logprobs
         self.text_parts.append(delta.text)
         self.num_tokens += len(delta.token_ids)
         if delta.logprobs:
@@ -179,7 +188,7 @@ class OpenAIServingCompletions:
                                          texts if body.echo else None)
         if cache.answer is not None:
             return self._answer_from_cache(cache, request, _COMPLETION_PREFIX)
-        prepared = self._prepare(body, prompts, texts, body.max_tokens, body.logprobs,
+        prepared = self._prepare(body, prompts, texts, engine_max_tokens(body), body.logprobs,
                                  request, _COMPLETION_PREFIX)
         if body.stream:
             return with_cache_header(SSEResponse(
@@ -396,14 +405,22 @@ class OpenAIServingCompletions:
     def _completion_body(self, prepared: _Prepared, body: CompletionRequest,
                          outputs: list[_Accumulated]) -> dict[str, Any]:
         choices = []
+        if body.max_tokens == 0:  # the one token the engine sampled is not part of the answer
+            outputs = [_Accumulated(finish_reason="length", prompt_logprobs=o.prompt_logprobs)
+                       for o in outputs]
         for choice, out in zip(prepared.choices, outputs, strict=True):
             text = out.text
+            entries: list[TokenLogprobs | None] = list(out.logprobs)
             if body.echo:
                 text = self._echo_text(prepared, choice.prompt_index) + text
+                entries = [*(out.prompt_logprobs or []), *entries]
             choices.append({"index": choice.index, "text": text,
-                            "logprobs": self._completion_logprobs(out.logprobs, body.logprobs),
+                            "logprobs": self._completion_logprobs(entries, body.logprobs),
                             "finish_reason": out.finish_reason,
                             "stop_reason": out.stop_reason})
+            if body.prompt_logprobs is not None:
+                choices[-1]["prompt_logprobs"] = vllm_prompt_logprobs(
+                    out.prompt_logprobs or [], body.prompt_logprobs, self.tokens.token_text)
         return {"id": prepared.request_id, "object": "text_completion",
                 "created": prepared.created, "model": prepared.model, "choices": choices,
                 "usage": self._usage(prepared, outputs)}
@@ -412,18 +429,21 @@ class OpenAIServingCompletions:
         text = prepared.prompt_texts[prompt_index]
         return text if text is not None else self.tokenizer.decode(prepared.prompts[prompt_index])
 
-    def _completion_logprobs(self, entries: list[TokenLogprobs] | None,
+    def _completion_logprobs(self, entries: list[TokenLogprobs | None] | None,
                              requested: int | None) -> dict[str, Any] | None:
+        """A None entry is the echoed prompt's first token: it has no logprob."""
         if requested is None or entries is None:
             return None
-        tokens = [self.tokens.token_text(e.token_id) for e in entries]
+        tokens = [self.tokens.token_text(e.token_id) if e is not None else "" for e in entries]
         offsets, offset = [], 0
         for token in tokens:
             offsets.append(offset)
             offset += len(token)
-        top = [{self.tokens.token_text(e.token_id): e.logprob,
-                **{self.tokens.token_text(t): lp for t, lp in e.top.items()}} for e in entries]
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+        top = [None if e is None else {self.tokens.token_text(e.token_id): e.logprob, **{
+            self.tokens.token_text(t): lp for t, lp in list(e.top.items())[:requested]}}
+            for e in entries]
+        return {"tokens": tokens, "token_logprobs": [None if e is None else e.logprob
+                                                     for e in entries],
                 "top_logprobs": top, "text_offset": offsets}
 
     # -- chat --------------------------------------------------------------------------------
@@ -616,7 +636,7 @@ async def _stream_choice(serving: OpenAIServingCompletions, choice: _Choice,
                 first_scheduled = first_scheduled or update.first_scheduled_time
                 out = processor.process(update)
                 delta = _Delta(choice.index, out.text, out.token_ids, out.logprobs,
-                               out.finish_reason, out.stop_reason)
+                               out.finish_reason, out.stop_reason, update.prompt_logprobs)
                 yield delta
                 if delta.finish_reason is not None:
                     finish = delta.finish_reason
@@ -691,7 +711,8 @@ def _sampling_params(body: _SamplingRequest, max_tokens: int | None,
             stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos,
             logprobs=logprobs, skip_special_tokens=body.skip_special_tokens,
             include_stop_str_in_output=body.include_stop_str_in_output,
-            structured_outputs=structured_outputs_of(body))
+            structured_outputs=structured_outputs_of(body),
+            prompt_logprobs=prompt_logprobs_of(body, logprobs))
     except ValueError as exc:
         # SamplingParams says "field=value is invalid: allowed is ..."; the field is the param.
         raise APIError(400, str(exc), param=str(exc).split("=", 1)[0],
@@ -713,9 +734,7 @@ def _refuse_unsupported_completion(body: CompletionRequest) -> None:
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, f"'best_of'={body.best_of} is not supported: allowed is null or "
                        f"equal to n ({body.n})", param="best_of")
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "'echo' with 'logprobs' is not supported (no prompt logprobs): "
-                       "allowed is one of them", param="echo")
+    check_prompt_logprobs_request(body)
     _refuse_logit_bias(body)
 
 

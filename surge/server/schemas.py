@@ -153,10 +153,15 @@ class _SamplingRequest(_Request):
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
         ..., description="a string, a list of strings, token ids, or a list of token-id lists")
-    max_tokens: Int64 | None = Field(16, ge=1, description="null: up to the context length")
+    max_tokens: Int64 | None = Field(16, ge=0, description="null: up to the context length; "
+                                     "0 (with echo): score the prompt, generate nothing")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                  description="top alternatives to return per token")
-    echo: bool = Field(False, description="prepend the prompt to the returned text")
+    echo: bool = Field(False, description="prepend the prompt to the returned text (with "
+                                          "logprobs: the prompt's tokens get logprobs too)")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                        description="vLLM's: each prompt token's logprob and "
+                                                    "top alternatives, per choice")
     suffix: str | None = Field(None, description="not supported: must be null")
     best_of: int | None = Field(None, ge=1, le=MAX_N, description="only best_of == n is "
                                                                   "supported")

@@ -93,7 +93,7 @@ def test_completions_honour_vllm_guided_fields(client: httpx.Client, extra: dict
     ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "required"),
     ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_regex", "at most one"),
     ({"use_beam_search": True}, "use_beam_search", "not supported"),
-    ({"prompt_logprobs": 1, "bad_words": ["x"]}, "prompt_logprobs", "bad_words"),
+    ({"allowed_token_ids": [1], "bad_words": ["x"]}, "allowed_token_ids", "bad_words"),
     ({"guided_decoding_backend": "outlines"}, "guided_decoding_backend", "not supported"),
 ])
 def test_bad_constraints_and_unimplemented_fields_are_400_naming_them(
