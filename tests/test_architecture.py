@@ -123,3 +123,20 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_checker_sees_a_known_import() -> None:
     """Guards the parser itself: the engine's runner does import the model code."""
     assert "models" in _edges_from("engine")
+
+
+def test_the_api_server_process_never_imports_torch() -> None:
+    """DESIGN: HTTP, tokenization and JSON live in a process without torch (the engine has its
+    own), so the API server stays small and never contends with the step loop for torch's
+    threads. Checked in a fresh interpreter: everything `surge serve` imports for an LLM."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import surge.entrypoints.serve, surge.server.app, surge.server.completions\n"
+            "import surge.engine.mp_client, surge.tokenizer, surge.models.tasks\n"
+            "import surge.apps.config, surge.batch.config, surge.cache\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, check=True)
+    assert result.stdout.strip() == "[]", result.stdout[:500]

@@ -26,11 +26,14 @@ import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import llguidance
-import torch
 
 from surge.sampling_params import StructuredOutputsParams
+
+if TYPE_CHECKING:  # the API server validates grammars here and must not load torch
+    import torch
 
 __all__ = ["GrammarError", "GrammarState", "StructuredOutputs", "grammar_text",
            "validate_constraint"]
@@ -39,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 # Distinct constraints kept compiled; a compiled matcher is a few hundred KiB at most.
 _CACHE_SIZE = 256
-_BIT_POSITIONS = torch.arange(32, dtype=torch.int32)
 
 
 class GrammarError(ValueError):
@@ -179,12 +181,14 @@ class StructuredOutputs:
         return self._tokenizer
 
     def _fill(self, states: list[GrammarState]) -> torch.Tensor:
+        import torch
+
         bitmask = torch.full((len(states), -(-self._vocab_size // 32)), -1, dtype=torch.int32)
         self._executor.unsafe_compute_mask_ptr(
             [(state.matcher, row) for row, state in enumerate(states)],
             bitmask.data_ptr(), bitmask.shape[1] * 4, len(states))
         # Bit j of word i allows id 32 * i + j.
-        bits = (bitmask.unsqueeze(-1) >> _BIT_POSITIONS) & 1
+        bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
         return bits.bool().flatten(1)[:, :self._vocab_size]
 
     def _remember(self, key: str, template: Future[llguidance.LLMatcher]) -> None:

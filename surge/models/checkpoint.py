@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
-from safetensors import safe_open
+from typing import TYPE_CHECKING, Any, Protocol
 
 from surge.models.config import eos_ids_of
+
+if TYPE_CHECKING:  # torch loads with the weights, not with config.json (the API server reads it)
+    import torch
 
 __all__ = ["Checkpoint", "HFCheckpoint", "open_checkpoint", "read_config"]
 
@@ -74,6 +74,8 @@ class HFCheckpoint:
         safetensor_files = _weight_files(self.path, "model.safetensors")
         if safetensor_files:
             for file in safetensor_files:
+                from safetensors import safe_open
+
                 with safe_open(str(file), framework="pt") as f:
                     for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                         yield key, f.get_tensor(key)
@@ -91,6 +93,8 @@ class HFCheckpoint:
                 "loaded; convert them to safetensors, or pass --allow-pickle (LLM(..., "
                 "allow_pickle=True)) if you trust their source")
         for file in pickle_files:
+            import torch
+
             yield from torch.load(file, map_location="cpu", weights_only=True).items()
 
 

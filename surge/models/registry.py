@@ -12,22 +12,13 @@ To add an architecture: write its model file (a class built from one config obje
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from torch import nn
-
-from surge.models.bert import BertConfig, BertModel
-from surge.models.efficientnet import (
-    EfficientNetLiteConfig,
-    EfficientNetLiteForImageClassification,
-)
-from surge.models.gpt2 import GPT2LMHeadModel, gpt2_config
-from surge.models.llama import LlamaForCausalLM, llama_config
-from surge.models.resnet import ResNetConfig, ResNetForImageClassification
-from surge.models.vit import ViTConfig, ViTForImageClassification
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["ARCHITECTURES", "SUPPORTED_ARCHITECTURES", "Architecture", "Task",
            "find_architecture", "names_for", "register"]
@@ -44,19 +35,42 @@ class Architecture:
     (refusing unsupported options with a clear message). ``auto_dtype`` is what ``dtype="auto"``
     means: None for the checkpoint's own ``torch_dtype`` (LLMs are served as stored), or a fixed
     dtype name (small encoders and classifiers serve in float32, their outputs compared closely).
+
+    The built-in entries name their class and reader as ``"module:attribute"``, imported on
+    first use: the table itself imports no torch, so the API server, which only asks a
+    checkpoint's task, never loads the model code.
     """
 
     name: str
     task: Task
-    model_class: type[nn.Module]
-    read_config: Callable[[dict[str, Any]], Any]
+    model_class_ref: type[nn.Module] | str
+    read_config_ref: Callable[[dict[str, Any]], Any] | str
     model_types: tuple[str, ...] = ()
     auto_dtype: str | None = None
+    reader_kwargs: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def model_class(self) -> type[nn.Module]:
+        return _resolve(self.model_class_ref)
+
+    def read_config(self, hf: dict[str, Any]) -> Any:
+        return _resolve(self.read_config_ref)(hf, **dict(self.reader_kwargs))
+
+
+def _resolve(ref: Any) -> Any:
+    if not isinstance(ref, str):
+        return ref
+    module, _, attribute = ref.partition(":")
+    target: Any = importlib.import_module(module)
+    for part in attribute.split("."):
+        target = getattr(target, part)
+    return target
 
 
 def _llama(name: str, model_type: str) -> Architecture:
-    reader = partial(llama_config, architecture=name)
-    return Architecture(name, "generate", LlamaForCausalLM, reader, (model_type,))
+    return Architecture(name, "generate", "surge.models.llama:LlamaForCausalLM",
+                        "surge.models.llama:llama_config", (model_type,),
+                        reader_kwargs=(("architecture", name),))
 
 
 _BUILTIN = (
@@ -64,14 +78,19 @@ _BUILTIN = (
     _llama("Qwen2ForCausalLM", "qwen2"),
     _llama("Qwen3ForCausalLM", "qwen3"),
     _llama("MistralForCausalLM", "mistral"),
-    Architecture("GPT2LMHeadModel", "generate", GPT2LMHeadModel, gpt2_config, ("gpt2",)),
-    Architecture("BertModel", "embed", BertModel, BertConfig.from_hf, ("bert",), "float32"),
-    Architecture("ResNetForImageClassification", "classify", ResNetForImageClassification,
-                 ResNetConfig.from_hf, ("resnet",), "float32"),
-    Architecture("ViTForImageClassification", "classify", ViTForImageClassification,
-                 ViTConfig.from_hf, ("vit",), "float32"),
+    Architecture("GPT2LMHeadModel", "generate", "surge.models.gpt2:GPT2LMHeadModel",
+                 "surge.models.gpt2:gpt2_config", ("gpt2",)),
+    Architecture("BertModel", "embed", "surge.models.bert:BertModel",
+                 "surge.models.bert:BertConfig.from_hf", ("bert",), "float32"),
+    Architecture("ResNetForImageClassification", "classify",
+                 "surge.models.resnet:ResNetForImageClassification",
+                 "surge.models.resnet:ResNetConfig.from_hf", ("resnet",), "float32"),
+    Architecture("ViTForImageClassification", "classify",
+                 "surge.models.vit:ViTForImageClassification",
+                 "surge.models.vit:ViTConfig.from_hf", ("vit",), "float32"),
     Architecture("EfficientNetLiteForImageClassification", "classify",
-                 EfficientNetLiteForImageClassification, EfficientNetLiteConfig.from_hf,
+                 "surge.models.efficientnet:EfficientNetLiteForImageClassification",
+                 "surge.models.efficientnet:EfficientNetLiteConfig.from_hf",
                  ("efficientnet_lite",), "float32"),
 )
 ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in _BUILTIN}

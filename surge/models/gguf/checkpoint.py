@@ -20,12 +20,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from surge.models.gguf.reader import GGUFFile, GGUFFormatError, TensorInfo
+
+if TYPE_CHECKING:  # torch is for the tensors; the tokenizer reads this module's vocabulary too
+    import torch
 
 __all__ = ["SUPPORTED_GGUF_ARCHITECTURES", "SUPPORTED_GGUF_TYPES", "GGUFCheckpoint", "GGUFError",
            "GGUFVocab", "RawTensor", "is_gguf", "open_gguf", "open_vocab", "read_vocab"]
@@ -89,6 +91,8 @@ class RawTensor:
         values = quants.dequantize(self.data, GGMLQuantizationType[self.ggml_type])
         values = np.ascontiguousarray(values, dtype=np.float32)
         # F32 tensors come back as views of the read-only memory map; torch wants its own copy.
+        import torch
+
         return torch.from_numpy(values if values.flags.writeable else values.copy())
 
 
