@@ -17,8 +17,10 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from surge.http.errors import validation_message
+from surge.http.errors import APIError, validation_message
 from surge.http.unicode import find_lone_surrogate, surrogate_problem
+from surge.server.prompt_logprobs import check_prompt_logprobs_request
+from surge.server.schemas import CompletionRequest
 
 __all__ = [
     "BATCH_URLS",
@@ -167,10 +169,14 @@ def _check_line(line_no: int, text: str, schemas: Mapping[str, type[BaseModel]],
 def _check_body(body: dict[str, Any], schema: type[BaseModel],
                 served_models: Collection[str]) -> None:
     try:
-        schema.model_validate(body)
+        request = schema.model_validate(body)
+        if isinstance(request, CompletionRequest):  # the rules across fields, as the route
+            check_prompt_logprobs_request(request)
     except ValidationError as exc:
         message, _param = validation_message(exc.errors())
         raise _Invalid(f"body: {message}") from exc
+    except APIError as exc:
+        raise _Invalid(f"body: {exc.message}") from exc
     if body.get("stream"):
         raise _Invalid("body: 'stream' must be false or absent: batch results are stored whole")
     model = body.get("model")

@@ -31,8 +31,9 @@ def check_prompt_logprobs_request(body: CompletionRequest) -> None:
                        "are not supported with 'stream': true: allowed is stream false",
                        param="stream")
     if body.max_tokens == 0 and not body.echo and body.prompt_logprobs is None:
-        raise APIError(400, "'max_tokens': 0 generates nothing: allowed with 'echo': true or "
-                       "'prompt_logprobs', otherwise max_tokens >= 1", param="max_tokens")
+        raise APIError(400, "'max_tokens'=0 is invalid: it generates nothing; allowed with "
+                       "'echo': true or 'prompt_logprobs', otherwise max_tokens >= 1",
+                       param="max_tokens")
 
 
 def engine_max_tokens(body: CompletionRequest) -> int | None:
