@@ -1,24 +1,18 @@
-"""The writing assistant: templates x tone x length become one chat request, and deterministic
-requests get a cache key.
+"""The writing assistant: templates x tone x length become one chat request.
 
-A request is cached only when its output is a function of the request: greedy decoding
-(temperature 0) or a fixed seed. The key covers everything that changes the output (template,
-inputs, tone, length, model, temperature, seed) and the prompt version, so editing a template
-here never serves answers written for the old wording. It covers the user too: a cache shared
-by everyone would tell user B, by an instant ``cached: true``, that someone sent the very same
+Repeats are answered by the server's response cache (surge.cache), which caches only requests
+whose output is a function of the request (greedy, or a fixed seed) and keys them by the
+rendered prompt, so editing a template here never serves answers written for the old wording.
+The app sends the user as the request's ``user``, the cache's tenant: a cache shared by
+everyone would tell user B, by an instant ``cached: true``, that someone sent the very same
 private request before.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
-__all__ = ["LENGTHS", "TEMPLATES", "TONES", "Template", "build_prompt", "cache_key"]
-
-# Bump when a template's wording changes: old cached answers then stop matching.
-PROMPT_VERSION = 1
+__all__ = ["LENGTHS", "TEMPLATES", "TONES", "Template", "build_prompt"]
 
 
 @dataclass(frozen=True)
@@ -76,16 +70,3 @@ def build_prompt(template: str, inputs: dict[str, str], tone: str, length: str
               "words. Reply with the text only.")
     return ([{"role": "system", "content": system},
              {"role": "user", "content": spec.instruction.format(**values)}], max_tokens)
-
-
-def cache_key(template: str, inputs: dict[str, str], tone: str, length: str,
-              model: str | None, temperature: float, seed: int | None,
-              user: str) -> str | None:
-    """The key of a deterministic request by ``user``, None for a sampled one (never
-    cached)."""
-    if temperature != 0 and seed is None:
-        return None
-    request = {"v": PROMPT_VERSION, "template": template, "inputs": inputs, "tone": tone,
-               "length": length, "model": model, "temperature": temperature, "seed": seed,
-               "user": user}
-    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
