@@ -142,6 +142,12 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     add_parser(subparsers)
 
 
+def _add_optimize(subparsers: argparse._SubParsersAction) -> None:
+    from surge.optimize.cli import add_parser
+
+    add_parser(subparsers)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_make_model,
     _add_generate,
@@ -151,6 +157,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_batch,
     _add_pull,
     _add_eval,
+    _add_optimize,
 ]
 
 
