@@ -36,7 +36,7 @@ from torch import nn
 from surge.models.checkpoint import open_checkpoint
 from surge.models.config import stored_dtype
 from surge.models.linear import Linear, LinearMethod, copy_checked
-from surge.models.quantization import checkpoint_tensors, quantization_method
+from surge.models.quantization import checkpoint_tensors, quantization_method, stored_quantization
 from surge.models.registry import Architecture, Task, find_architecture
 
 __all__ = ["DTYPES", "LoadedModel", "build_model", "load_model", "load_weights",
@@ -102,13 +102,31 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto",
     config = arch.read_config(hf)
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target, arch.auto_dtype or stored_dtype(hf))
-    linear_method = linear_method or quantization_method(quantization, quantization_group_size,
-                                                         target, torch_dtype)
+    linear_method = linear_method or _linear_method(hf, quantization, quantization_group_size,
+                                                    target, torch_dtype)
     extra = {} if linear_method is None else {"linear_method": linear_method}
     model = build_model(arch.model_class, config, torch_dtype, target, **extra)
     load_weights(model, checkpoint_tensors(checkpoint, model))
     _finish(model, target, max_positions)
     return LoadedModel(model, config, torch_dtype, target, arch)
+
+
+def _linear_method(hf: dict[str, Any], quantization: str, group_size: int,
+                   device: torch.device, dtype: torch.dtype) -> LinearMethod | None:
+    """``--quantization``'s method, or the stored one of a checkpoint written quantized
+    (`surge optimize quantize`), which then loads as it is, re-quantizing nothing."""
+    stored = stored_quantization(hf)
+    if stored is None:
+        return quantization_method(quantization, group_size, device, dtype)
+    if quantization not in ("none", stored.quantization) or (
+            quantization == "int4" and group_size != stored.group_size):
+        kind = stored.quantization + (f", group size {stored.group_size}"
+                                      if stored.quantization == "int4" else "")
+        raise ValueError(f"this checkpoint is stored quantized ({kind}): allowed is "
+                         f"quantization='none' (it loads as stored), not {quantization!r} "
+                         f"with group size {group_size}")
+    return quantization_method(stored.quantization, stored.group_size, device, dtype,
+                               prequantized=True)
 
 
 def build_model(model_class: type[nn.Module], config: Any, dtype: torch.dtype,

@@ -32,12 +32,26 @@ kernel), is dequantized to float32 and quantized as above. Without ``--quantizat
 file is dequantized to the serving dtype, as before: on this CPU bfloat16 serves batches
 faster (see benchmarks/bench_quant.py), and it is the reference the quantized modes are
 judged against.
+
+Stored quantized (`surge optimize quantize`): a Hugging Face directory whose config.json has
+``quantization_config = {"quant_method": "surge", "bits": 8 or 4, "group_size": G (int4),
+"scale_dtype": "bfloat16" or "float32", "version": 1}`` stores each decoder projection ``P``
+(``...q_proj``, ``...down_proj``, ...) as the exact state these methods build at load, so
+loading it (`stored_quantization`, ``prequantized=True``) re-quantizes nothing and serves
+bit-identical weights:
+
+- int8: ``P.qweight`` int8 [out, in] and ``P.scales`` [out] (``w = qweight * scale``);
+- int4: ``P.qweight`` uint8 [out, in / 2], column ``2j`` in the low nibble of byte ``j`` and
+  ``2j + 1`` in the high one, codes in [0, 15]; ``P.scales`` and ``P.zeros`` [out, in / G]
+  (``w = (code - 8) * scale + zero``);
+- a bias, and every tensor that is not a decoder projection, as in any checkpoint.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,8 +66,9 @@ if TYPE_CHECKING:
     from surge.models.gguf import RawTensor
 
 __all__ = ["INT4_GROUP_SIZES", "QUANTIZATIONS", "Int4LinearMethod", "Int8LinearMethod",
-           "WeightOnlyLinearMethod", "checkpoint_tensors", "dequantized_weight",
-           "quantization_method"]
+           "StoredQuantization", "WeightOnlyLinearMethod", "checkpoint_tensors",
+           "dequantized_weight", "pack_int4_columns", "quantization_method",
+           "stored_quantization", "unpack_int4_columns"]
 
 QUANT_DTYPES = (torch.bfloat16, torch.float32)
 # Token counts at which the two kernel paths are timed against each other at load. The
@@ -66,9 +81,10 @@ _INT4_ROW_BLOCK = 64
 
 
 def quantization_method(quantization: str, group_size: int, device: torch.device,
-                        dtype: torch.dtype) -> LinearMethod | None:
+                        dtype: torch.dtype, prequantized: bool = False) -> LinearMethod | None:
     """The linear method for ``--quantization`` (None for "none"), or ``ValueError`` saying
-    what is allowed where the kernels do not run."""
+    what is allowed where the kernels do not run. ``prequantized``: the checkpoint stores
+    the quantized tensors (see the module docstring), not float weights."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization={quantization!r} is invalid: allowed is one of "
                          f"{', '.join(QUANTIZATIONS)}")
@@ -82,11 +98,39 @@ def quantization_method(quantization: str, group_size: int, device: torch.device
         raise ValueError(f"quantization={quantization!r} needs dtype bfloat16 or float32, not "
                          f"{str(dtype).removeprefix('torch.')}")
     if quantization == "int8":
-        return Int8LinearMethod()
+        return Int8LinearMethod(prequantized=prequantized)
     if group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"quantization_group_size={group_size!r} is invalid: allowed is one "
                          f"of {', '.join(map(str, INT4_GROUP_SIZES))}")
-    return Int4LinearMethod(group_size)
+    return Int4LinearMethod(group_size, prequantized=prequantized)
+
+
+@dataclass(frozen=True)
+class StoredQuantization:
+    """A checkpoint's ``quantization_config`` written by `surge optimize quantize`."""
+
+    quantization: str  # "int8" or "int4"
+    group_size: int  # int4's; 32 (unused) for int8
+    scale_dtype: str
+
+
+def stored_quantization(hf: dict[str, Any]) -> StoredQuantization | None:
+    """What config.json says the stored projections are (None: float weights), or
+    ``ValueError`` for a quantization this version cannot load."""
+    config = hf.get("quantization_config")
+    if config is None:
+        return None
+    method = config.get("quant_method") if isinstance(config, dict) else None
+    if method != "surge":
+        raise ValueError(f"config.json's quantization_config has quant_method={method!r}: "
+                         "Surge loads only its own ('surge', written by `surge optimize "
+                         "quantize`); give the float checkpoint and --quantization int8|int4")
+    bits, group_size = config.get("bits"), config.get("group_size") or 32
+    if bits not in (4, 8) or (bits == 4 and group_size not in INT4_GROUP_SIZES):
+        raise ValueError(f"config.json's quantization_config bits={bits!r}, group_size="
+                         f"{group_size!r} is invalid: allowed is bits 8, or bits 4 with a "
+                         f"group_size of {', '.join(map(str, INT4_GROUP_SIZES))}")
+    return StoredQuantization(f"int{bits}", group_size, config.get("scale_dtype", "bfloat16"))
 
 
 class WeightOnlyLinearMethod(LinearMethod):
@@ -219,7 +263,12 @@ def _serving_dtype() -> torch.dtype:
 
 
 class Int8LinearMethod(WeightOnlyLinearMethod):
-    """int8 weights with one scale per output row (see the module docstring for its error)."""
+    """int8 weights with one scale per output row (see the module docstring for its error).
+    ``prequantized``: the checkpoint stores ``qweight`` and ``scales`` instead of ``weight``."""
+
+    def __init__(self, threshold: int | None = None, prequantized: bool = False) -> None:
+        super().__init__(threshold)
+        self.prequantized = prequantized
 
     def create_weights(self, layer: Linear) -> None:
         dtype = _serving_dtype()
@@ -228,7 +277,11 @@ class Int8LinearMethod(WeightOnlyLinearMethod):
         layer.register_buffer("scales", torch.empty(layer.output_size, dtype=dtype))
         layer.dtype = dtype
         layer.kernel_threshold = _NEVER
-        layer.weight_loaders["weight"] = self.load_weight
+        if self.prequantized:
+            layer.weight_loaders["qweight"] = _load_stored("qweight", lambda t: t)
+            layer.weight_loaders["scales"] = _load_stored("scales", lambda t: t)
+        else:
+            layer.weight_loaders["weight"] = self.load_weight
         self.create_bias(layer)
 
     @staticmethod
@@ -269,12 +322,14 @@ class Int4LinearMethod(WeightOnlyLinearMethod):
     """int4 weights with a scale and zero point per ``group_size`` inputs of a row (see the
     module docstring for its error)."""
 
-    def __init__(self, group_size: int = 32, threshold: int | None = None) -> None:
+    def __init__(self, group_size: int = 32, threshold: int | None = None,
+                 prequantized: bool = False) -> None:
         if group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"group_size={group_size!r} is invalid: allowed is one of "
                              f"{', '.join(map(str, INT4_GROUP_SIZES))}")
         super().__init__(threshold)
         self.group_size = group_size
+        self.prequantized = prequantized
 
     def create_weights(self, layer: Linear) -> None:
         if layer.input_size % self.group_size:
@@ -291,7 +346,12 @@ class Int4LinearMethod(WeightOnlyLinearMethod):
         layer.register_buffer("group_zeros", torch.empty(layer.output_size, groups,
                                                          dtype=torch.float32))
         layer.kernel_threshold = _NEVER
-        layer.weight_loaders["weight"] = self.load_weight
+        if self.prequantized:
+            layer.weight_loaders["qweight"] = _load_stored("codes", unpack_int4_columns)
+            layer.weight_loaders["scales"] = _load_stored("group_scales", lambda t: t)
+            layer.weight_loaders["zeros"] = _load_stored("group_zeros", lambda t: t)
+        else:
+            layer.weight_loaders["weight"] = self.load_weight
         self.create_bias(layer)
 
     def load_weight(self, layer: nn.Module, tensor: torch.Tensor | RawTensor,
@@ -375,6 +435,31 @@ def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     if tensor.shape[0] == rows:
         return tensor
     return torch.cat((tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])))
+
+
+def pack_int4_columns(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [rows, columns] in [0, 15] -> [rows, columns / 2], two per byte (column
+    ``2j`` in the low nibble of byte ``j``): the stored layout, independent of the kernel's."""
+    pairs = codes.to(torch.uint8).view(codes.shape[0], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def unpack_int4_columns(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_int4_columns`."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).view(packed.shape[0], -1)
+
+
+def _load_stored(buffer: str, decode: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> Callable[[nn.Module, torch.Tensor, int | None], None]:
+    """A loader copying a stored quantized tensor (decoded) into ``buffer``'s shard rows."""
+    def load(layer: nn.Module, tensor: torch.Tensor, shard: int | None) -> None:
+        assert isinstance(layer, Linear)
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError("is a GGUF block tensor where a stored Surge quantized tensor "
+                             "was expected")
+        copy_checked(getattr(layer, buffer)[layer.shard_rows(shard)], decode(tensor))
+
+    return load
 
 
 # -- GGUF blocks kept as they are ------------------------------------------------------------

@@ -133,14 +133,17 @@ def settings_from_args(args: argparse.Namespace, dtype: str = "bfloat16") -> Gat
                         progress=args.progress)
 
 
-def run_gate(original: str, result: str | Path, settings: GateSettings, label: str) -> int:
+def run_gate(original: str, result: str | Path, settings: GateSettings, label: str,
+             notes: list[str] | None = None) -> int:
     """Evaluate ``result`` against ``original``, print the table, record the variant, draw
-    the plot; 1 when a bound fails, else 0. ``label`` names the variant ("int8", ...)."""
+    the plot; 1 when a bound fails, else 0. ``label`` names the variant ("int8", ...);
+    ``notes`` are printed under the table and kept in the report."""
     if not settings.evaluate:
         return 0
     from surge.optimize.report import compare, plot_variants, record_variant
 
     comparison = compare(original, str(result), settings, label)
+    comparison.notes.extend(notes or [])
     print(comparison.table())
     out = Path(result)
     comparison.write_json(out / "optimize_report.json")
