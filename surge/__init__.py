@@ -1,9 +1,10 @@
 """Surge: serve AI models to many users at once."""
 
-from surge.outputs import CompletionOutput, RequestOutput
-from surge.sampling_params import SamplingParams
+from surge.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from surge.sampling_params import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams",
+           "StructuredOutputsParams", "TokenLogprobs"]
 __version__ = "0.1.0"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.responses import Response
@@ -29,7 +30,7 @@ from surge.http.handlers import install_error_handlers
 from surge.http.openapi import document_validation_as_400, error_responses
 from surge.http.responses import json_response
 from surge.http.services import Services
-from surge.server.admission import AdmissionController, AdmissionRejected
+from surge.server.admission import AdmissionController
 from surge.server.completions import OpenAIServingCompletions, add_generation_routes
 from surge.server.context import RequestContext
 from surge.server.docs import add_offline_docs
@@ -37,7 +38,9 @@ from surge.server.features import Feature, ServerHost, ServingLoad
 from surge.server.lifecycle import EngineSupervision, EngineSupervisor, ServerLifecycle
 from surge.server.metrics import ServerMetrics
 from surge.server.models import ServedModel, ServedModels
+from surge.server.responses import add_responses_routes
 from surge.server.schemas import HealthResponse, ModelList
+from surge.server.tenants import Tenants, TenantsConfig, reloading_on_sighup
 from surge.server.tokenize import add_tokenize_routes
 from surge.tokenizer import ChatTokenizer
 
@@ -48,7 +51,7 @@ logger = logging.getLogger(__name__)
 _AUTH_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 # Routes whose requests wait in the admission queue: refused before their body is read when
 # it is full.
-_QUEUED_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
+_QUEUED_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses"})
 
 
 @dataclass
@@ -65,6 +68,10 @@ class ServerSettings:
     request_timeout: float | None = 600.0
     drain_timeout: float = 30.0
     log_prompts: bool = False
+    # Tenants (surge.server.tenants): the header naming the tenant, and the file of weights
+    # and limits (reloaded on SIGHUP).
+    tenant_header: str | None = None
+    tenants_file: str | None = None
 
     def __post_init__(self) -> None:
         require(bool(self.model_names) and all(self.model_names), "served_model_name",
@@ -113,7 +120,7 @@ def build_app(settings: ServerSettings, llm: GenerationModel | None = None,
     context = RequestContext(
         AdmissionController(settings.max_queued_requests, settings.max_queued_tokens),
         RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm), metrics,
-        settings.request_timeout)
+        settings.request_timeout, Tenants(settings.tenant_header, settings.tenants_file))
     models, services = ServedModels(), Services()
     serving = supervisor = None
     if llm is not None:
@@ -122,6 +129,8 @@ def build_app(settings: ServerSettings, llm: GenerationModel | None = None,
         supervisor = _supervise(llm, serving, context, control, settings, metrics)
         services.add(supervisor.running)
         _register_llm(models, serving)
+    if settings.tenants_file is not None:
+        services.add(_tenants_reload(context, llm))
     lifecycle = ServerLifecycle(context, services,
                                 drain_hooks=[supervisor.begin_drain] if supervisor else [])
     app = FastAPI(title="Surge", version=surge.__version__, lifespan=lifecycle.lifespan,
@@ -134,8 +143,9 @@ def build_app(settings: ServerSettings, llm: GenerationModel | None = None,
     app.add_middleware(RequestGate, auth=ApiKeyAuth(settings.api_keys),
                        max_body_bytes=settings.max_body_bytes, auth_prefixes=_AUTH_PREFIXES,
                        on_reject=metrics.record_rejected,
-                       shed=_shed_when_full(context.admission, metrics))
+                       shed=_shed_when_full(context))
     add_generation_routes(app, models)
+    add_responses_routes(app, models)
     add_tokenize_routes(app, models)
     _add_operator_routes(app, models, context, metrics, llm, serving)
     load: ServingLoad = serving if serving is not None else _NoGeneration(context)
@@ -145,23 +155,29 @@ def build_app(settings: ServerSettings, llm: GenerationModel | None = None,
     return app
 
 
-def _shed_when_full(admission: AdmissionController,
-                    metrics: ServerMetrics) -> Callable[[Scope], APIError | None]:
+def _shed_when_full(context: RequestContext) -> Callable[[Scope], APIError | None]:
     """Under a flood of clients that ignore Retry-After, each 429 used to cost ~4 ms of this
     process's CPU (body read, JSON, validation, tokenizing) and starve the engine: with the
-    queue full, a generation request is refused before any of that (no logging either)."""
+    queue full, a generation request is refused before any of that (no logging either), when
+    its headers name its tenant (else only at the queue's hard bound: its body's ``user``
+    may name a tenant with room)."""
     def shed(scope: Scope) -> APIError | None:
         if scope["path"] not in _QUEUED_ROUTES or scope["method"] != "POST":
             return None
-        try:
-            admission.refuse_if_full()
-        except AdmissionRejected as exc:
-            metrics.record_rejected(exc.reason)
-            return APIError(429, exc.message, code=exc.reason,
-                            headers={"Retry-After": str(exc.retry_after)})
-        return None
+        return context.shed(scope)
 
     return shed
+
+
+def _tenants_reload(context: RequestContext,
+                    llm: GenerationModel | None) -> Callable[[], Any]:
+    """SIGHUP reloads the tenants file; the engine gets the new weights."""
+    async def apply(config: TenantsConfig) -> None:
+        context.tenant_metrics.reserve(config.tenants)
+        if llm is not None and llm.engine.is_ready:
+            await llm.engine.set_tenant_weights(config.weights())
+
+    return lambda: reloading_on_sighup(context.tenants, apply)
 
 
 def _supervise(llm: GenerationModel, serving: OpenAIServingCompletions, context: RequestContext,
