@@ -35,6 +35,7 @@ from surge.cache.semantic import SemanticIndex, compared_text, scope_of
 from surge.cache.shared import RedisTier, SharedTierDown
 from surge.http.responses import SSE_DONE
 from surge.server.response_cache import CachedAnswer, CacheLookup, CacheQuery
+from surge.server.tenants import Tenants
 
 __all__ = ["CacheSettings", "ExactCache"]
 
@@ -71,6 +72,8 @@ class ExactCache:
         self.shared = shared
         self.semantic = semantic
         self.local = LocalLRU(settings.max_bytes, on_evict=self._evicted)
+        # The server's tenant resolution (set when the feature mounts); None: keys and users.
+        self.tenants: Tenants | None = None
 
     async def lookup(self, request: Request, query: CacheQuery) -> CacheLookup:
         started = time.perf_counter()
@@ -110,7 +113,7 @@ class ExactCache:
         control = CacheControl.of(request.headers.get("cache-control"))
         if not query.reproducible:
             return self._bypass("not_reproducible")
-        tenant = tenant_of(request, query.user)
+        tenant = tenant_of(request, query.user, self.tenants)
         key = cache_key(tenant, query)
         keep = None if control.no_store else key
         if control.no_cache:

@@ -43,6 +43,7 @@ class CacheFeature:
                                      self.settings.ttl, self.shared, self.settings.key_prefix)
         cache = ExactCache(self.settings, CacheMetrics(host.metrics.registry), self.shared,
                            semantic)
+        cache.tenants = host.context.tenants  # one resolution for scheduling and caching
         self.cache = cache
         host.context.response_cache = cache
         host.services.add(lambda: _closing(cache))

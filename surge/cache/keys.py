@@ -12,8 +12,8 @@ from pathlib import Path
 
 from starlette.requests import Request
 
-from surge.http.gate import key_id
 from surge.server.response_cache import CacheQuery
+from surge.server.tenants import Tenants, resolve_tenant
 
 __all__ = ["FORMAT_VERSION", "CacheControl", "cache_key", "model_fingerprint", "tenant_of"]
 
@@ -38,10 +38,14 @@ class CacheControl:
         return cls(no_cache="no-cache" in directives, no_store="no-store" in directives)
 
 
-def tenant_of(request: Request, user: str | None) -> str:
-    """Whose answers these are: the API key (its id) and the body's ``user``, both, so that
-    neither another key nor another end-user behind the same key reads them."""
-    return json.dumps([key_id(request.scope), user])
+def tenant_of(request: Request, user: str | None, tenants: Tenants | None = None) -> str:
+    """Whose answers these are: the request's tenant as the server resolves it for scheduling
+    and admission (``Tenants.resolve``: the API key's id, else the tenant header, else
+    ``user``), and the body's ``user`` too, so that neither another tenant nor another
+    end-user of the same tenant reads them."""
+    tenant = tenants.resolve(request.scope, user) if tenants is not None else (
+        resolve_tenant(request.scope, user, None))
+    return json.dumps([tenant, user])
 
 
 def cache_key(tenant: str, query: CacheQuery) -> str:

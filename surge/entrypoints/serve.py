@@ -87,6 +87,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     admission.add_argument("--max-queued-tokens", type=int, default=256 * 1024,
                            help="prompt tokens waiting before new requests get 429 "
                                 "(default 262144)")
+    admission.add_argument("--tenants", default=None, metavar="FILE", dest="tenants_file",
+                           help="TOML or JSON file of per-tenant weight, max_queued_requests, "
+                                "max_in_flight, requests_per_minute, tokens_per_minute; "
+                                "reloaded on SIGHUP (see surge.server.tenants)")
+    admission.add_argument("--tenant-header", default=None, metavar="NAME",
+                           help="header naming the tenant when no API key does (e.g. "
+                                "X-Tenant, set by a gateway); else the body's 'user', else "
+                                "one anonymous tenant")
 
     security = parser.add_argument_group("security")
     security.add_argument("--api-key", action="append", default=None, dest="api_keys",
@@ -143,6 +151,10 @@ def run_serve(args: argparse.Namespace) -> int:
         return run_replicated(args, model_dir, settings)
     config = EngineConfig.from_args(args)
     config.model = model_dir
+    if settings.tenants_file is not None:  # the fair scheduler's weights (SIGHUP updates)
+        from surge.server.tenants import TenantsConfig
+
+        config.tenant_weights = TenantsConfig.load(settings.tenants_file).weights()
 
     import uvicorn
 
@@ -201,7 +213,16 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_body_bytes=args.max_body_bytes, max_queued_requests=args.max_queued_requests,
         max_queued_tokens=args.max_queued_tokens,
         request_timeout=args.request_timeout or None, drain_timeout=args.drain_timeout,
-        log_prompts=args.log_prompts)
+        log_prompts=args.log_prompts, **_tenant_settings(args))
+
+
+def _tenant_settings(args: argparse.Namespace) -> dict[str, str | None]:
+    """--tenants and --tenant-header, checked now: a bad file fails before a model loads."""
+    from surge.server.tenants import Tenants
+
+    path, header = getattr(args, "tenants_file", None), getattr(args, "tenant_header", None)
+    Tenants(header, path)  # raises ValueError naming the flag's problem
+    return {"tenants_file": path, "tenant_header": header}
 
 
 def make_llm(mode: str, config: EngineConfig, model_dir: str, restart: bool,

@@ -93,6 +93,7 @@ class _Choice:
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int
+    tenant: str = "anonymous"  # whom it is served for (surge.server.tenants)
 
 
 @dataclass
@@ -314,11 +315,12 @@ class OpenAIServingCompletions:
         # Charged up front, as OpenAI does: prompt plus the most the completion may take.
         budget = sum(len(ids) + (max_tokens or info.max_model_len - len(ids))
                      for ids in prompts) * body.n
-        self.context.charge(request, budget)
-        ticket = self.context.admit(sum(len(ids) for ids in prompts) * body.n)
+        tenant = self.context.tenant_of(request, body.user)
+        self.context.charge(request, budget, tenant)
+        ticket = self.context.admit(sum(len(ids) for ids in prompts) * body.n, tenant)
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         choices = [_Choice(p * body.n + i, p, f"{request_id}-{p * body.n + i}", ids,
-                           _choice_params(params, i), body.priority)
+                           _choice_params(params, i), body.priority, tenant)
                    for p, ids in enumerate(prompts) for i in range(body.n)]
         if self.log_prompts:
             shown = [t if t is not None else ids for t, ids in zip(texts, prompts, strict=True)]
@@ -628,7 +630,7 @@ async def _stream_choice(serving: OpenAIServingCompletions, choice: _Choice,
     finish: str | None = "abort"  # what metrics record if the stream is cut off
     try:
         request = AddRequest(choice.request_id, choice.prompt_token_ids, params,
-                             choice.priority)
+                             choice.priority, tenant=choice.tenant)
         async with contextlib.aclosing(serving.engine.generate(request)) as updates:
             async for update in updates:
                 now = time.monotonic()
@@ -657,6 +659,10 @@ def _record(serving: OpenAIServingCompletions, choice: _Choice, finish: str | No
         num_generation_tokens=len(token_times), arrival=arrival,
         first_scheduled=first_scheduled,
         first_token=first_token, token_times=token_times, finished=time.monotonic())
+    serving.context.tenant_metrics.record_request(
+        choice.tenant, len(choice.prompt_token_ids), len(token_times),
+        None if first_scheduled is None else first_scheduled - arrival,
+        None if first_token is None else first_token - arrival)
     if serving.log_prompts:
         logger.info("request %s finished (%s): %r", choice.request_id, finish, processor.text)
 
