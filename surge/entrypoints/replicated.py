@@ -17,11 +17,19 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from surge.router.cli import add_replica_args, autoscale_config, breaker_config, router_settings
+from surge.router.cli import (
+    add_replica_args,
+    autoscale_config,
+    breaker_config,
+    ray_resources,
+    router_settings,
+    scale_to_zero,
+)
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
 
+    from surge.router.backend import ReplicaBackend
     from surge.server.app import ServerSettings
 
 __all__ = ["replica_serve_args", "replica_threads", "run_replicated"]
@@ -35,9 +43,10 @@ SERVE_COMMAND = (sys.executable, "-m", "surge.cli", "serve")
 def run_replicated(args: argparse.Namespace, model_dir: str, settings: ServerSettings) -> int:
     """`surge serve` with several replicas: ``model_dir`` is resolved (the demo model is written
     once, here) and ``settings`` validated by the caller."""
-    from surge.router.app import run_router
-    from surge.router.local import LocalReplicaConfig, build_local_router
+    from surge.router.app import build_router, run_router
+    from surge.router.backend import ReplicaPlan
     from surge.router.policies import make_policy
+    from surge.router.replicas import ReplicaSet
 
     autoscale = autoscale_config(args)
     threads = replica_threads(args, autoscale.max_replicas)
@@ -46,18 +55,49 @@ def run_replicated(args: argparse.Namespace, model_dir: str, settings: ServerSet
         raise ValueError(f"--standby-replicas {args.standby_replicas} is invalid: allowed is "
                          "an integer >= 0")
     _pass_api_keys_by_environment(settings.api_keys)
+    backend = _replica_backend(args, serve_args)
     ui = _web_apps(args, settings)
-    app = build_local_router(
-        make_policy(args.policy), router_settings(args, args.max_body_bytes),
-        LocalReplicaConfig(serve_args, command=SERVE_COMMAND, standby=args.standby_replicas,
-                           drain_timeout=args.drain_timeout, breaker=breaker_config(args)),
-        args.replicas, autoscale, ui)
-    logger.info("starting %d replica(s) of %s (%d torch thread(s) each)%s", args.replicas,
-                model_dir, threads, f", autoscaling {autoscale.min_replicas}.."
-                f"{autoscale.max_replicas}" if autoscale.enabled else "")
+    app = build_router(ReplicaSet(), make_policy(args.policy),
+                       router_settings(args, args.max_body_bytes), ui,
+                       ReplicaPlan(backend, args.replicas, autoscale, scale_to_zero(args)))
+    logger.info("starting %d replica(s) of %s (%s, %d torch thread(s) each)%s", args.replicas,
+                model_dir, args.replica_backend, threads, f", autoscaling "
+                f"{autoscale.min_replicas}..{autoscale.max_replicas}" if autoscale.enabled
+                else "")
     return run_router(app, args.host, args.port, drain_timeout=args.drain_timeout,
                       log_level=args.log_level, access_log=args.access_log,
                       on_started=_tell_apps_the_address(ui))
+
+
+def _replica_backend(args: argparse.Namespace, serve_args: list[str]) -> ReplicaBackend:
+    """Local processes, or Ray actors (joining the cluster now, so a bad address fails
+    before the router listens)."""
+    from surge.router.supervisor import SupervisorConfig
+
+    supervision = SupervisorConfig(standby=args.standby_replicas,
+                                   drain_timeout=args.drain_timeout, breaker=breaker_config(args))
+    if args.replica_backend == "ray":
+        from surge.entrypoints.serve import API_KEY_ENV
+        from surge.router.ray_backend import (
+            PYTHON,
+            RayReplicaConfig,
+            connect_ray,
+            ray_replicas,
+        )
+
+        config = RayReplicaConfig(
+            (PYTHON, *SERVE_COMMAND[1:]), serve_args, num_cpus=args.replica_cpus,
+            num_gpus=args.replica_gpus, resources=ray_resources(args.replica_resources),
+            env={API_KEY_ENV: os.environ[API_KEY_ENV]} if API_KEY_ENV in os.environ else {},
+            placement_timeout=args.ray_placement_timeout, deployment=args.ray_deployment,
+            supervision=supervision)
+        connect_ray(args.ray_address)
+        return ray_replicas(config)
+    from surge.router.local import LocalReplicaConfig, local_replicas
+
+    return local_replicas(LocalReplicaConfig(
+        serve_args, command=SERVE_COMMAND, standby=args.standby_replicas,
+        drain_timeout=args.drain_timeout, breaker=breaker_config(args)))
 
 
 def _pass_api_keys_by_environment(api_keys: list[str]) -> None:
@@ -143,7 +183,12 @@ def _dests(add_args: Callable[[argparse.ArgumentParser], None]) -> set[str]:
 
 
 def replica_threads(args: argparse.Namespace, max_replicas: int) -> int:
-    """The user's --num-threads, else a share of the cores, so replicas do not fight."""
+    """The user's --num-threads, else a share of the cores, so replicas do not fight (on
+    Ray: the CPUs reserved for each replica)."""
     from surge.router.local import threads_per_replica
 
-    return args.num_threads or threads_per_replica(max_replicas)
+    if args.num_threads:
+        return int(args.num_threads)
+    if args.replica_backend == "ray":
+        return max(1, int(args.replica_cpus))
+    return threads_per_replica(max_replicas)

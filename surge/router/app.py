@@ -33,6 +33,7 @@ from surge.http.responses import send_json
 from surge.http.services import Services, run_lifespan
 from surge.router.autoscale import AutoscaleLoop, Autoscaler
 from surge.router.backend import BackendHost, ReplicaPlan
+from surge.router.coldstart import ColdStart
 from surge.router.health import HealthChecker, HealthConfig
 from surge.router.metrics import RouterMetrics
 from surge.router.policies import Policy
@@ -80,9 +81,17 @@ class RouterApp:
         backend = plan.backend
         self.services.add(lambda: backend.running(host, plan.initial))
         self.status_sections["processes"] = backend.status
+        cold = None
+        if plan.scale_to_zero is not None:
+            cold = ColdStart(plan.scale_to_zero, self.replicas, backend, self.metrics,
+                             self.clock)
+            self.proxy.cold_start = cold
+            self.status_sections["scale_to_zero"] = cold.status
         if plan.autoscale is not None and plan.autoscale.enabled:
             loop = AutoscaleLoop(Autoscaler(plan.autoscale), self.replicas, backend,
-                                 self.metrics)
+                                 self.metrics, self.clock)
+            if cold is not None:
+                loop.idle_for = cold.idle_for
             self.services.add(loop.running)
             self.status_sections["autoscaler"] = loop.status
 
@@ -111,7 +120,9 @@ class RouterApp:
         if routable == 0:
             return await send_error(send, APIError(
                 503, f"no replica can take requests ({len(self.replicas)} known): they are "
-                "starting, unhealthy, ejected or draining", code="no_healthy_replica",
+                "starting, unhealthy, ejected or draining"
+                + (f"; {self.replicas.problem}" if self.replicas.problem else ""),
+                code="no_healthy_replica",
                 headers={"Retry-After": "1"}))
         await send_json(send, {"status": "ok", "replicas": len(self.replicas),
                                 "replicas_routable": routable})

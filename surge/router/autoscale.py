@@ -1,4 +1,4 @@
-"""Autoscaling local replicas on in-flight requests, with separate up and down delays.
+"""Autoscaling replicas on in-flight requests, with separate up and down delays.
 
 The wanted replica count is ``ceil(in-flight requests / target per replica)``, clamped to
 ``[min_replicas, max_replicas]`` (the rule of Knative's and Ray Serve's autoscalers). A change
@@ -7,6 +7,10 @@ scale up to the *smallest* count wanted during the last ``scale_up_delay`` secon
 is above the current count; scale down to the *largest* count wanted during the last
 ``scale_down_delay`` seconds, when that is below. So a burst shorter than the up delay
 starts nothing, and a lull shorter than the (longer) down delay stops nothing.
+
+With ``min_replicas`` 0 the deployment scales to zero: no request for ``idle_timeout``
+seconds (and none in flight) stops every replica at once; the next request is held by the
+proxy's ``ColdStart`` (``coldstart.py``), which starts one.
 
 ``Autoscaler`` is pure (samples in, decision out, time passed in); ``AutoscaleLoop`` samples
 the router's replicas on an interval and applies decisions to ``LocalReplicas``, which drains
@@ -43,11 +47,16 @@ class AutoscaleConfig:
     scale_up_delay: float = 5.0
     scale_down_delay: float = 30.0
     interval: float = 0.5  # seconds between samples
+    # With min_replicas 0: no request for this long stops every replica (scale to zero);
+    # the proxy's ColdStart (coldstart.py) starts one again when a request arrives.
+    idle_timeout: float = 300.0
 
     def __post_init__(self) -> None:
-        require(self.min_replicas >= 1, "min_replicas", self.min_replicas, "an integer >= 1")
+        require(self.min_replicas >= 0, "min_replicas", self.min_replicas, "an integer >= 0")
+        require(self.idle_timeout > 0, "idle_timeout", self.idle_timeout, "seconds > 0")
         require(self.max_replicas >= self.min_replicas, "max_replicas", self.max_replicas,
                 f"an integer >= min_replicas ({self.min_replicas})")
+        require(self.max_replicas >= 1, "max_replicas", self.max_replicas, "an integer >= 1")
         require(self.target_in_flight > 0, "target_inflight_per_replica",
                 self.target_in_flight, "a number > 0")
         require(self.scale_up_delay >= 0, "scale_up_delay", self.scale_up_delay,
@@ -81,11 +90,25 @@ class Autoscaler:
         self.last_wanted = config.min_replicas
 
     def wanted(self, in_flight: float) -> int:
+        """Replicas for this load; at least one while not idle (scale to zero is a rule of
+        its own, on idle time)."""
         raw = math.ceil(in_flight / self.config.target_in_flight)
-        return min(max(raw, self.config.min_replicas), self.config.max_replicas)
+        return min(max(raw, self.config.min_replicas, 1), self.config.max_replicas)
 
-    def observe(self, now: float, current: int, in_flight: float) -> Decision | None:
-        """Record one sample; a decision when one is due (the caller applies it)."""
+    def observe(self, now: float, current: int, in_flight: float,
+                idle_for: float = 0.0) -> Decision | None:
+        """Record one sample; a decision when one is due (the caller applies it).
+        ``idle_for``: seconds since the last request arrived."""
+        if self.config.min_replicas == 0:
+            if current == 0:  # scaled to zero: the next request wakes a replica, not us
+                self._samples.clear()
+                self.last_wanted = 0
+                return None
+            if in_flight == 0 and idle_for >= self.config.idle_timeout:
+                self._samples.clear()
+                self.last_wanted = 0
+                return Decision(now, current, 0, 0.0, f"no request for {idle_for:.0f} s "
+                                f"(idle timeout {self.config.idle_timeout:g} s)")
         wanted = self.last_wanted = self.wanted(in_flight)
         self._samples.append((now, wanted))
         horizon = now - max(self.config.scale_up_delay, self.config.scale_down_delay)
@@ -131,8 +154,10 @@ class AutoscaleLoop:
     """Samples the router's load every ``interval`` and applies the autoscaler's decisions."""
 
     def __init__(self, autoscaler: Autoscaler, replicas: ReplicaSet, target: Scalable,
-                 metrics: RouterMetrics, clock: Callable[[], float] = time.monotonic) -> None:
+                 metrics: RouterMetrics, clock: Callable[[], float] = time.monotonic,
+                 idle_for: Callable[[], float] = lambda: 0.0) -> None:
         self.autoscaler = autoscaler
+        self.idle_for = idle_for  # seconds since the last request (the proxy's ColdStart)
         self.replicas = replicas
         self.target = target
         self.metrics = metrics
@@ -142,7 +167,7 @@ class AutoscaleLoop:
 
     def step(self) -> Decision | None:
         decision = self.autoscaler.observe(self.clock(), self.target.count,
-                                           self.replicas.total_in_flight())
+                                           self.replicas.total_in_flight(), self.idle_for())
         if decision is not None:
             logger.warning("autoscaler: %d -> %d replicas: %s", decision.current,
                            decision.desired, decision.reason)

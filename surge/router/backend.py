@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 from surge.config import require
 from surge.router.autoscale import AutoscaleConfig
+from surge.router.coldstart import ScaleToZeroConfig
 from surge.router.metrics import RouterMetrics
 from surge.router.replicas import ReplicaSet
 
@@ -75,6 +76,11 @@ class ReplicaPlan:
     backend: ReplicaBackend
     initial: int
     autoscale: AutoscaleConfig | None = None
+    # Scale to zero (autoscale.min_replicas 0): how requests are held while a replica starts.
+    scale_to_zero: ScaleToZeroConfig | None = None
 
     def __post_init__(self) -> None:
         require(self.initial >= 0, "initial", self.initial, "an integer >= 0")
+        require((self.scale_to_zero is not None) == (self.autoscale is not None and
+                                                      self.autoscale.min_replicas == 0),
+                "scale_to_zero", self.scale_to_zero, "set exactly when min_replicas is 0")

@@ -20,12 +20,13 @@ from urllib.parse import urlsplit
 from surge.router.policies import POLICIES
 
 if TYPE_CHECKING:
-    from surge.router.app import RouterSettings
+    from surge.router.app import RouterApp, RouterSettings
     from surge.router.autoscale import AutoscaleConfig
+    from surge.router.coldstart import ScaleToZeroConfig
     from surge.router.replicas import BreakerConfig
 
 __all__ = ["add_replica_args", "add_route_parser", "autoscale_config", "breaker_config",
-           "router_settings", "run_route", "wants_router"]
+           "ray_resources", "router_settings", "run_route", "scale_to_zero", "wants_router"]
 
 DEFAULT_POLICY = "least_outstanding"
 
@@ -86,7 +87,65 @@ def add_replica_args(parser: argparse.ArgumentParser) -> None:
                        help="seconds the load must ask for more replicas first (default 5)")
     group.add_argument("--scale-down-delay", type=float, default=30.0,
                        help="seconds the load must ask for fewer replicas first (default 30)")
+    _add_scale_to_zero_options(group)
     _add_router_options(group)
+    _add_ray_options(parser.add_argument_group(
+        "replicas on a Ray cluster", 'with --backend ray (pip install "surge[ray]"): each '
+        "replica is a Ray actor on a node that has its resources, serving on that node's "
+        "address"))
+
+
+def _add_scale_to_zero_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--idle-timeout", type=float, default=300.0,
+                       help="with --min-replicas 0: seconds without requests after which "
+                            "every replica is stopped (default 300)")
+    group.add_argument("--hold-timeout", type=float, default=60.0,
+                       help="with --min-replicas 0: how long a request waits for the first "
+                            "replica to start before a 503 with Retry-After (default 60)")
+    group.add_argument("--max-held-requests", type=int, default=1000,
+                       help="with --min-replicas 0: requests held while a replica starts; "
+                            "past it, 503 with Retry-After (default 1000)")
+
+
+def _add_ray_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--backend", dest="replica_backend", choices=("local", "ray"),
+                       default="local",
+                       help="where replicas run: local processes (default) or Ray actors")
+    group.add_argument("--ray-address", default=None,
+                       help="the Ray cluster's head (host:port, 'auto', ray://host:port); "
+                            "default: start a local Ray")
+    group.add_argument("--replica-cpus", type=float, default=1.0,
+                       help="CPUs Ray reserves for each replica (default 1)")
+    group.add_argument("--replica-gpus", type=float, default=0.0,
+                       help="GPUs Ray reserves for each replica (default 0)")
+    group.add_argument("--replica-resources", action="append", default=[],
+                       metavar="NAME=AMOUNT",
+                       help="a Ray custom resource each replica needs (repeat for several), "
+                            "e.g. --replica-resources big_memory=1")
+    group.add_argument("--ray-placement-timeout", type=float, default=120.0,
+                       help="seconds a replica may wait for a Ray node with its resources "
+                            "(a Ray autoscaler may add one) before it counts as failed "
+                            "(default 120)")
+    group.add_argument("--ray-deployment", default="surge",
+                       help="name of this set of replicas in Ray (actors "
+                            "<deployment>/replica-N in namespace surge; default surge)")
+
+
+def ray_resources(items: list[str]) -> dict[str, float]:
+    """``--replica-resources NAME=AMOUNT`` flags as a dict."""
+    resources: dict[str, float] = {}
+    for item in items:
+        name, sep, amount = item.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not sep or not name or value <= 0 or name in ("CPU", "GPU"):
+            raise ValueError(f"--replica-resources {item!r} is invalid: allowed is NAME=AMOUNT "
+                             "with an amount > 0 (CPUs and GPUs have --replica-cpus and "
+                             "--replica-gpus)")
+        resources[name] = value
+    return resources
 
 
 def add_route_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -95,7 +154,12 @@ def add_route_parser(subparsers: argparse._SubParsersAction) -> None:
         description="A router in front of running servers: "
                     "surge route --backend http://10.0.0.1:8000 --backend http://10.0.0.2:8000")
     p.add_argument("--backend", action="append", required=True, metavar="URL",
-                   help="a server's base URL (repeat for each)")
+                   help="a server's base URL (repeat for each), or 'ray': the replicas of "
+                        "a Ray deployment that `surge serve --backend ray` runs")
+    p.add_argument("--ray-address", default="auto",
+                   help="with --backend ray: the Ray cluster's head (default auto)")
+    p.add_argument("--ray-deployment", default="surge",
+                   help="with --backend ray: the deployment to front (default surge)")
     p.add_argument("--weights", default=None,
                    help="comma-separated weights, one per --backend, for --policy weighted")
     http = p.add_argument_group("HTTP")
@@ -124,14 +188,34 @@ def run_route(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     settings = router_settings(args, args.max_body_bytes)
     breaker = breaker_config(args)
-    weights = _weights(args.weights, len(args.backend), args.policy)
-    replicas = ReplicaSet([Replica(url, name, weight, breaker_config=breaker)
-                           for url, name, weight in zip(_check_urls(args.backend),
-                                                        _names(args.backend), weights,
-                                                        strict=True)])
-    app = build_router(replicas, make_policy(args.policy), settings)
+    if "ray" in args.backend:
+        app = _ray_discovery_router(args, settings, breaker)
+    else:
+        weights = _weights(args.weights, len(args.backend), args.policy)
+        replicas = ReplicaSet([Replica(url, name, weight, breaker_config=breaker)
+                               for url, name, weight in zip(_check_urls(args.backend),
+                                                            _names(args.backend), weights,
+                                                            strict=True)])
+        app = build_router(replicas, make_policy(args.policy), settings)
     return run_router(app, args.host, args.port, drain_timeout=args.drain_timeout,
                       log_level=args.log_level, access_log=args.access_log)
+
+
+def _ray_discovery_router(args: argparse.Namespace, settings: RouterSettings,
+                          breaker: BreakerConfig) -> RouterApp:
+    """The router in front of the replicas of a Ray deployment another process runs."""
+    from surge.router.app import build_router
+    from surge.router.backend import ReplicaPlan
+    from surge.router.policies import make_policy
+    from surge.router.ray_backend import RayDiscovery, connect_ray
+    from surge.router.replicas import ReplicaSet
+
+    if args.backend != ["ray"] or args.weights:
+        raise ValueError("--backend ray is invalid with other --backend URLs or --weights: "
+                         "allowed is --backend ray alone")
+    connect_ray(args.ray_address, log_to_driver=False)
+    plan = ReplicaPlan(RayDiscovery(args.ray_deployment, breaker), 0)
+    return build_router(ReplicaSet(), make_policy(args.policy), settings, plan=plan)
 
 
 def _check_urls(urls: list[str]) -> list[str]:
@@ -176,9 +260,11 @@ def _weights(text: str | None, count: int, policy: str) -> list[float]:
 
 
 def wants_router(args: argparse.Namespace) -> bool:
-    if args.replicas < 1:
-        raise ValueError(f"--replicas {args.replicas} is invalid: allowed is an integer >= 1")
-    return args.replicas > 1 or (args.max_replicas or 0) > 1
+    if args.replicas < 1 and args.min_replicas != 0:
+        raise ValueError(f"--replicas {args.replicas} is invalid: allowed is an integer >= 1 "
+                         "(0 only with --min-replicas 0)")
+    return (args.replicas > 1 or (args.max_replicas or 0) > 1 or args.min_replicas == 0
+            or args.replica_backend != "local")
 
 
 # -- shared ------------------------------------------------------------------------------------
@@ -213,11 +299,30 @@ def autoscale_config(args: argparse.Namespace) -> AutoscaleConfig:
     from surge.router.autoscale import AutoscaleConfig
 
     low = args.min_replicas if args.min_replicas is not None else args.replicas
-    high = args.max_replicas if args.max_replicas is not None else args.replicas
-    if not 1 <= low <= args.replicas <= high:
+    high = args.max_replicas if args.max_replicas is not None else max(args.replicas, 1)
+    if not 0 <= low <= args.replicas <= high or high < 1:
         raise ValueError(f"--replicas {args.replicas} is invalid: allowed is between "
-                         f"--min-replicas ({low}, at least 1) and --max-replicas ({high})")
+                         f"--min-replicas ({low}, at least 0) and --max-replicas ({high}, at "
+                         "least 1)")
+    if args.idle_timeout <= 0:
+        raise ValueError(f"--idle-timeout {args.idle_timeout} is invalid: allowed is seconds "
+                         "> 0")
     return AutoscaleConfig(min_replicas=low, max_replicas=high,
                            target_in_flight=args.target_inflight_per_replica,
                            scale_up_delay=args.scale_up_delay,
-                           scale_down_delay=args.scale_down_delay)
+                           scale_down_delay=args.scale_down_delay,
+                           idle_timeout=args.idle_timeout)
+
+
+def scale_to_zero(args: argparse.Namespace) -> ScaleToZeroConfig | None:
+    """How requests are held while the first replica starts, with --min-replicas 0."""
+    from surge.router.coldstart import ScaleToZeroConfig
+
+    if args.min_replicas != 0:
+        return None
+    if args.hold_timeout <= 0:
+        raise ValueError(f"--hold-timeout {args.hold_timeout} is invalid: allowed is seconds > 0")
+    if args.max_held_requests < 1:
+        raise ValueError(f"--max-held-requests {args.max_held_requests} is invalid: allowed "
+                         "is an integer >= 1")
+    return ScaleToZeroConfig(hold_timeout=args.hold_timeout, max_held=args.max_held_requests)

@@ -56,6 +56,9 @@ class LocalReplicaConfig:
     max_start_failures: int = 3
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     relay_output: bool = True
+    # Where each replica listens: loopback here; a Ray node's own address in a Ray actor.
+    host: str = "127.0.0.1"
+    env: dict[str, str] | None = None  # added to the inherited environment
 
     def supervision(self) -> SupervisorConfig:
         return SupervisorConfig(standby=self.standby, startup_timeout=self.startup_timeout,
@@ -86,21 +89,22 @@ def threads_per_replica(num_replicas: int) -> int:
 
 
 class LocalProcessLauncher:
-    """Starts each replica as ``command + args + --host 127.0.0.1 --port <free port>``."""
+    """Starts each replica as ``command + args + --host <host> --port <free port>``."""
 
     def __init__(self, config: LocalReplicaConfig) -> None:
         self.config = config
         self._relays: set[asyncio.Task[None]] = set()
 
     async def launch(self, name: str) -> LocalProcess:
-        port = _free_port()
-        command = [*self.config.command, *self.config.args,
-                   "--host", "127.0.0.1", "--port", str(port)]
+        host = self.config.host
+        port = _free_port(host)
+        command = [*self.config.command, *self.config.args, "--host", host, "--port", str(port)]
+        env = {**os.environ, **self.config.env} if self.config.env else None
         process = await asyncio.create_subprocess_exec(
             *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True, env=env,
             preexec_fn=_exit_with_parent(os.getpid()))
-        child = LocalProcess(name, process, f"http://127.0.0.1:{port}")
+        child = LocalProcess(name, process, f"http://{_url_host(host)}:{port}")
         relay = asyncio.ensure_future(child.relay(self.config.relay_output))
         relay.set_name(f"surge-local-relay-{name}")
         self._relays.add(relay)
@@ -164,10 +168,15 @@ async def _terminate(process: asyncio.subprocess.Process, timeout: float) -> Non
         await process.wait()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+def _free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _exit_with_parent(parent_pid: int) -> Callable[[], None] | None:

@@ -14,7 +14,13 @@ import bisect
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -57,6 +63,11 @@ class RouterMetrics:
         self.midstream_failures = Counter(
             f"{PREFIX}midstream_failures", "Streams that lost their replica after the client "
             "had received data (ended with an SSE error event)", registry=self.registry)
+        self.cold_start = Histogram(
+            f"{PREFIX}cold_start_seconds", "Scale from zero: from the first request with no "
+            "replica running to the first replica ready", registry=self.registry,
+            buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0))
+        self.held_requests: Callable[[], int] | None = None  # set by scale to zero
         self.desired_replicas: Callable[[], int] | None = None
         self.retry_budget_refused: Callable[[], int] = lambda: 0
         self.registry.register(_ReplicaCollector(self, clock))
@@ -155,6 +166,10 @@ class _ReplicaCollector(Collector):
         if self.metrics.desired_replicas is not None:
             yield GaugeMetricFamily(f"{PREFIX}desired_replicas", "The autoscaler's target",
                                     value=self.metrics.desired_replicas())
+        if self.metrics.held_requests is not None:
+            yield GaugeMetricFamily(f"{PREFIX}held_requests", "Requests waiting for a replica "
+                                    "to start (scale from zero)",
+                                    value=self.metrics.held_requests())
         yield CounterMetricFamily(f"{PREFIX}retry_budget_exhausted", "Retries refused because "
                                   "the retry budget was spent",
                                   value=self.metrics.retry_budget_refused())

@@ -34,6 +34,7 @@ from surge.config import require
 from surge.http.errors import APIError, send_error, sse_error_event
 from surge.http.gate import header, read_body
 from surge.http.responses import SSE_DONE
+from surge.router.coldstart import ColdStart
 from surge.router.metrics import RouterMetrics
 from surge.router.policies import Policy, RequestFacts
 from surge.router.replicas import Replica, ReplicaSet
@@ -109,6 +110,8 @@ class Proxy:
         self.budget = RetryBudget(retry, clock)
         metrics.retry_budget_refused = lambda: self.budget.num_refused
         self.pool = UpstreamPool(config.connect_timeout, config.read_timeout)
+        # Scale to zero: holds a request while no replica can take it (set by the app).
+        self.cold_start: ColdStart | None = None
 
     def close(self) -> None:
         self.pool.close()
@@ -124,6 +127,8 @@ class Proxy:
             return  # the client left while sending
         outbound = _outbound(scope, body)
         facts = self._facts(scope, body)
+        if self.cold_start is not None:
+            self.cold_start.touch()
         self.budget.record_request()
         await self._forward_until_disconnect(outbound, facts, receive, send)
 
@@ -153,6 +158,11 @@ class Proxy:
                 self.metrics.retries.inc()
                 await asyncio.sleep(backoff_seconds(attempt - 1, self.retry))
             replica = self._choose(facts, tried)
+            if replica is None and not tried and self.cold_start is not None:
+                refusal = await self.cold_start.hold()
+                if refusal is not None:
+                    return await send_error(send, refusal)
+                replica = self._choose(facts, tried)
             if replica is None:
                 break
             tried.append(replica)
@@ -189,9 +199,11 @@ class Proxy:
                 all(r.in_flight >= cap or not r.is_routable(now) for r in live):
             return APIError(429, f"every replica is at --max-inflight-per-replica ({cap}): "
                             "retry later", code="replicas_busy", headers={"Retry-After": "1"})
+        problem = f"; {self.replicas.problem}" if self.replicas.problem else ""
         return APIError(503, f"no healthy replica to send this request to ({len(self.replicas)} "
                         "known, none healthy and admitted now): retry when GET /health "
-                        "answers 200", code="no_healthy_replica", headers={"Retry-After": "1"})
+                        f"answers 200{problem}", code="no_healthy_replica",
+                        headers={"Retry-After": "1"})
 
     # -- one attempt -------------------------------------------------------------------------
 

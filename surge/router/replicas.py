@@ -194,6 +194,9 @@ class ReplicaSet:
     def __init__(self, replicas: list[Replica] | None = None) -> None:
         self._replicas: list[Replica] = []
         self.version = 0
+        # Why replicas may be missing, set by the replica backend (a replica it cannot place);
+        # the router's 503s say it while no replica can take a request.
+        self.problem: str | None = None
         for replica in replicas or []:
             self.add(replica)
 

@@ -33,7 +33,8 @@ from surge.config import require
 from surge.router.backend import BackendHost
 from surge.router.replicas import BreakerConfig, Replica
 
-__all__ = ["LaunchedReplica", "ManagedReplicas", "ReplicaLauncher", "SupervisorConfig"]
+__all__ = ["LaunchError", "LaunchedReplica", "ManagedReplicas", "ReplicaLauncher",
+           "SupervisorConfig"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,15 @@ class LaunchedReplica(Protocol):
         ...
 
 
+class LaunchError(Exception):
+    """The launcher could not start a replica, for a reason worth telling the user (no node
+    has the resources it asks for); the supervisor retries with growing delays."""
+
+
 class ReplicaLauncher(Protocol):
-    async def launch(self, name: str) -> LaunchedReplica: ...
+    async def launch(self, name: str) -> LaunchedReplica:
+        """Start one replica; ``LaunchError`` when it cannot be started."""
+        ...
 
     async def aclose(self) -> None:
         """Release what outlives the replicas (output relays), after they were stopped."""
@@ -159,6 +167,7 @@ class ManagedReplicas:
 
     def status(self) -> list[dict[str, object]]:
         return [{"name": c.name, "pid": c.launched.pid if c.launched else None,
+                 **(getattr(c.launched, "facts", {}) if c.launched else {}),
                  "standby": c.standby, "ready": c.ready, "retiring": c.retiring,
                  "uptime_s": round(self.clock() - c.started, 1)} for c in self._children]
 
@@ -203,6 +212,7 @@ class ManagedReplicas:
 
     async def _run_child(self, child: _Child, delay: float) -> None:
         exited: asyncio.Future[str] | None = None
+        launch_error: str | None = None
         try:
             if delay:
                 logger.warning("starting %s in %.0f s (replicas keep failing to start)",
@@ -210,7 +220,11 @@ class ManagedReplicas:
                 await asyncio.sleep(delay)  # crash-loop backoff
             if self._stopping or child.retiring:
                 return
-            child.launched = launched = await self.launcher.launch(child.name)
+            try:
+                child.launched = launched = await self.launcher.launch(child.name)
+            except LaunchError as exc:
+                launch_error = str(exc)
+                return
             logger.info("started %s%s (pid %s)", child.name, " as a standby" if child.standby
                         else "", launched.pid)
             exited = asyncio.ensure_future(launched.wait())
@@ -227,7 +241,11 @@ class ManagedReplicas:
             if child.replica is not None:
                 self.host.replicas.remove(child.replica)
                 self.host.metrics.forget(child.replica)
-        if not child.retiring and not self._stopping:
+        if child.retiring or self._stopping:
+            return
+        if launch_error is not None:
+            self._on_launch_failure(child, launch_error)
+        else:
             self._on_unexpected_exit(child, how, became_healthy)
 
     async def _bring_up(self, child: _Child, launched: LaunchedReplica,
@@ -235,7 +253,8 @@ class ManagedReplicas:
         """Join the set, wait for /health 200: False if it exited or never answered."""
         child.replica = Replica(launched.url, child.name, healthy=False, starting=True,
                                 standby=child.standby, breaker_config=self.config.breaker,
-                                info={"pid": launched.pid})
+                                # Where it runs, when the launcher says (a Ray node).
+                                info={"pid": launched.pid, **getattr(launched, "facts", {})})
         self.host.replicas.add(child.replica)
         wanted = asyncio.ensure_future(self._wait_ready(child.replica))
         done, _ = await asyncio.wait({wanted, exited}, timeout=self.config.startup_timeout,
@@ -248,6 +267,7 @@ class ManagedReplicas:
         child.ready = True
         self._ever_healthy = True
         self._start_failures = 0
+        self.host.replicas.problem = None
         logger.info("%s is ready at %s (%.1f s after start)", child.name, child.replica.url,
                     self.clock() - child.started)
         return True
@@ -261,6 +281,18 @@ class ManagedReplicas:
                     if r.status == 200:
                         return True
             await asyncio.sleep(READY_POLL_SECONDS)  # polling its health, as clients would
+
+    def _on_launch_failure(self, child: _Child, reason: str) -> None:
+        """The launcher could not start it (no Ray node has the resources): the router says
+        why in its 503s while no replica serves, and tries again with growing delays."""
+        logger.error("%s could not be started: %s", child.name, reason)
+        self.host.replicas.problem = f"{child.name} could not be started: {reason}"
+        self._start_failures += 1
+        if not self._ever_healthy and self._start_failures >= self.config.max_start_failures:
+            logger.error("%d replicas in a row could not be started", self._start_failures)
+            self.host.request_exit(1)
+            return
+        self._rebalance()
 
     def _on_unexpected_exit(self, child: _Child, how: str, became_healthy: bool) -> None:
         assert child.launched is not None

@@ -81,8 +81,36 @@ def test_each_change_needs_its_own_full_delay() -> None:
     assert changes == [(5.0, 2), (11.0, 4)]
 
 
+ZERO = AutoscaleConfig(min_replicas=0, max_replicas=3, target_in_flight=4.0,
+                       scale_up_delay=5.0, scale_down_delay=20.0, idle_timeout=30.0)
+
+
+def test_scale_to_zero_after_the_idle_timeout_and_not_before() -> None:
+    scaler = Autoscaler(ZERO)
+    assert scaler.observe(0.0, 1, 0.0, idle_for=29.0) is None
+    # In flight work keeps a replica, however long since the last request arrived.
+    assert scaler.observe(1.0, 1, 1.0, idle_for=31.0) is None
+    decision = scaler.observe(2.0, 2, 0.0, idle_for=30.0)
+    assert decision is not None and (decision.current, decision.desired) == (2, 0)
+    assert "no request for 30 s" in decision.reason
+
+
+def test_at_zero_the_autoscaler_leaves_waking_to_the_proxy() -> None:
+    scaler = Autoscaler(ZERO)
+    assert _run(scaler, 0, [0.0] * 30) == []
+    assert scaler.last_wanted == 0
+
+
+def test_with_a_zero_floor_a_busy_deployment_keeps_at_least_one() -> None:
+    scaler = Autoscaler(ZERO)
+    # A lull shorter than the idle timeout scales down to one, not to zero.
+    assert _run(scaler, 3, [0.0] * 25) == [(20.0, 1)]
+    assert scaler.wanted(0.0) == 1
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("min_replicas", 0, "min_replicas=0 is invalid: allowed is an integer >= 1"),
+    ("min_replicas", -1, "min_replicas=-1 is invalid: allowed is an integer >= 0"),
+    ("idle_timeout", 0, "idle_timeout=0 is invalid: allowed is seconds > 0"),
     ("max_replicas", 0, "max_replicas=0 is invalid: allowed is an integer >= min_replicas"),
     ("target_in_flight", 0, "target_inflight_per_replica=0 is invalid"),
 ])

@@ -71,9 +71,29 @@ def test_autoscaling_bounds_default_to_the_replica_count() -> None:
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["serve", "--replicas", "3", "--max-replicas", "2"],
-     "--replicas 3 is invalid: allowed is between --min-replicas (3, at least 1) and "
-     "--max-replicas (2)"),
-    (["serve", "--replicas", "0"], "--replicas 0 is invalid: allowed is an integer >= 1"),
+     "--replicas 3 is invalid: allowed is between --min-replicas (3, at least 0) and "
+     "--max-replicas (2, at least 1)"),
+    (["serve", "--replicas", "0"], "--replicas 0 is invalid: allowed is an integer >= 1 "
+     "(0 only with --min-replicas 0)"),
+    (["serve", "--min-replicas", "0", "--idle-timeout", "0"],
+     "--idle-timeout 0.0 is invalid: allowed is seconds > 0"),
+    (["serve", "--min-replicas", "0", "--hold-timeout", "-1"],
+     "--hold-timeout -1.0 is invalid: allowed is seconds > 0"),
+    (["serve", "--min-replicas", "0", "--max-held-requests", "0"],
+     "--max-held-requests 0 is invalid: allowed is an integer >= 1"),
+    (["serve", "--backend", "ray", "--replica-resources", "gpu_box"],
+     "--replica-resources 'gpu_box' is invalid: allowed is NAME=AMOUNT"),
+    (["serve", "--backend", "ray", "--replica-resources", "CPU=2"],
+     "CPUs and GPUs have --replica-cpus and --replica-gpus"),
+    (["serve", "--backend", "ray", "--replica-cpus", "-1"],
+     "--replica-cpus -1.0 / --replica-gpus 0.0 is invalid"),
+    (["serve", "--backend", "ray", "--ray-address", "127.0.0.1:1"],
+     "--ray-address 127.0.0.1:1: no Ray head node answers there (Connection refused); start "
+     "one with `ray start --head --port 1`"),
+    (["serve", "--backend", "ray", "--ray-address", "nowhere"],
+     "--ray-address 'nowhere' is invalid: allowed is host:port"),
+    (["route", "--backend", "ray", "--backend", "http://a:1"],
+     "--backend ray is invalid with other --backend URLs or --weights"),
     (["route", "--backend", "localhost:8000"], "--backend 'localhost:8000' is invalid"),
     (["route", "--backend", "http://a:1/v1"], "has a path: give the server's base URL"),
     (["route", "--backend", "http://a:1", "--backend", "http://b:1", "--policy", "weighted",
