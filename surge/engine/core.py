@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 import torch
 
 from surge.config import EngineConfig
 from surge.engine.kv_cache import BlockManager
-from surge.engine.protocol import AddRequest, EngineCoreOutput, EngineStats
+from surge.engine.protocol import AddRequest, EngineCoreOutput, EngineStats, RequestTimings
 from surge.engine.request import FinishReason, Request
 from surge.engine.runner import ModelRunner
 from surge.engine.sampler import SampleResult
 from surge.engine.scheduler import SchedulerOutput, make_scheduler
+from surge.engine.step_stats import StepStats
 from surge.engine.structured import GrammarState, StructuredOutputs
 from surge.models.loader import LoadedModel, load_model
 from surge.tokenizer import eos_token_ids, load_tokenizer
@@ -60,6 +62,7 @@ class EngineCore:
             tenant_weights=config.tenant_weights)
         self.runner = ModelRunner(self.loaded, num_blocks, config.block_size, config.seed)
         self.num_steps = 0
+        self.step_stats = StepStats()  # per-phase step times, for the breakdown metric
         self._model_dir = model_dir
         # Structured-output requests whose grammar is still compiling: kept out of the
         # scheduler until it is ready, so they never hold a seat or stall a step.
@@ -158,7 +161,8 @@ class EngineCore:
             kv_cache_usage=kv.usage, num_blocks=kv.num_blocks,
             prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
             num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
-            tenants=self.scheduler.tenant_stats())
+            tenants=self.scheduler.tenant_stats(),
+            step_breakdown=self.step_stats.snapshot())
 
     def set_tenant_weights(self, weights: dict[str, float]) -> None:
         """Replace the fair policy's tenant weights (e.g. on a config reload)."""
@@ -166,30 +170,46 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         outputs = self._admit_compiled() if self._awaiting_grammar else []
+        started = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             if not outputs:
                 self._wait_for_grammars()  # only grammars are left: wait, do not spin
             return outputs
         self.num_steps += 1
+        scheduled_at = time.perf_counter()
         results = self.runner.execute(scheduled)
+        executed_at = time.perf_counter()
         grammar_done = _advance_grammars(scheduled, results)
         self.scheduler.update_from_output(
             scheduled, {rid: result.token_id for rid, result in results.items()})
         if grammar_done:  # with ignore_eos the scheduler would keep them: the grammar ends them
             self.scheduler.finish_requests(grammar_done, FinishReason.STOP)
+        now = time.monotonic()
         for chunk in scheduled.chunks:
             request = chunk.request
             result = results.get(request.request_id)
             if result is None:
                 continue
+            if request.first_token_time is None:
+                request.first_token_time = now
             logprobs = [result.logprobs] if result.logprobs is not None else None
             outputs.append(EngineCoreOutput(
                 request.request_id, [result.token_id], logprobs, request.finish_reason,
                 request.stop_reason, request.num_cached_tokens, request.first_scheduled_time,
                 prompt_logprobs=(request.prompt_logprobs
-                                 if request.num_output_tokens == 1 else None)))
+                                 if request.num_output_tokens == 1 else None),
+                timings=_timings(request, now) if request.finish_reason is not None
+                else None))
+        forward, sampling = self.runner.last_step_seconds
+        self.step_stats.observe(scheduled_at - started, forward, sampling,
+                                time.perf_counter() - executed_at)
         return outputs
+
+
+def _timings(request: Request, finished: float) -> RequestTimings:
+    return RequestTimings(request.arrival_time, request.first_scheduled_time,
+                          request.first_token_time, finished, request.num_preemptions)
 
 
 def _advance_grammars(scheduled: SchedulerOutput, results: dict[str, SampleResult]

@@ -12,8 +12,8 @@ from surge.engine.request import ANONYMOUS_TENANT, FinishReason
 from surge.outputs import TokenLogprobs
 from surge.sampling_params import SamplingParams
 
-__all__ = ["AbortRequests", "AddRequest", "EngineCoreOutput", "EngineStats", "SetTenantWeights",
-           "TenantStats"]
+__all__ = ["AbortRequests", "AddRequest", "EngineCoreOutput", "EngineStats", "RequestTimings",
+           "SetTenantWeights", "StepBreakdown", "TenantStats"]
 
 
 class AddRequest(msgspec.Struct):
@@ -35,6 +35,18 @@ class SetTenantWeights(msgspec.Struct):
     weights: dict[str, float]
 
 
+class RequestTimings(msgspec.Struct, array_like=True):
+    """When the engine queued, first scheduled, first sampled and finished one request, in
+    ``time.monotonic()`` seconds (one clock for every process of a host), so the API process
+    can draw the engine's part of a request's trace without the engine exporting anything."""
+
+    queued: float
+    scheduled: float | None
+    first_token: float | None
+    finished: float
+    num_preemptions: int = 0
+
+
 class EngineCoreOutput(msgspec.Struct):
     """What one request gained in one step: new tokens, and whether it finished."""
 
@@ -50,6 +62,8 @@ class EngineCoreOutput(msgspec.Struct):
     # With prompt_logprobs, on the request's first output: one entry per prompt token (the
     # first is None: nothing precedes it).
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # On the output that finishes the request (not on aborts): the engine's timestamps.
+    timings: RequestTimings | None = None
 
 
 class TenantStats(msgspec.Struct):
@@ -62,6 +76,16 @@ class TenantStats(msgspec.Struct):
     served_output_tokens: int = 0
     num_running: int = 0
     num_waiting: int = 0
+
+
+class StepBreakdown(msgspec.Struct, array_like=True):
+    """Cumulative histograms of where engine steps spent their time, one per phase
+    (schedule, forward, sampling, output): counts per bucket (not cumulative across buckets,
+    the last one is +Inf) and the sum of seconds, since the engine started."""
+
+    bounds: list[float]
+    counts: dict[str, list[int]]
+    sums: dict[str, float]
 
 
 class EngineStats(msgspec.Struct):
@@ -77,3 +101,4 @@ class EngineStats(msgspec.Struct):
     num_steps: int = 0
     # Tenants with requests in the engine, and idle ones the engine still remembers.
     tenants: dict[str, TenantStats] = msgspec.field(default_factory=dict)
+    step_breakdown: StepBreakdown | None = None

@@ -64,6 +64,8 @@ class Request:
     # When the scheduler first gave it a seat (monotonic, comparable across processes):
     # queue time ends here and prefill begins.
     first_scheduled_time: float | None = None
+    # When its first output token was sampled (monotonic), for the request's trace.
+    first_token_time: float | None = None
     # Prompt tokens already charged to the tenant: recomputing them after a preemption is free.
     num_charged_prompt_tokens: int = 0
     # A seeded request's own random stream, created at its first sampled token.

@@ -8,6 +8,8 @@ the sampling requests' settings.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from surge.engine.request import Request
@@ -33,6 +35,8 @@ class ModelRunner:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # Set by the engine core once a request asks for structured outputs.
         self.structured: StructuredOutputs | None = None
+        # (forward, sampling) seconds of the last execute, for the step breakdown metric.
+        self.last_step_seconds = (0.0, 0.0)
         self._allocate_kv_cache()
 
     def _allocate_kv_cache(self) -> None:
@@ -50,6 +54,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> dict[str, SampleResult]:
         """Run one step; returns the sampled token of every request whose chunk completes."""
+        started = time.perf_counter()
         chunks = sorted(output.chunks, key=lambda c: c.num_tokens != 1)  # decodes first
         input_ids, positions, metadata = self._prepare(chunks)
         sampling = [(end - 1, chunk.request) for chunk, end in zip(
@@ -62,6 +67,8 @@ class ModelRunner:
         with forward_context(metadata):
             hidden = self.model(input_ids, positions)
         self._record_prompt_logprobs(chunks, hidden)
+        forward_done = time.perf_counter()
+        self.last_step_seconds = (forward_done - started, 0.0)
         if not sampling:
             return {}
         rows = torch.tensor([row for row, _ in sampling], device=self.device)
@@ -70,6 +77,7 @@ class ModelRunner:
         if masks is not None:
             batch.grammar_rows, batch.grammar_allowed = grammar_rows, masks.result()
         results = sample(logits, batch, self.generator)
+        self.last_step_seconds = (forward_done - started, time.perf_counter() - forward_done)
         return {r.request_id: res for r, res in zip(requests, results, strict=True)}
 
     def _record_prompt_logprobs(self, chunks: list[ScheduledChunk], hidden: torch.Tensor
