@@ -40,15 +40,18 @@ class ChatTokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]],
-                            add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
+        """``tools`` (OpenAI function tools) is passed to the template as transformers passes
+        it; only templates that read a ``tools`` variable see it."""
         if not self.chat_template:
             raise ValueError("this model has no chat template (chat_template.jinja, "
                              "chat_template.json or tokenizer_config.json); pass one with "
                              "--chat-template FILE, or use generate() with a plain prompt")
         _check_messages(messages)
         return _compile_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
             bos_token=_token_text(self.config.get("bos_token")),
             eos_token=_token_text(self.config.get("eos_token")))
 
@@ -309,8 +312,8 @@ def _token_text(token: Any) -> str:
     return token or ""
 
 
-def _check_messages(messages: list[dict[str, str]]) -> None:
-    allowed = ("system", "user", "assistant")
+def _check_messages(messages: list[dict[str, Any]]) -> None:
+    allowed = ("system", "user", "assistant", "tool")
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in allowed:
             raise ValueError(f"messages[{index}].role must be one of {', '.join(allowed)}")

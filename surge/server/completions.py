@@ -39,7 +39,7 @@ from surge.http.responses import (
     sse_event,
 )
 from surge.outputs import TokenLogprobs
-from surge.sampling_params import SamplingParams
+from surge.sampling_params import SamplingParams, StructuredOutputsParams
 from surge.server.admission import Ticket
 from surge.server.context import RequestContext
 from surge.server.metrics import ServerMetrics
@@ -69,6 +69,7 @@ from surge.server.schemas import (
 )
 from surge.server.structured import check_request_fields, structured_outputs_of
 from surge.server.tokenize import Tokenization
+from surge.server.tools import ChatTools, chat_tools_of, tool_stream_choices
 from surge.tokenizer import ChatTokenizer
 
 __all__ = ["OpenAIServingCompletions", "add_generation_routes"]
@@ -147,6 +148,7 @@ class _Prepared:
     ticket: Ticket
     arrival: float
     released: bool = False
+    tools: ChatTools | None = None  # a chat's tools: its answers may hold tool calls
 
 
 class _Done:
@@ -204,14 +206,18 @@ class OpenAIServingCompletions:
                                      request: Request) -> Response:
         _refuse_unsupported_chat(body)
         await check_request_fields(body)
-        prompt = await self._chat_prompt(body)
+        tools = await chat_tools_of(
+            self.tokenizer, body.tools, body.tool_choice, body.parallel_tool_calls,
+            [m.model_dump() for m in body.messages], structured_outputs_of(body) is not None)
+        prompt = await self._chat_prompt(body, tools)
         cache = await self._cache_lookup(request, body, "chat", [prompt], None)
         if cache.answer is not None:
             return self._answer_from_cache(cache, request, _CHAT_PREFIX)
         max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         prepared = self._prepare(body, [prompt], [None], max_tokens, logprobs, request,
-                                 _CHAT_PREFIX)
+                                 _CHAT_PREFIX, structured=tools.constraint)
+        prepared.tools = tools
         if body.stream:
             return with_cache_header(SSEResponse(
                 cache.record_stream(self._stream_chat(prepared, body)),
@@ -295,8 +301,12 @@ class OpenAIServingCompletions:
             return [await self.tokens.encode(p, max_tokens=limit) for p in prompt], list(prompt)
         return [list(p) for p in prompt], [None] * len(prompt)
 
-    async def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
-        text = self.tokens.render_chat(body.messages, body.add_generation_prompt)
+    async def _chat_prompt(self, body: ChatCompletionRequest,
+                           tools: ChatTools | None = None) -> list[int]:
+        if tools is not None and tools.renders:  # tools, calls or results (surge.server.tools)
+            text = tools.render(self.tokenizer, body.add_generation_prompt)
+        else:
+            text = self.tokens.render_chat(body.messages, body.add_generation_prompt)
         return await self.tokens.encode(text, add_special_tokens=False,
                                         max_tokens=self.max_model_len(), param="messages")
 
@@ -304,14 +314,16 @@ class OpenAIServingCompletions:
 
     def _prepare(self, body: _SamplingRequest, prompts: list[list[int]],
                  texts: list[str | None], max_tokens: int | None, logprobs: int | None,
-                 request: Request, prefix: str) -> _Prepared:
-        """Every check, then the admission ticket: nothing here waits on the engine."""
+                 request: Request, prefix: str,
+                 structured: StructuredOutputsParams | None = None) -> _Prepared:
+        """Every check, then the admission ticket: nothing here waits on the engine.
+        ``structured``: a constraint other than the body's own (a chat's tool calls)."""
         arrival = time.monotonic()
         info = self.engine.info
         prompt_param = "prompt" if prefix == _COMPLETION_PREFIX else "messages"
         for i, ids in enumerate(prompts):
             _check_prompt(ids, info.vocab_size, info.max_model_len, max_tokens, prompt_param, i)
-        params = _sampling_params(body, max_tokens, logprobs)
+        params = _sampling_params(body, max_tokens, logprobs, structured)
         # Charged up front, as OpenAI does: prompt plus the most the completion may take.
         budget = sum(len(ids) + (max_tokens or info.max_model_len - len(ids))
                      for ids in prompts) * body.n
@@ -461,7 +473,17 @@ class OpenAIServingCompletions:
             "role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}],
             **usage_field}) for c in prepared.choices]
 
+        tools = prepared.tools
+        streamers = {c.index: tools.streamer() for c in prepared.choices} if tools else {}
+
         def chunk(delta: _Delta) -> bytes | None:
+            streamer = streamers.get(delta.index)
+            if streamer is not None:  # content and tool-call deltas (surge.server.tools)
+                return b"".join(sse_event({**head, "choices": [c], **usage_field})
+                                for c in tool_stream_choices(
+                                    streamer, delta.index, delta.text, delta.finish_reason,
+                                    delta.stop_reason,
+                                    self._chat_logprobs(delta.logprobs, body))) or None
             if not delta.text and delta.finish_reason is None and not body.logprobs:
                 return None
             choice = {"index": delta.index,
@@ -479,11 +501,14 @@ class OpenAIServingCompletions:
 
     def _chat_body(self, prepared: _Prepared, body: ChatCompletionRequest,
                    outputs: list[_Accumulated]) -> dict[str, Any]:
-        choices = [{"index": choice.index,
-                    "message": {"role": "assistant", "content": out.text},
-                    "logprobs": self._chat_logprobs(out.logprobs, body),
-                    "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
-                   for choice, out in zip(prepared.choices, outputs, strict=True)]
+        choices = []
+        for choice, out in zip(prepared.choices, outputs, strict=True):
+            message, finish_reason = ({"role": "assistant", "content": out.text},
+                                      out.finish_reason) if prepared.tools is None else \
+                prepared.tools.message(out.text, out.finish_reason)  # tool calls parsed
+            choices.append({"index": choice.index, "message": message,
+                            "logprobs": self._chat_logprobs(out.logprobs, body),
+                            "finish_reason": finish_reason, "stop_reason": out.stop_reason})
         return {"id": prepared.request_id, "object": "chat.completion",
                 "created": prepared.created, "model": prepared.model, "choices": choices,
                 "usage": self._usage(prepared, outputs)}
@@ -704,8 +729,8 @@ def _check_prompt(ids: list[int], vocab_size: int, max_model_len: int,
             code="context_length_exceeded")
 
 
-def _sampling_params(body: _SamplingRequest, max_tokens: int | None,
-                     logprobs: int | None) -> SamplingParams:
+def _sampling_params(body: _SamplingRequest, max_tokens: int | None, logprobs: int | None,
+                     structured: StructuredOutputsParams | None = None) -> SamplingParams:
     try:
         return SamplingParams(
             max_tokens=max_tokens, min_tokens=body.min_tokens, temperature=body.temperature,
@@ -717,7 +742,7 @@ def _sampling_params(body: _SamplingRequest, max_tokens: int | None,
             stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos,
             logprobs=logprobs, skip_special_tokens=body.skip_special_tokens,
             include_stop_str_in_output=body.include_stop_str_in_output,
-            structured_outputs=structured_outputs_of(body),
+            structured_outputs=structured or structured_outputs_of(body),
             prompt_logprobs=prompt_logprobs_of(body, logprobs))
     except ValueError as exc:
         # SamplingParams says "field=value is invalid: allowed is ..."; the field is the param.
@@ -745,9 +770,6 @@ def _refuse_unsupported_completion(body: CompletionRequest) -> None:
 
 
 def _refuse_unsupported_chat(body: ChatCompletionRequest) -> None:
-    if body.tools:
-        raise APIError(400, "'tools' is not supported by this server: allowed is an empty "
-                       "list or null", param="tools")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     _refuse_logit_bias(body)

@@ -173,9 +173,15 @@ class TextPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    # Tool calling (surge.server.tools checks them): an assistant's earlier calls, and the id
+    # of the call a "tool" message answers.
+    tool_calls: list[dict[str, Any]] | None = Field(
+        None, description="an assistant's calls: [{id, type: 'function', function: {name, "
+                          "arguments}}]")
+    tool_call_id: str | None = Field(None, description="required in a 'tool' message")
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -185,7 +191,14 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
-    tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty")
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="function tools: [{type: 'function', function: {name, description, "
+                          "parameters}}]")
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, description="'auto' (default with tools), 'none', 'required', or "
+                          "{type: 'function', function: {name}}; calls always match the "
+                          "function's parameters schema")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call")
 
 
 class TokenizeRequest(_Request):
@@ -255,16 +268,28 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str = Field(description="JSON text")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     stop_reason: int | str | None = None
 
 
@@ -277,16 +302,31 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class ToolCallDeltaFunction(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """The first delta of a call has its id, type and name; the next ones argument text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ToolCallDeltaFunction
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatStreamChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionStreamResponse(BaseModel):
