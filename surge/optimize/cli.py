@@ -65,9 +65,10 @@ def _add_prune(commands: argparse._SubParsersAction) -> None:
                    help="structured: remove heads and MLP channels (smaller, faster); wanda / "
                         "magnitude: zero weights (same size and speed: masks alone do not speed "
                         "up dense kernels) (default structured)")
-    p.add_argument("--sparsity", type=float, default=0.25,
+    p.add_argument("--sparsity", type=float, default=None,
                    help="fraction removed, in [0, 1): of each row's weights (masks), or of "
-                        "MLP channels and attention heads (structured) (default 0.25)")
+                        "MLP channels and attention heads (structured) (default 0.25; 0.5 "
+                        "with --pattern 2:4)")
     p.add_argument("--pattern", default="unstructured", choices=("unstructured", "2:4"),
                    help="mask pattern for wanda/magnitude; 2:4 keeps 2 of every 4 inputs "
                         "(sparsity 0.5) (default unstructured)")
@@ -82,8 +83,8 @@ def _add_prune(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="UTF-8 text for activation statistics (default: the training split of "
                         "the built-in corpus, disjoint from the evaluation text)")
-    p.add_argument("--calibration-tokens", type=int, default=8192,
-                   help="tokens of calibration text (default 8192)")
+    p.add_argument("--calibration-tokens", type=int, default=4096,
+                   help="tokens of calibration text (default 4096)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="dtype of the written weights (default bfloat16)")
     p.add_argument("--out", required=True, help="output directory (new or empty)")
