@@ -22,6 +22,7 @@ from surge.router.cli import (
     autoscale_config,
     breaker_config,
     ray_resources,
+    route_policy,
     router_settings,
     scale_to_zero,
 )
@@ -45,7 +46,6 @@ def run_replicated(args: argparse.Namespace, model_dir: str, settings: ServerSet
     once, here) and ``settings`` validated by the caller."""
     from surge.router.app import build_router, run_router
     from surge.router.backend import ReplicaPlan
-    from surge.router.policies import make_policy
     from surge.router.replicas import ReplicaSet
 
     autoscale = autoscale_config(args)
@@ -57,7 +57,7 @@ def run_replicated(args: argparse.Namespace, model_dir: str, settings: ServerSet
     _pass_api_keys_by_environment(settings.api_keys)
     backend = _replica_backend(args, serve_args)
     ui = _web_apps(args, settings)
-    app = build_router(ReplicaSet(), make_policy(args.policy),
+    app = build_router(ReplicaSet(), route_policy(args),
                        router_settings(args, args.max_body_bytes), ui,
                        ReplicaPlan(backend, args.replicas, autoscale, scale_to_zero(args)))
     logger.info("starting %d replica(s) of %s (%s, %d torch thread(s) each)%s", args.replicas,

@@ -17,7 +17,7 @@ import argparse
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from surge.router.policies import POLICIES
+from surge.router.policies import POLICIES, Policy, make_policy
 
 if TYPE_CHECKING:
     from surge.router.app import RouterApp, RouterSettings
@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from surge.router.replicas import BreakerConfig
 
 __all__ = ["add_replica_args", "add_route_parser", "autoscale_config", "breaker_config",
-           "ray_resources", "router_settings", "run_route", "scale_to_zero", "wants_router"]
+           "ray_resources", "route_policy", "router_settings", "run_route", "scale_to_zero",
+           "wants_router"]
 
 DEFAULT_POLICY = "least_outstanding"
 
@@ -35,6 +36,10 @@ def _add_router_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES),
                        help=f"load-balancing policy (default {DEFAULT_POLICY}: the less busy "
                             "of two random replicas)")
+    group.add_argument("--route-by-tenant", action="store_true",
+                       help="consistent_hash keys on the tenant (--tenant-header, else the "
+                            "body's user); least_outstanding spreads each tenant over the "
+                            "replicas")
     group.add_argument("--max-attempts", type=int, default=3,
                        help="attempts per request, on different replicas, while nothing was "
                             "sent to the client yet (default 3; 1 disables retries)")
@@ -172,7 +177,11 @@ def add_route_parser(subparsers: argparse._SubParsersAction) -> None:
     http.add_argument("--log-level", default="info",
                       choices=("critical", "error", "warning", "info", "debug"))
     http.add_argument("--access-log", action="store_true", help="log every HTTP request")
-    _add_router_options(p.add_argument_group("routing"))
+    routing = p.add_argument_group("routing")
+    _add_router_options(routing)
+    routing.add_argument("--tenant-header", default=None, metavar="NAME",
+                         help="header naming the tenant, for --route-by-tenant (forwarded to "
+                              "the backends like every end-to-end header)")
     p.set_defaults(handler=run_route)
 
 
@@ -182,7 +191,6 @@ def add_route_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_route(args: argparse.Namespace) -> int:
     from surge.http.logs import configure_logging
     from surge.router.app import build_router, run_router
-    from surge.router.policies import make_policy
     from surge.router.replicas import Replica, ReplicaSet
 
     configure_logging(args.log_level)
@@ -196,7 +204,7 @@ def run_route(args: argparse.Namespace) -> int:
                                for url, name, weight in zip(_check_urls(args.backend),
                                                             _names(args.backend), weights,
                                                             strict=True)])
-        app = build_router(replicas, make_policy(args.policy), settings)
+        app = build_router(replicas, route_policy(args), settings)
     return run_router(app, args.host, args.port, drain_timeout=args.drain_timeout,
                       log_level=args.log_level, access_log=args.access_log)
 
@@ -206,7 +214,6 @@ def _ray_discovery_router(args: argparse.Namespace, settings: RouterSettings,
     """The router in front of the replicas of a Ray deployment another process runs."""
     from surge.router.app import build_router
     from surge.router.backend import ReplicaPlan
-    from surge.router.policies import make_policy
     from surge.router.ray_backend import RayDiscovery, connect_ray
     from surge.router.replicas import ReplicaSet
 
@@ -215,7 +222,13 @@ def _ray_discovery_router(args: argparse.Namespace, settings: RouterSettings,
                          "allowed is --backend ray alone")
     connect_ray(args.ray_address, log_to_driver=False)
     plan = ReplicaPlan(RayDiscovery(args.ray_deployment, breaker), 0)
-    return build_router(ReplicaSet(), make_policy(args.policy), settings, plan=plan)
+    return build_router(ReplicaSet(), route_policy(args), settings, plan=plan)
+
+
+def route_policy(args: argparse.Namespace) -> Policy:
+    """The --policy, by tenant with --route-by-tenant."""
+    return make_policy(args.policy, by_tenant=getattr(args, "route_by_tenant", False),
+                       tenant_header=getattr(args, "tenant_header", None))
 
 
 def _check_urls(urls: list[str]) -> list[str]:

@@ -18,18 +18,27 @@ ejected, not already tried for this request).
 - ``prefix_affinity``: sends a prompt where its longest prefix was recently sent (that replica
   probably still holds those KV blocks in its prefix cache), unless replicas are imbalanced
   beyond a threshold, then least loaded.
+
+With ``by_tenant`` (``--route-by-tenant``), ``consistent_hash`` keys on the request's tenant
+(``surge.http.tenant``: the tenant header, else ``user``), so each tenant's requests share one
+replica's prefix cache and one fair scheduler sees all of its load; ``least_outstanding``
+spreads each tenant over the replicas: of two random replicas, the one that got fewer of this
+tenant's requests in the last ``TENANT_WINDOW_SECONDS``, then the less loaded, so a flooding
+tenant lands on every replica evenly instead of filling the ones its bursts happened to hit.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import time
 import weakref
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
+from surge.http.tenant import ANONYMOUS_TENANT
 from surge.router.replicas import Replica
 
 __all__ = [
@@ -54,11 +63,15 @@ class RequestFacts:
 
     session_key: str | None = None
     prompt: str | list[int] | None = None
+    tenant: str | None = None  # set when the policy routes by tenant
 
 
 class Policy(Protocol):
     name: ClassVar[str]
-    needs_body: ClassVar[bool]
+    needs_body: bool
+    # Route by tenant (``RequestFacts.tenant``), named by this header (or the body's user).
+    by_tenant: bool
+    tenant_header: str | None
 
     def choose(self, candidates: Sequence[Replica], request: RequestFacts) -> Replica: ...
 
@@ -66,6 +79,8 @@ class Policy(Protocol):
 class RoundRobin:
     name = "round_robin"
     needs_body = False
+    by_tenant = False
+    tenant_header: str | None = None
 
     def __init__(self) -> None:
         self._next = 0
@@ -83,6 +98,8 @@ class Weighted:
 
     name = "weighted"
     needs_body = False
+    by_tenant = False
+    tenant_header: str | None = None
 
     def __init__(self) -> None:
         self._score: weakref.WeakKeyDictionary[Replica, float] = weakref.WeakKeyDictionary()
@@ -100,18 +117,64 @@ class Weighted:
         return best
 
 
+# How long a tenant's request counts against the replica it was sent to, for
+# least_outstanding by tenant (the router does not see a request end per tenant; a request's
+# recent placement is what spreads a burst).
+TENANT_WINDOW_SECONDS = 10.0
+
+
+class _TenantPlacements:
+    """Per tenant, where its requests went in the last ``window`` seconds."""
+
+    def __init__(self, window: float, clock: Callable[[], float]) -> None:
+        self.window, self.clock = window, clock
+        self._sent: dict[str, deque[tuple[float, str]]] = {}
+
+    def count(self, tenant: str, replica: Replica) -> int:
+        return sum(1 for _, name in self._recent(tenant) if name == replica.name)
+
+    def add(self, tenant: str, replica: Replica) -> None:
+        self._recent(tenant).append((self.clock(), replica.name))
+
+    def _recent(self, tenant: str) -> deque[tuple[float, str]]:
+        sent = self._sent.get(tenant)
+        if sent is None:
+            if len(self._sent) >= 10_000:  # forget the tenants with nothing recent
+                for stale in [t for t, q in self._sent.items() if not q]:
+                    del self._sent[stale]
+            sent = self._sent[tenant] = deque()
+        since = self.clock() - self.window
+        while sent and sent[0][0] < since:
+            sent.popleft()
+        return sent
+
+
 class LeastOutstanding:
     name = "least_outstanding"
-    needs_body = False
 
-    def __init__(self, rng: random.Random | None = None) -> None:
+    def __init__(self, rng: random.Random | None = None, *, by_tenant: bool = False,
+                 tenant_header: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.rng = rng or random.Random()
+        self.by_tenant, self.tenant_header = by_tenant, tenant_header
+        # By tenant, the body is read for its ``user`` (when no header names the tenant).
+        self.needs_body = by_tenant
+        self._placements = _TenantPlacements(TENANT_WINDOW_SECONDS, clock)
 
     def choose(self, candidates: Sequence[Replica], request: RequestFacts) -> Replica:
         if len(candidates) == 1:
-            return candidates[0]
-        a, b = self.rng.sample(candidates, 2)  # random order: ties do not favour the first
-        return a if self.cost(a) <= self.cost(b) else b
+            chosen = candidates[0]
+        else:
+            a, b = self.rng.sample(candidates, 2)  # random order: ties do not favour the first
+            chosen = a if self._key(a, request) <= self._key(b, request) else b
+        if self.by_tenant and request.tenant is not None:
+            self._placements.add(request.tenant, chosen)
+        return chosen
+
+    def _key(self, replica: Replica, request: RequestFacts) -> tuple[float, float]:
+        mine = (self._placements.count(request.tenant, replica)
+                if self.by_tenant and request.tenant is not None else 0)
+        return (mine, self.cost(replica))
 
     @staticmethod
     def cost(replica: Replica) -> float:
@@ -137,13 +200,19 @@ class ConsistentHash:
     name = "consistent_hash"
     needs_body = True  # for the `user` field when there is no X-Session-ID header
 
-    def __init__(self, fallback: Policy | None = None) -> None:
+    def __init__(self, fallback: Policy | None = None, *, by_tenant: bool = False,
+                 tenant_header: str | None = None) -> None:
         self.fallback = fallback or LeastOutstanding()
+        self.by_tenant, self.tenant_header = by_tenant, tenant_header
 
     def choose(self, candidates: Sequence[Replica], request: RequestFacts) -> Replica:
-        if request.session_key is None:
+        # By tenant the tenant is the key; "anonymous" is everyone, so not a key.
+        key_text = request.session_key
+        if self.by_tenant and request.tenant not in (None, ANONYMOUS_TENANT):
+            key_text = request.tenant
+        if key_text is None:
             return self.fallback.choose(candidates, request)
-        key = request.session_key.encode()
+        key = key_text.encode()
         return max(candidates, key=lambda r: _score(key, r.name))
 
 
@@ -209,6 +278,8 @@ class PrefixAffinity:
 
     name = "prefix_affinity"
     needs_body = True
+    by_tenant = False
+    tenant_header: str | None = None
 
     def __init__(self, balance_abs: int = 4, balance_rel: float = 1.5,
                  min_match: float = 0.25, capacity: int = 65536) -> None:
@@ -249,9 +320,20 @@ POLICIES: dict[str, type[Any]] = {p.name: p for p in (
     RoundRobin, Weighted, LeastOutstanding, LatencyAware, ConsistentHash, PrefixAffinity)}
 
 
-def make_policy(name: str) -> Policy:
+TENANT_POLICIES = ("consistent_hash", "least_outstanding")
+
+
+def make_policy(name: str, *, by_tenant: bool = False,
+                tenant_header: str | None = None) -> Policy:
+    """``by_tenant``: route by the request's tenant (the policies in ``TENANT_POLICIES``)."""
     if name not in POLICIES:
         raise ValueError(f"policy={name!r} is unknown: allowed is one of "
                          f"{', '.join(sorted(POLICIES))}")
+    if by_tenant:
+        if name not in TENANT_POLICIES:
+            raise ValueError(f"--route-by-tenant applies to --policy "
+                             f"{' or '.join(TENANT_POLICIES)}, not {name}")
+        tenant_policy: Policy = POLICIES[name](by_tenant=True, tenant_header=tenant_header)
+        return tenant_policy
     policy: Policy = POLICIES[name]()
     return policy

@@ -34,6 +34,7 @@ from surge.config import require
 from surge.http.errors import APIError, send_error, sse_error_event
 from surge.http.gate import header, read_body
 from surge.http.responses import SSE_DONE
+from surge.http.tenant import resolve_tenant, tenant_before_body
 from surge.router.coldstart import ColdStart
 from surge.router.metrics import RouterMetrics
 from surge.router.policies import Policy, RequestFacts
@@ -317,6 +318,8 @@ class Proxy:
 
     def _facts(self, scope: Scope, body: bytes) -> RequestFacts:
         """Only what the policy uses; the JSON body is parsed only when it must be."""
+        if getattr(self.policy, "by_tenant", False):
+            return _tenant_facts(scope, body, self.policy.tenant_header)
         if not self.policy.needs_body:
             return _NO_FACTS
         session = header(scope, b"x-session-id")
@@ -334,6 +337,25 @@ class Proxy:
 
 
 _NO_FACTS = RequestFacts()
+
+
+def _tenant_facts(scope: Scope, body: bytes, tenant_header: str | None) -> RequestFacts:
+    """The request's tenant as the replica will resolve it (surge.http.tenant; the router
+    checks no API key, so a header or the body's ``user``); the body is parsed only when no
+    header names the tenant."""
+    session = header(scope, b"x-session-id")
+    try:
+        tenant = tenant_before_body(scope, tenant_header)
+        if tenant is None:
+            try:
+                payload = _decode(body) if body else None
+            except msgspec.DecodeError:
+                payload = None
+            user = payload.get("user") if isinstance(payload, dict) else None
+            tenant = resolve_tenant(scope, user if isinstance(user, str) else None, None)
+    except APIError:  # a header that names no tenant: the replica answers 400
+        tenant = None
+    return RequestFacts(session_key=session, tenant=tenant)
 
 
 def _prompt_of(payload: dict[str, Any]) -> str | list[int] | None:

@@ -230,7 +230,9 @@ def _add_operator_routes(app: FastAPI, models: ServedModels, context: RequestCon
                               "description": "Prometheus exposition"}})
     async def render_metrics() -> Response:
         if llm is not None and llm.engine.is_ready:
-            metrics.update_engine(llm.engine.stats())
+            stats = llm.engine.stats()
+            metrics.update_engine(stats)
+            context.tenant_metrics.update_engine(stats.tenants)
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 

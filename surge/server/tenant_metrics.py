@@ -19,10 +19,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from surge.engine.protocol import TenantStats
 from surge.server.metrics import PREFIX, REQUEST_LATENCY_BUCKETS, TTFT_BUCKETS
 
 __all__ = ["DEFAULT_MAX_TENANT_LABELS", "FAIRNESS_WINDOW_SECONDS", "OTHER_TENANTS",
@@ -82,6 +83,15 @@ class TenantMetrics:
                            f"{window:g} s (1 is perfectly fair; 1 with fewer than two).",
                            ["model_name"], registry=registry)
         self._jain.labels(model_name).set_function(lambda: self.fairness_index() or 1.0)
+        # From the engine's scheduler (EngineStats.tenants): what it weighs and has served.
+        self._weight = Gauge(PREFIX + "tenant_weight", "The engine scheduler's weight of the "
+                             "tenant.", labels, registry=registry)
+        self._virtual = Gauge(PREFIX + "tenant_virtual_tokens", "The fair scheduler's virtual "
+                              "token counter of the tenant (weighted tokens served / weight).",
+                              labels, registry=registry)
+        self._engine_requests = Gauge(PREFIX + "tenant_num_requests", "The tenant's requests "
+                                      "in the engine (state: running or waiting).",
+                                      [*labels, "state"], registry=registry)
 
     def label(self, tenant: str) -> str:
         """The tenant's label value: its name while fewer than ``max_labels`` are in use."""
@@ -97,6 +107,20 @@ class TenantMetrics:
         for tenant in tenants:
             label = self.label(tenant)
             self._requests.labels(self.model_name, label)  # a zero, not a missing series
+
+    def update_engine(self, tenants: Mapping[str, TenantStats]) -> None:
+        """Gauges from the engine's per-tenant stats (tenants over the label cap are left
+        out: a sum of weights or counters means nothing)."""
+        for tenant, stats in tenants.items():
+            label = self.label(tenant)
+            if label == OTHER_TENANTS:
+                continue
+            self._weight.labels(self.model_name, label).set(stats.weight)
+            self._virtual.labels(self.model_name, label).set(stats.virtual_tokens)
+            self._engine_requests.labels(self.model_name, label, "running").set(
+                stats.num_running)
+            self._engine_requests.labels(self.model_name, label, "waiting").set(
+                max(stats.num_waiting, 0))
 
     def record_request(self, tenant: str, num_prompt_tokens: int, num_output_tokens: int,
                        queue_time: float | None, ttft: float | None) -> None:
