@@ -517,7 +517,7 @@ def _hermes_grammar(request: ToolRequest) -> str:
     that function's schema. Auto: free text, where ``<tool_call>`` (a lazy lexeme: it ends the
     text the moment it appears) must start a valid call."""
     options = [{"type": "object", "properties": {"name": {"const": f.name},
-                                                 "arguments": f.parameters},
+                                                 "arguments": _declared_only(f.parameters)},
                 "required": ["name", "arguments"], "additionalProperties": False}
                for f in request.allowed()]
     schema = options[0] if len(options) == 1 else {"anyOf": options}
@@ -528,6 +528,30 @@ def _hermes_grammar(request: ToolRequest) -> str:
     start = "call* TEXT" if request.parallel else "TEXT | call"
     return (f'%llguidance {{}}\nstart: {start}\ncall_start[lazy]: TEXT "<tool_call>"\n'
             f'call: call_start {body}\nTEXT: /(.|\\n)*/\n')
+
+
+def _declared_only(schema: Any) -> Any:
+    """The schema with objects that declare ``properties`` (and say nothing of others) closed
+    to undeclared ones: what is generated is still valid for the original schema, but a model
+    cannot ramble on in made-up keys (LangChain's and Pydantic's schemas leave objects open).
+    Subschemas of ``allOf`` stay as they are (closing one would forbid its siblings' keys)."""
+    if isinstance(schema, list):
+        return [_declared_only(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions", "patternProperties"):
+            out[key] = ({k: _declared_only(v) for k, v in value.items()}
+                        if isinstance(value, dict) else value)
+        elif key in ("items", "anyOf", "oneOf", "prefixItems", "additionalProperties"):
+            out[key] = _declared_only(value)
+        else:
+            out[key] = value
+    if (isinstance(out.get("properties"), dict) and "additionalProperties" not in out
+            and "patternProperties" not in out and "unevaluatedProperties" not in out):
+        out["additionalProperties"] = False
+    return out
 
 
 @dataclass
