@@ -25,7 +25,9 @@ from surge.engine.protocol import (
     AddRequest,
     EngineCoreOutput,
     EngineStats,
+    ProfileResult,
     SetTenantWeights,
+    StartProfile,
 )
 
 if TYPE_CHECKING:
@@ -63,6 +65,7 @@ class EngineClient(abc.ABC):
     """
 
     _info: EngineInfo | None = None  # set by subclasses once the engine reports ready
+    _profile_waiter: asyncio.Future[ProfileResult] | None = None  # the profile in progress
 
     def __init__(self) -> None:
         self._streams: dict[str, asyncio.Queue[EngineCoreOutput | BaseException]] = {}
@@ -126,6 +129,22 @@ class EngineClient(abc.ABC):
     @abc.abstractmethod
     async def shutdown(self) -> None: ...
 
+    async def profile(self, num_steps: int, max_seconds: float) -> ProfileResult:
+        """Record the engine's next ``num_steps`` steps with torch.profiler (fewer if
+        ``max_seconds`` pass first); one profile at a time (ValueError otherwise)."""
+        if self._profile_waiter is not None:
+            raise ValueError("a profile is already being recorded: allowed is one at a time")
+        if not self.is_healthy:
+            raise EngineDeadError(self._unavailable_reason())
+        waiter = self._profile_waiter = asyncio.get_running_loop().create_future()
+        try:
+            self._send_profile(StartProfile(num_steps, max_seconds))
+            # The engine answers at its first loop turn past the deadline; a long step (or a
+            # slow export) may delay that, never by this much.
+            return await asyncio.wait_for(waiter, max_seconds + 120)
+        finally:
+            self._profile_waiter = None
+
     # -- transport hooks ---------------------------------------------------------------------
 
     def _send_add(self, request: AddRequest) -> None:
@@ -136,6 +155,14 @@ class EngineClient(abc.ABC):
 
     def _send_weights(self, command: SetTenantWeights) -> None:
         raise NotImplementedError(f"{type(self).__name__} has no engine to set weights on")
+
+    def _send_profile(self, command: StartProfile) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no engine to profile")
+
+    def _profiled(self, result: ProfileResult) -> None:
+        """The engine's answer to ``profile`` (on the client's loop)."""
+        if self._profile_waiter is not None and not self._profile_waiter.done():
+            self._profile_waiter.set_result(result)
 
     def _unavailable_reason(self) -> str:
         """Why ``generate`` is refused while the client is not healthy."""
@@ -158,6 +185,8 @@ class EngineClient(abc.ABC):
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream.put_nowait(error)
+        if self._profile_waiter is not None and not self._profile_waiter.done():
+            self._profile_waiter.set_exception(error)
 
     async def _iterate(self, stream: asyncio.Queue[EngineCoreOutput | BaseException],
                        request_id: str) -> AsyncIterator[EngineCoreOutput]:
@@ -231,6 +260,9 @@ class InprocEngineClient(EngineClient):
     def _send_weights(self, command: SetTenantWeights) -> None:
         self._commands.put(command)
 
+    def _send_profile(self, command: StartProfile) -> None:
+        self._commands.put(command)
+
     # -- engine thread ----------------------------------------------------------------------
 
     def _run(self, core: EngineCore) -> None:
@@ -240,6 +272,8 @@ class InprocEngineClient(EngineClient):
                 if core.has_unfinished_requests():
                     self._publish(core.step())
                 self._stats = core.stats()
+                if core.profiler is not None and (result := core.take_profile()) is not None:
+                    self._post(self._profiled, result)
         except BaseException as exc:
             self._dead = exc  # first: from now on generate() refuses, so no stream is missed
             self._post(self._fail_all, EngineDeadError(f"the engine failed: {exc!r}"))
@@ -257,7 +291,11 @@ class InprocEngineClient(EngineClient):
                 return
 
     def _apply(self, core: EngineCore,
-               command: AddRequest | AbortRequests | SetTenantWeights) -> None:
+               command: AddRequest | AbortRequests | SetTenantWeights | StartProfile) -> None:
+        if isinstance(command, StartProfile):
+            if (refused := core.start_profile(command)) is not None:
+                self._post(self._profiled, refused)
+            return
         if isinstance(command, AbortRequests):
             self._publish(core.abort_requests(command.request_ids))
             return

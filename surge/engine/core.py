@@ -16,7 +16,15 @@ import torch
 
 from surge.config import EngineConfig
 from surge.engine.kv_cache import BlockManager
-from surge.engine.protocol import AddRequest, EngineCoreOutput, EngineStats, RequestTimings
+from surge.engine.profiler import StepProfiler
+from surge.engine.protocol import (
+    AddRequest,
+    EngineCoreOutput,
+    EngineStats,
+    ProfileResult,
+    RequestTimings,
+    StartProfile,
+)
 from surge.engine.request import FinishReason, Request
 from surge.engine.runner import ModelRunner
 from surge.engine.sampler import SampleResult
@@ -63,6 +71,7 @@ class EngineCore:
         self.runner = ModelRunner(self.loaded, num_blocks, config.block_size, config.seed)
         self.num_steps = 0
         self.step_stats = StepStats()  # per-phase step times, for the breakdown metric
+        self.profiler: StepProfiler | None = None  # POST /debug/profile, while it records
         self._model_dir = model_dir
         # Structured-output requests whose grammar is still compiling: kept out of the
         # scheduler until it is ready, so they never hold a seat or stall a step.
@@ -168,7 +177,28 @@ class EngineCore:
         """Replace the fair policy's tenant weights (e.g. on a config reload)."""
         self.scheduler.set_tenant_weights(weights)
 
+    def start_profile(self, command: StartProfile) -> ProfileResult | None:
+        """Start recording steps; a ProfileResult with the error when one already runs."""
+        if self.profiler is not None:
+            return ProfileResult(b"", 0, "a profile is already being recorded: allowed is one "
+                                        "at a time")
+        self.profiler = StepProfiler(command.num_steps, command.max_seconds)
+        return None
+
+    def take_profile(self) -> ProfileResult | None:
+        """The profile, once its steps are recorded or its time is up; None meanwhile."""
+        if self.profiler is None or not self.profiler.done:
+            return None
+        profiler, self.profiler = self.profiler, None
+        return profiler.result()
+
     def step(self) -> list[EngineCoreOutput]:
+        if self.profiler is not None and not self.profiler.done:
+            with self.profiler.step():
+                return self._step()
+        return self._step()
+
+    def _step(self) -> list[EngineCoreOutput]:
         outputs = self._admit_compiled() if self._awaiting_grammar else []
         started = time.perf_counter()
         scheduled = self.scheduler.schedule()

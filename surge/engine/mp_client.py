@@ -44,6 +44,8 @@ from surge.engine.process import (
     EngineFailed,
     EngineInput,
     EngineMessage,
+    Profile,
+    Profiled,
     Ready,
     Shutdown,
     StartupFailed,
@@ -51,7 +53,13 @@ from surge.engine.process import (
     Weights,
     run_engine_process,
 )
-from surge.engine.protocol import AbortRequests, AddRequest, EngineStats, SetTenantWeights
+from surge.engine.protocol import (
+    AbortRequests,
+    AddRequest,
+    EngineStats,
+    SetTenantWeights,
+    StartProfile,
+)
 from surge.procs import describe_exit
 
 __all__ = ["EngineStartError", "MPEngineClient"]
@@ -319,6 +327,14 @@ class MPEngineClient(EngineClient):
             with contextlib.suppress(zmq.ZMQError):
                 self._engine.send(Weights(command))
 
+    def _send_profile(self, command: StartProfile) -> None:
+        if self._engine is None:
+            raise EngineDeadError(self._unavailable_reason())
+        try:
+            self._engine.send(Profile(command))
+        except zmq.ZMQError as exc:
+            raise EngineDeadError(f"the engine is unreachable ({exc})") from exc
+
     # -- beyond the interface ----------------------------------------------------------------
 
     @property
@@ -392,6 +408,8 @@ class MPEngineClient(EngineClient):
             self._deliver(message.outputs)
         elif isinstance(message, EngineFailed):
             engine.failure = message.error
+        elif isinstance(message, Profiled):
+            self._profiled(message.result)
 
     async def _supervise(self, engine: _EngineProcess) -> None:
         await asyncio.shield(engine.exited)  # shutdown cancels us; the future must survive

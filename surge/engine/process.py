@@ -33,7 +33,9 @@ from surge.engine.protocol import (
     AddRequest,
     EngineCoreOutput,
     EngineStats,
+    ProfileResult,
     SetTenantWeights,
+    StartProfile,
 )
 from surge.engine.request import FinishReason
 
@@ -41,8 +43,8 @@ if TYPE_CHECKING:
     from surge.engine.core import EngineCore
 
 __all__ = [
-    "Abort", "Add", "EngineFailed", "EngineInput", "EngineMessage", "Ready", "Shutdown",
-    "StartupFailed", "StepOutputs", "Weights", "run_engine_process",
+    "Abort", "Add", "EngineFailed", "EngineInput", "EngineMessage", "Profile", "Profiled",
+    "Ready", "Shutdown", "StartupFailed", "StepOutputs", "Weights", "run_engine_process",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,7 +73,11 @@ class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     pass
 
 
-EngineInput = Add | Abort | Weights | Shutdown
+class Profile(msgspec.Struct, tag="profile", array_like=True):
+    profile: StartProfile
+
+
+EngineInput = Add | Abort | Weights | Shutdown | Profile
 
 
 # -- engine -> client --------------------------------------------------------------------------
@@ -96,7 +102,11 @@ class EngineFailed(msgspec.Struct, tag="failed", array_like=True):
     error: str
 
 
-EngineMessage = Ready | StartupFailed | StepOutputs | EngineFailed
+class Profiled(msgspec.Struct, tag="profiled", array_like=True):
+    result: ProfileResult
+
+
+EngineMessage = Ready | StartupFailed | StepOutputs | EngineFailed | Profiled
 
 
 class _Terminated(BaseException):
@@ -213,6 +223,7 @@ class EngineLoop:
             if (not self.core.has_unfinished_requests()
                     and not self.poller.poll(int(HEARTBEAT_SECONDS * 1000))):
                 self._send([])  # idle heartbeat: fresh stats
+                self._send_profile()
                 continue
             outputs = self._drain_inputs()
             if self.stopping:
@@ -220,6 +231,12 @@ class EngineLoop:
             if self.core.has_unfinished_requests():
                 outputs.extend(self.core.step())
             self._send(outputs)
+            self._send_profile()
+
+    def _send_profile(self) -> None:
+        result = self.core.take_profile() if self.core.profiler is not None else None
+        if result is not None:
+            self.outputs.send(self.encoder.encode(Profiled(result)))
 
     def _parent_alive(self) -> bool:
         # Re-parented (to init or a subreaper) means the server is gone: nobody will read.
@@ -253,6 +270,10 @@ class EngineLoop:
             outputs.extend(self.core.abort_requests(message.abort.request_ids))
         elif isinstance(message, Weights):
             self.core.set_tenant_weights(message.weights.weights)  # checked by the client
+        elif isinstance(message, Profile):
+            refused = self.core.start_profile(message.profile)
+            if refused is not None:
+                self.outputs.send(self.encoder.encode(Profiled(refused)))
         else:
             self.stopping = True
 

@@ -12,8 +12,8 @@ from surge.engine.request import ANONYMOUS_TENANT, FinishReason
 from surge.outputs import TokenLogprobs
 from surge.sampling_params import SamplingParams
 
-__all__ = ["AbortRequests", "AddRequest", "EngineCoreOutput", "EngineStats", "RequestTimings",
-           "SetTenantWeights", "StepBreakdown", "TenantStats"]
+__all__ = ["AbortRequests", "AddRequest", "EngineCoreOutput", "EngineStats", "ProfileResult",
+           "RequestTimings", "SetTenantWeights", "StartProfile", "StepBreakdown", "TenantStats"]
 
 
 class AddRequest(msgspec.Struct):
@@ -27,6 +27,22 @@ class AddRequest(msgspec.Struct):
 
 class AbortRequests(msgspec.Struct):
     request_ids: list[str]
+
+
+class StartProfile(msgspec.Struct):
+    """Record the next ``num_steps`` engine steps with torch.profiler (at most
+    ``max_seconds``, for an engine that goes idle)."""
+
+    num_steps: int
+    max_seconds: float
+
+
+class ProfileResult(msgspec.Struct):
+    """A finished profile: the Chrome trace JSON, or why there is none."""
+
+    trace: bytes
+    num_steps: int
+    error: str | None = None
 
 
 class SetTenantWeights(msgspec.Struct):

@@ -60,6 +60,10 @@ def run_replicated(args: argparse.Namespace, model_dir: str, settings: ServerSet
     app = build_router(ReplicaSet(), route_policy(args),
                        router_settings(args, args.max_body_bytes), ui,
                        ReplicaPlan(backend, args.replicas, autoscale, scale_to_zero(args)))
+    if settings.otlp_endpoint:  # the router's span is the parent of each replica's
+        from surge.http.tracing import Tracing
+
+        app.proxy.tracing = Tracing(settings.otlp_endpoint, "surge-router")
     logger.info("starting %d replica(s) of %s (%s, %d torch thread(s) each)%s", args.replicas,
                 model_dir, args.replica_backend, threads, f", autoscaling "
                 f"{autoscale.min_replicas}..{autoscale.max_replicas}" if autoscale.enabled

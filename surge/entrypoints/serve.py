@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 
 from surge.config import EngineConfig, add_engine_args
 from surge.entrypoints.default_model import DEMO_SERVED_NAME, default_model
-from surge.http.logs import configure_logging
+from surge.http.logs import configure_logging, uvicorn_log_config
+from surge.server.observing import observability_settings
 
 if TYPE_CHECKING:
     from surge.engine.mp_client import MPEngineClient
@@ -109,6 +110,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--log-prompts", action="store_true",
                           help="log prompts and outputs (off by default: they may be private)")
 
+    from surge.server.observing import add_observability_args
+
+    add_observability_args(parser)
     pooling, batch, apps, cache = _plugins()
     pooling.add_args(parser)
     batch.add_args(parser)
@@ -134,7 +138,7 @@ def _plugins() -> list[FeaturePlugin]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     settings_from_args(args)  # bad flags fail before any model is pulled or written
     if not args.model:
         args.model, is_demo = default_model()
@@ -178,7 +182,8 @@ def run_serve(args: argparse.Namespace) -> int:
     server = DrainingServer(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
         access_log=args.access_log, timeout_graceful_shutdown=settings.drain_timeout,
-        lifespan="on"), on_started=_announce(settings.model_names[0]), control=control,
+        lifespan="on", **uvicorn_log_config(args.log_format)),
+        on_started=_announce(settings.model_names[0]), control=control,
         guard=ConnectionGuard(header_timeout=args.header_timeout,
                               max_connections=args.max_connections))
     logger.info("loading %s (%s engine); /health answers 503 until it is ready", model_dir,
@@ -213,7 +218,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_body_bytes=args.max_body_bytes, max_queued_requests=args.max_queued_requests,
         max_queued_tokens=args.max_queued_tokens,
         request_timeout=args.request_timeout or None, drain_timeout=args.drain_timeout,
-        log_prompts=args.log_prompts, **_tenant_settings(args))
+        log_prompts=args.log_prompts, **_tenant_settings(args),
+        **observability_settings(args))
 
 
 def _tenant_settings(args: argparse.Namespace) -> dict[str, str | None]:

@@ -111,6 +111,9 @@ class Proxy:
         self.budget = RetryBudget(retry, clock)
         metrics.retry_budget_refused = lambda: self.budget.num_refused
         self.pool = UpstreamPool(config.connect_timeout, config.read_timeout)
+        # surge.http.tracing.Tracing when tracing is on: a span per request, and its
+        # traceparent forwarded to the replica.
+        self.tracing: Any = None
         # Scale to zero: holds a request while no replica can take it (set by the app).
         self.cold_start: ColdStart | None = None
 
@@ -120,6 +123,11 @@ class Proxy:
     # -- one client request ------------------------------------------------------------------
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.tracing is not None:
+            return await self.tracing.traced(scope, receive, send, self._handle)
+        await self._handle(scope, receive, send)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             body = await read_body(scope, receive, self.config.max_body_bytes)
         except APIError as exc:  # 413

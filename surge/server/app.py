@@ -27,6 +27,7 @@ from surge.http.control import ServerControl
 from surge.http.errors import APIError
 from surge.http.gate import RequestGate
 from surge.http.handlers import install_error_handlers
+from surge.http.observe import ObservedRequests
 from surge.http.openapi import document_validation_as_400, error_responses
 from surge.http.responses import json_response
 from surge.http.services import Services
@@ -38,6 +39,8 @@ from surge.server.features import Feature, ServerHost, ServingLoad
 from surge.server.lifecycle import EngineSupervision, EngineSupervisor, ServerLifecycle
 from surge.server.metrics import ServerMetrics
 from surge.server.models import ServedModel, ServedModels
+from surge.server.observing import make_observer
+from surge.server.profiling import add_profile_route
 from surge.server.responses import add_responses_routes
 from surge.server.schemas import HealthResponse, ModelList
 from surge.server.tenants import Tenants, TenantsConfig, reloading_on_sighup
@@ -48,7 +51,7 @@ __all__ = ["GenerationModel", "ServerSettings", "build_app"]
 
 logger = logging.getLogger(__name__)
 
-_AUTH_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+_AUTH_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/debug/")
 # Routes whose requests wait in the admission queue: refused before their body is read when
 # it is full.
 _QUEUED_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses"})
@@ -68,6 +71,11 @@ class ServerSettings:
     request_timeout: float | None = 600.0
     drain_timeout: float = 30.0
     log_prompts: bool = False
+    # Observability (surge.server.observing): one JSON log line per request, OTLP traces,
+    # and POST /debug/profile.
+    log_format: str = "text"
+    otlp_endpoint: str | None = None
+    enable_profiler: bool = False
     # Tenants (surge.server.tenants): the header naming the tenant, and the file of weights
     # and limits (reloaded on SIGHUP).
     tenant_header: str | None = None
@@ -122,6 +130,8 @@ def build_app(settings: ServerSettings, llm: GenerationModel | None = None,
         RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm), metrics,
         settings.request_timeout, Tenants(settings.tenant_header, settings.tenants_file))
     models, services = ServedModels(), Services()
+    observer = make_observer(settings.log_format, settings.log_prompts, settings.otlp_endpoint)
+    services.add(observer.running)
     serving = supervisor = None
     if llm is not None:
         serving = OpenAIServingCompletions(llm.engine, llm.tokenizer, settings.model_names, context,
@@ -144,10 +154,13 @@ def build_app(settings: ServerSettings, llm: GenerationModel | None = None,
                        max_body_bytes=settings.max_body_bytes, auth_prefixes=_AUTH_PREFIXES,
                        on_reject=metrics.record_rejected,
                        shed=_shed_when_full(context))
+    app.add_middleware(ObservedRequests, observer=observer)  # outside: its time has the gate
     add_generation_routes(app, models)
     add_responses_routes(app, models)
     add_tokenize_routes(app, models)
     _add_operator_routes(app, models, context, metrics, llm, serving)
+    if settings.enable_profiler and llm is not None:
+        add_profile_route(app, llm.engine)
     load: ServingLoad = serving if serving is not None else _NoGeneration(context)
     host = ServerHost(settings, models, context, metrics, services, load, control)
     for feature in features:

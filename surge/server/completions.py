@@ -31,6 +31,7 @@ from surge.engine.client import EngineClient, EngineDeadError
 from surge.engine.output_processor import OutputProcessor
 from surge.engine.protocol import AddRequest
 from surge.http.errors import APIError, sse_error_event
+from surge.http.observe import span
 from surge.http.openapi import error_responses, event_stream_content
 from surge.http.responses import (
     SSE_DONE,
@@ -40,6 +41,7 @@ from surge.http.responses import (
 )
 from surge.outputs import TokenLogprobs
 from surge.sampling_params import SamplingParams, StructuredOutputsParams
+from surge.server import observing
 from surge.server.admission import Ticket
 from surge.server.context import RequestContext
 from surge.server.metrics import ServerMetrics
@@ -184,9 +186,11 @@ class OpenAIServingCompletions:
     # -- endpoints ---------------------------------------------------------------------------
 
     async def create_completion(self, body: CompletionRequest, request: Request) -> Response:
+        observing.begin(body.model or self.served_model, bool(body.stream))
         _refuse_unsupported_completion(body)
         await check_request_fields(body)
-        prompts, texts = await self._completion_prompts(body.prompt)
+        with span("tokenization"):
+            prompts, texts = await self._completion_prompts(body.prompt)
         cache = await self._cache_lookup(request, body, "completions", prompts,
                                          texts if body.echo else None)
         if cache.answer is not None:
@@ -204,12 +208,14 @@ class OpenAIServingCompletions:
 
     async def create_chat_completion(self, body: ChatCompletionRequest,
                                      request: Request) -> Response:
+        observing.begin(body.model or self.served_model, bool(body.stream))
         _refuse_unsupported_chat(body)
         await check_request_fields(body)
         tools = await chat_tools_of(
             self.tokenizer, body.tools, body.tool_choice, body.parallel_tool_calls,
             [m.model_dump() for m in body.messages], structured_outputs_of(body) is not None)
-        prompt = await self._chat_prompt(body, tools)
+        with span("tokenization"):
+            prompt = await self._chat_prompt(body, tools)
         cache = await self._cache_lookup(request, body, "chat", [prompt], None)
         if cache.answer is not None:
             return self._answer_from_cache(cache, request, _CHAT_PREFIX)
@@ -334,9 +340,11 @@ class OpenAIServingCompletions:
         choices = [_Choice(p * body.n + i, p, f"{request_id}-{p * body.n + i}", ids,
                            _choice_params(params, i), body.priority, tenant)
                    for p, ids in enumerate(prompts) for i in range(body.n)]
+        shown = None
         if self.log_prompts:
             shown = [t if t is not None else ids for t, ids in zip(texts, prompts, strict=True)]
             logger.info("request %s: prompts=%r params=%r", request_id, shown, params)
+        observing.prepared(request_id, prompts, tenant, shown)
         return _Prepared(request_id, int(time.time()), body.model or self.served_model,
                          prompts, texts, choices, ticket, arrival)
 
@@ -653,6 +661,7 @@ async def _stream_choice(serving: OpenAIServingCompletions, choice: _Choice,
     token_times: list[float] = []
     first_scheduled: float | None = None
     finish: str | None = "abort"  # what metrics record if the stream is cut off
+    times = observing.engine_times(choice.index, len(choice.prompt_token_ids))
     try:
         request = AddRequest(choice.request_id, choice.prompt_token_ids, params,
                              choice.priority, tenant=choice.tenant)
@@ -662,6 +671,7 @@ async def _stream_choice(serving: OpenAIServingCompletions, choice: _Choice,
                 token_times.extend(now for _ in update.new_token_ids)
                 first_scheduled = first_scheduled or update.first_scheduled_time
                 out = processor.process(update)
+                observing.stamp(times, update, now)
                 delta = _Delta(choice.index, out.text, out.token_ids, out.logprobs,
                                out.finish_reason, out.stop_reason, update.prompt_logprobs)
                 yield delta
@@ -673,6 +683,8 @@ async def _stream_choice(serving: OpenAIServingCompletions, choice: _Choice,
         raise
     finally:
         _record(serving, choice, finish, token_times, arrival, first_scheduled, processor)
+        observing.finish_times(times, finish, len(token_times),
+                               processor.text if serving.log_prompts else None)
 
 
 def _record(serving: OpenAIServingCompletions, choice: _Choice, finish: str | None,

@@ -22,6 +22,7 @@ from prometheus_client import (
 )
 
 from surge.engine.protocol import EngineStats
+from surge.server.step_metrics import StepBreakdownCollector
 
 __all__ = ["ServerMetrics"]
 
@@ -54,6 +55,8 @@ class ServerMetrics:
         self._create_request_metrics()
         # Cumulative engine counters last seen, to turn snapshots into counter increments.
         self._last_engine_totals: dict[str, int] = {}
+        self._steps = StepBreakdownCollector(model_name)  # surge:engine_step_duration_seconds
+        self.registry.register(self._steps)
 
     def record_rejected(self, reason: str) -> None:
         self._rejected.labels(self.model_name, reason).inc()
@@ -100,6 +103,7 @@ class ServerMetrics:
         self._advance("prefix_cache_queries", stats.prefix_cache_queries)
         self._advance("prefix_cache_hits", stats.prefix_cache_hits)
         self._advance("num_preemptions", stats.num_preemptions)
+        self._steps.latest = stats.step_breakdown
 
     def track_engine_process(self, pid: Callable[[], int | None]) -> None:
         """Also export the engine process's CPU and memory (``surge_engine_process_*``).
