@@ -33,6 +33,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "cache": {"engine", "router", "entrypoints", "batch", "apps", "eval"},
     "hub": {"engine", "server", "router", "http", "entrypoints", "batch", "apps", "eval"},
     "eval": {"server", "router", "http", "entrypoints", "batch", "apps"},
+    "optimize": {"server", "router", "http", "entrypoints", "batch", "apps", "cache"},
 }
 # Modules whose job is to compose everything; they are outside the layering.
 COMPOSERS = {"__init__", "cli", "entrypoints"}
