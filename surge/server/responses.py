@@ -1,12 +1,15 @@
 """``POST /v1/responses``: OpenAI's Responses API, stateless, as a view of a chat completion.
 
 A Responses request is translated into a ``ChatCompletionRequest`` (``instructions`` and
-``input`` become messages, ``max_output_tokens`` becomes ``max_tokens``, ``text.format``
-becomes ``response_format``) and runs through the chat path of ``OpenAIServingCompletions``:
-the same chat template, checks, rate limit, admission ticket, structured outputs, deadline
-and metrics. Only the answer's shape differs: output items (an assistant ``message`` with
-``output_text``), ``usage`` in input/output tokens, and, when streaming, OpenAI's typed events
-(``event: response.output_text.delta`` ...) numbered by ``sequence_number``.
+``input`` become messages, ``function_call`` / ``function_call_output`` items an assistant's
+``tool_calls`` and ``tool`` messages, ``max_output_tokens`` becomes ``max_tokens``,
+``text.format`` becomes ``response_format``) and runs through the chat path of
+``OpenAIServingCompletions``: the same chat template, checks, rate limit, admission ticket,
+structured outputs, tool calling (``surge.server.tools``: rendering, the calls' grammar, the
+parser), deadline and metrics. Only the answer's shape differs (``surge.server.
+responses_output``): output items (an assistant ``message`` with ``output_text``, a
+``function_call`` per call), ``usage`` in input/output tokens, and, when streaming, OpenAI's
+typed events (``event: response.output_text.delta`` ...) numbered by ``sequence_number``.
 
 Errors found on the chat path name chat fields (``messages``, ``max_tokens``,
 ``response_format``); they are renamed to the Responses fields the client sent.
@@ -21,7 +24,6 @@ import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import msgspec
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
@@ -31,19 +33,25 @@ from surge.http.openapi import error_responses, event_stream_content
 from surge.http.responses import SSEResponse, json_response
 from surge.server.completions import (
     OpenAIServingCompletions,
-    _Accumulated,
     _Prepared,
     _refuse_unsupported_chat,
     _Run,
 )
 from surge.server.models import ServedModels
+from surge.server.responses_output import (
+    ResponseOutput,
+    ResponseView,
+    SSEEvents,
+    response_status,
+)
 from surge.server.responses_schemas import (
     ResponseObject,
     ResponsesRequest,
     unsupported_fields,
 )
 from surge.server.schemas import ChatCompletionRequest
-from surge.server.structured import check_request_fields
+from surge.server.structured import check_request_fields, structured_outputs_of
+from surge.server.tools import ChatTools, chat_tools_of
 
 __all__ = ["add_responses_routes", "chat_request_of", "create_response"]
 
@@ -71,7 +79,6 @@ def chat_request_of(body: ResponsesRequest) -> ChatCompletionRequest:
         name, why = unused[0]
         raise APIError(400, f"'{name}' is not supported: {why}", param=name,
                        code="unsupported_parameter")
-    _refuse_tools(body)
     chat: dict[str, Any] = {
         "messages": input_messages(body), "max_tokens": body.max_output_tokens,
         "temperature": 1.0 if body.temperature is None else body.temperature,
@@ -90,17 +97,6 @@ def chat_request_of(body: ResponsesRequest) -> ChatCompletionRequest:
     return ChatCompletionRequest.model_validate(chat)
 
 
-def _refuse_tools(body: ResponsesRequest) -> None:
-    """Function tools need tool calling on the chat path, which this server lacks so far:
-    refused by name rather than answered with prose that never calls them."""
-    if body.tools:
-        raise APIError(400, "'tools' is not supported by this server yet (no tool calling): "
-                       "allowed is an empty list or null", param="tools")
-    if body.tool_choice not in (None, "auto", "none"):
-        raise APIError(400, "'tool_choice' names a tool but 'tools' is empty: allowed "
-                       "without tools is 'auto', 'none' or null", param="tool_choice")
-
-
 def input_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
     """``instructions`` then ``input`` as chat messages."""
     messages: list[dict[str, Any]] = []
@@ -112,23 +108,49 @@ def input_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
         raise APIError(400, "'input' is an empty list: allowed is a string or a list of at "
                        "least one item", param="input")
     for index, item in enumerate(body.input):
-        messages.append(_item_message(item, f"input[{index}]"))
+        _add_item(messages, item, f"input[{index}]")
     return messages
 
 
-def _item_message(item: dict[str, Any], where: str) -> dict[str, Any]:
+def _add_item(messages: list[dict[str, Any]], item: dict[str, Any], where: str) -> None:
+    """One input item as a chat message: a message, a call the assistant made (joined to
+    the assistant's turn it belongs to), or a call's result (a ``tool`` message)."""
     kind = item.get("type", "message")
-    if kind != "message":
+    if kind == "message":
+        role = item.get("role")
+        if role not in _MESSAGE_ROLES:
+            raise APIError(400, f"'{where}.role'={role!r} is invalid: allowed is one of "
+                           f"{', '.join(_MESSAGE_ROLES)}", param=f"{where}.role")
+        messages.append({"role": role, "content": _content_text(item.get("content"),
+                                                                f"{where}.content")})
+    elif kind == "function_call":
+        call = {"id": _field(item, "call_id", where), "type": "function", "function": {
+            "name": _field(item, "name", where),
+            "arguments": _field(item, "arguments", where, allow_empty=True)}}
+        last = messages[-1] if messages else None
+        if last is not None and last["role"] == "assistant":
+            last.setdefault("tool_calls", []).append(call)
+        else:
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+    elif kind == "function_call_output":
+        output = item.get("output")
+        messages.append({"role": "tool", "tool_call_id": _field(item, "call_id", where),
+                         "content": output if isinstance(output, str)
+                         else _content_text(output, f"{where}.output")})
+    else:
         stateful = " (it refers to a stored item; this server stores none)" \
             if kind == "item_reference" else ""
         raise APIError(400, f"'{where}.type'={kind!r} is not supported{stateful}: allowed is "
-                       "'message' (function_call items need tool calling, which this server "
-                       "lacks so far)", param=f"{where}.type")
-    role = item.get("role")
-    if role not in _MESSAGE_ROLES:
-        raise APIError(400, f"'{where}.role'={role!r} is invalid: allowed is one of "
-                       f"{', '.join(_MESSAGE_ROLES)}", param=f"{where}.role")
-    return {"role": role, "content": _content_text(item.get("content"), f"{where}.content")}
+                       "'message', 'function_call' or 'function_call_output'",
+                       param=f"{where}.type")
+
+
+def _field(item: dict[str, Any], name: str, where: str, allow_empty: bool = False) -> str:
+    value = item.get(name)
+    if not isinstance(value, str) or not (value or allow_empty):
+        raise APIError(400, f"'{where}.{name}' is required: a{'' if allow_empty else ' non-empty'}"
+                       " string", param=f"{where}.{name}")
+    return value
 
 
 def _content_text(content: object, where: str) -> str:
@@ -164,6 +186,8 @@ def _renamed_errors() -> Iterator[None]:
 
 def _rename(exc: APIError) -> APIError:
     param = exc.param
+    if param is not None and param.startswith("tools"):  # the Responses API's tools are flat
+        param = param.replace(".function.", ".").removesuffix(".function")
     if param is not None and param.startswith("messages"):
         param = "input"  # instructions shift the message indexes: name the whole input
     elif param is not None:
@@ -179,125 +203,6 @@ def _renamed_word(match: re.Match[str]) -> str:
     return dict(_RENAMES)[match.group(0)]
 
 
-# -- the answer ------------------------------------------------------------------------------
-
-
-class _ResponseView:
-    """The response object of one request, as it stands (in progress, then final)."""
-
-    def __init__(self, body: ResponsesRequest, prepared: _Prepared) -> None:
-        hex_id = prepared.request_id.split("-", 1)[1]
-        self.id = f"resp_{hex_id}"
-        self.message_id = f"msg_{hex_id}"
-        self._body = body
-        self._prepared = prepared
-
-    def body(self, status: str, output: list[dict[str, Any]] | None = None,
-             usage: dict[str, Any] | None = None) -> dict[str, Any]:
-        body, prepared = self._body, self._prepared
-        fmt = body.text.format if body.text is not None else None
-        return {
-            "id": self.id, "object": "response", "created_at": prepared.created,
-            "status": status, "error": None,
-            "incomplete_details": {"reason": "max_output_tokens"}
-            if status == "incomplete" else None,
-            "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
-            "model": prepared.model, "output": output or [],
-            "parallel_tool_calls": body.parallel_tool_calls is not False,
-            "previous_response_id": None, "reasoning": {"effort": None, "summary": None},
-            "store": False,
-            "temperature": 1.0 if body.temperature is None else body.temperature,
-            "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True)
-                     if fmt is not None else {"type": "text"}},
-            "tool_choice": body.tool_choice or "auto", "tools": [], "top_p": 1.0
-            if body.top_p is None else body.top_p, "truncation": "disabled",
-            "usage": usage, "user": body.user, "metadata": body.metadata or {}}
-
-    def message(self, text: str, status: str) -> dict[str, Any]:
-        return {"type": "message", "id": self.message_id, "status": status,
-                "role": "assistant", "content": [_output_text(text)] if status != "in_progress"
-                else []}
-
-    def final(self, out: _Accumulated) -> dict[str, Any]:
-        status = _status(out)
-        return self.body(status, [self.message(out.text, status)], self.usage(out))
-
-    def usage(self, out: _Accumulated) -> dict[str, Any]:
-        prompt_tokens = len(self._prepared.prompts[0])
-        # The engine does not report prefix-cache hits per request: cached_tokens stays 0.
-        return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-                "output_tokens": out.num_tokens,
-                "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": prompt_tokens + out.num_tokens}
-
-    def failed(self, error: APIError) -> dict[str, Any]:
-        body = self.body("failed")
-        body["error"] = {"code": error.code or error.error_type, "message": error.message}
-        return body
-
-
-def _status(out: _Accumulated) -> str:
-    return "incomplete" if out.finish_reason == "length" else "completed"
-
-
-def _output_text(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
-
-class _Events:
-    """SSE events as OpenAI frames them: ``event: <type>`` and its JSON, numbered."""
-
-    def __init__(self) -> None:
-        self.sequence_number = 0
-
-    def __call__(self, kind: str, **fields: Any) -> bytes:
-        data = msgspec.json.encode({"type": kind, "sequence_number": self.sequence_number,
-                                    **fields})
-        self.sequence_number += 1
-        return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
-
-
-class _MessageEvents:
-    """The events of the one output message: opened at its first text, closed at the end."""
-
-    def __init__(self, events: _Events, view: _ResponseView, output_index: int) -> None:
-        self._events, self._view = events, view
-        self._where = {"item_id": view.message_id, "output_index": output_index}
-        self._parts: list[str] = []
-        self._opened = False
-
-    def text(self, delta: str) -> list[bytes]:
-        if not delta:  # a token that only completed part of a character
-            return []
-        opening = [] if self._opened else self._open()
-        self._parts.append(delta)
-        return [*opening, self._events("response.output_text.delta", **self._where,
-                                       content_index=0, delta=delta, logprobs=[])]
-
-    def close(self, status: str) -> list[bytes]:
-        """The done events (an empty message still opens and closes, as a non-streamed
-        answer has one)."""
-        opening = [] if self._opened else self._open()
-        text = "".join(self._parts)
-        part = _output_text(text)
-        return [*opening,
-                self._events("response.output_text.done", **self._where, content_index=0,
-                             text=text, logprobs=[]),
-                self._events("response.content_part.done", **self._where, content_index=0,
-                             part=part),
-                self._events("response.output_item.done",
-                             output_index=self._where["output_index"],
-                             item=self._view.message(text, status))]
-
-    def _open(self) -> list[bytes]:
-        self._opened = True
-        return [self._events("response.output_item.added",
-                             output_index=self._where["output_index"],
-                             item=self._view.message("", "in_progress")),
-                self._events("response.content_part.added", **self._where, content_index=0,
-                             part=_output_text(""))]
-
-
 # -- running ---------------------------------------------------------------------------------
 
 
@@ -307,35 +212,45 @@ async def create_response(serving: OpenAIServingCompletions, body: ResponsesRequ
         chat = chat_request_of(body)
         _refuse_unsupported_chat(chat)
         await check_request_fields(chat)
-        prompt = await serving._chat_prompt(chat)
+        tools = await chat_tools_of(
+            serving.tokenizer, [t.model_dump(exclude_none=True) for t in body.tools or []],
+            _dumped(body.tool_choice), body.parallel_tool_calls,
+            [m.model_dump() for m in chat.messages], structured_outputs_of(chat) is not None)
+        prompt = await serving._chat_prompt(chat, tools)
         prepared = serving._prepare(chat, [prompt], [None], chat.max_tokens, None, request,
-                                    _PREFIX)
-    view = _ResponseView(body, prepared)
+                                    _PREFIX, structured=tools.constraint)
+    view = ResponseView(body, f"resp_{prepared.request_id.split('-', 1)[1]}", prepared.created,
+                        prepared.model, len(prompt))
     if body.stream:
-        return SSEResponse(_stream(serving, prepared, view),
+        return SSEResponse(_stream(serving, prepared, view, tools),
                            functools.partial(serving._release, prepared))
     with _renamed_errors():
-        outputs = await serving._run_to_end(prepared, request)
-    return json_response(view.final(outputs[0]))
+        out = (await serving._run_to_end(prepared, request))[0]
+    output = ResponseOutput(SSEEvents(), tools.streamer())
+    output.feed(out.text)
+    status = response_status(out.finish_reason)
+    output.finish(status)
+    return json_response(view.body(status, output.items(status), out.num_tokens))
 
 
-async def _stream(serving: OpenAIServingCompletions, prepared: _Prepared,
-                  view: _ResponseView) -> AsyncIterator[bytes]:
+async def _stream(serving: OpenAIServingCompletions, prepared: _Prepared, view: ResponseView,
+                  tools: ChatTools) -> AsyncIterator[bytes]:
     """Every event of one response; a failure after the 200 ends it with response.failed."""
-    events = _Events()
+    events = SSEEvents()
     run = _Run(serving, prepared)
     try:
         yield events("response.created", response=view.body("in_progress"))
         yield events("response.in_progress", response=view.body("in_progress"))
-        message = _MessageEvents(events, view, output_index=0)
+        output = ResponseOutput(events, tools.streamer())
         async for delta in run.deltas(serving.context.deadline()):
-            for data in message.text(delta.text):
+            for data in output.feed(delta.text):
                 yield data
         out = run.outputs[0]
-        for data in message.close(_status(out)):
+        status = response_status(out.finish_reason)
+        for data in output.finish(status):
             yield data
-        final = view.final(out)
-        yield events(f"response.{final['status']}", response=final)
+        yield events(f"response.{status}",
+                     response=view.body(status, output.items(status), out.num_tokens))
     except APIError as exc:
         yield events("response.failed", response=view.failed(_rename(exc)))
     except Exception as exc:  # a bug must still end the stream in a way clients read
@@ -345,6 +260,10 @@ async def _stream(serving: OpenAIServingCompletions, prepared: _Prepared,
     finally:
         await run.close()
         serving._release(prepared)
+
+
+def _dumped(value: Any) -> Any:
+    return value.model_dump() if hasattr(value, "model_dump") else value
 
 
 # -- the route -------------------------------------------------------------------------------
