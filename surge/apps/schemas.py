@@ -49,7 +49,8 @@ class SessionList(BaseModel):
 class ChatMessage(BaseModel):
     id: int
     session_id: str
-    role: Literal["user", "assistant"]
+    # "tool": an order-status lookup; its content is JSON {call_id, name, arguments, result}.
+    role: Literal["user", "assistant", "tool"]
     content: str
     status: Literal["complete", "stopped", "error"]
     finish_reason: str | None
@@ -158,5 +159,9 @@ class StatusReport(BaseModel):
     requests_rejected_total: float
     prefix_cache_hit_rate: float | None
     response_cache_hit_rate: float | None = None
+    # Jain's index of the tenants' weighted service (surge:tenant_fairness_index), and one
+    # row per tenant: output tokens/s and TTFT p50/p99 in the window, totals, weight.
+    fairness_index: float | None = None
+    tenants: list[dict[str, object]] = []
     replicas: list[dict[str, object]]
     upstream: str

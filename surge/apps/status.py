@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -32,16 +32,24 @@ class MetricsSnapshot:
     at: float
     values: dict[str, float]  # gauges and counters
     buckets: dict[str, dict[float, float]]  # histogram -> upper bound -> cumulative count
+    # Per tenant (``surge:tenant_*`` series): sample name -> value, and TTFT buckets.
+    tenants: dict[str, dict[str, float]] = field(default_factory=dict)
+    tenant_ttft: dict[str, dict[float, float]] = field(default_factory=dict)
 
 
 def parse_metrics(text: str, at: float | None = None) -> MetricsSnapshot:
     values: dict[str, float] = {}
     buckets: dict[str, dict[float, float]] = {}
+    tenants: dict[str, dict[str, float]] = {}
+    tenant_ttft: dict[str, dict[float, float]] = {}
     for family in text_string_to_metric_families(text):
         if not family.name.startswith(PREFIX):
             continue
         name = family.name[len(PREFIX):]
         for sample in family.samples:
+            if "tenant" in sample.labels:
+                _add_tenant_sample(sample.name[len(PREFIX):], sample.labels, sample.value,
+                                   tenants, tenant_ttft)
             if sample.name.endswith("_bucket"):
                 bound = float(sample.labels["le"])
                 per_bound = buckets.setdefault(name, {})
@@ -51,7 +59,24 @@ def parse_metrics(text: str, at: float | None = None) -> MetricsSnapshot:
                 if "finished_reason" in sample.labels:
                     key += ":" + sample.labels["finished_reason"]
                 values[key] = values.get(key, 0.0) + sample.value
-    return MetricsSnapshot(time.monotonic() if at is None else at, values, buckets)
+    return MetricsSnapshot(time.monotonic() if at is None else at, values, buckets, tenants,
+                           tenant_ttft)
+
+
+def _add_tenant_sample(name: str, labels: dict[str, str], value: float,
+                       tenants: dict[str, dict[str, float]],
+                       tenant_ttft: dict[str, dict[float, float]]) -> None:
+    tenant = labels["tenant"]
+    if name == "tenant_time_to_first_token_seconds_bucket":
+        per_bound = tenant_ttft.setdefault(tenant, {})
+        bound = float(labels["le"])
+        per_bound[bound] = per_bound.get(bound, 0.0) + value
+        return
+    if name.endswith(("_bucket", "_created", "_sum", "_count")):
+        return
+    key = name + (":" + labels["kind"] if "kind" in labels else "")
+    per_tenant = tenants.setdefault(tenant, {})
+    per_tenant[key] = per_tenant.get(key, 0.0) + value  # summed over reasons and models
 
 
 def bucket_quantile(q: float, buckets: dict[float, float]) -> float | None:
@@ -111,7 +136,30 @@ class StatusWindow:
                 v.get("response_cache_hits_total", 0.0),
                 v.get("response_cache_hits_total", 0.0)
                 + v.get("response_cache_misses_total", 0.0)),
+            "fairness_index": v.get("tenant_fairness_index"),
+            "tenants": _tenants(oldest, newest),
         }
+
+
+def _tenants(oldest: MetricsSnapshot, newest: MetricsSnapshot) -> list[dict[str, Any]]:
+    """Each tenant's output tokens/s and TTFT percentiles in the window, and its totals;
+    busiest first."""
+    rows = []
+    for tenant, now in newest.tenants.items():
+        before = oldest.tenants.get(tenant, {}) if oldest is not newest else {}
+        key = "tenant_served_tokens_total:output"
+        ttft = _window_buckets(oldest.tenant_ttft.get(tenant, {}) if oldest is not newest
+                               else {}, newest.tenant_ttft.get(tenant, {}))
+        rows.append({
+            "tenant": tenant,
+            "output_tokens_per_second": _rate(oldest, newest, before.get(key, 0.0),
+                                              now.get(key, 0.0)),
+            "ttft_seconds": {f"p{round(q * 100)}": bucket_quantile(q, ttft) for q in (0.5, 0.99)},
+            "requests_total": now.get("tenant_requests_total", 0.0),
+            "rejected_total": now.get("tenant_request_rejected_total", 0.0),
+            "weight": now.get("tenant_weight"),
+        })
+    return sorted(rows, key=lambda r: (-(r["output_tokens_per_second"] or 0.0), r["tenant"]))
 
 
 def _finished(snapshot: MetricsSnapshot) -> float:
@@ -135,9 +183,15 @@ def _percentiles(oldest: MetricsSnapshot, newest: MetricsSnapshot,
     nothing yet (a page opened after the traffic still shows the latencies)."""
     after = newest.buckets.get(name, {})
     before = oldest.buckets.get(name, {}) if oldest is not newest else {}
-    window = {bound: count - before.get(bound, 0.0) for bound, count in after.items()}
-    use = window if _observations(window) > 0 else after
+    use = _window_buckets(before, after)
     return {f"p{round(q * 100)}": bucket_quantile(q, use) for q in QUANTILES}
+
+
+def _window_buckets(before: dict[float, float],
+                    after: dict[float, float]) -> dict[float, float]:
+    """What was observed between two scrapes; everything if nothing was."""
+    window = {bound: count - before.get(bound, 0.0) for bound, count in after.items()}
+    return window if _observations(window) > 0 else after
 
 
 def _observations(buckets: dict[float, float]) -> float:

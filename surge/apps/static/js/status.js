@@ -19,6 +19,16 @@ function render(s) {
     ([key, q]) => el("tr", {}, el("th", {}, LATENCY_NAMES[key] || key),
       el("td", {}, formatNumber(q.p50, 3)), el("td", {}, formatNumber(q.p90, 3)),
       el("td", {}, formatNumber(q.p99, 3)))));
+  $("fairness").textContent = s.fairness_index == null ? "–"
+    : formatNumber(s.fairness_index, 3);
+  $("tenants").tBodies[0].replaceChildren(...(s.tenants || []).map((t) => el("tr", {},
+    el("td", {}, String(t.tenant)),
+    el("td", {}, t.weight == null ? "–" : formatNumber(t.weight, 2)),
+    el("td", {}, formatNumber(t.output_tokens_per_second, 1)),
+    el("td", {}, formatNumber(t.ttft_seconds.p50, 3)),
+    el("td", {}, formatNumber(t.ttft_seconds.p99, 3)),
+    el("td", {}, formatNumber(t.requests_total, 0)),
+    el("td", {}, formatNumber(t.rejected_total, 0)))));
   $("replicas").tBodies[0].replaceChildren(...s.replicas.map((r) => el("tr", {},
     el("td", {}, String(r.url ?? r.id ?? "?")),
     el("td", {}, el("span", { class: r.healthy === false ? "dot" : "dot ok" }),
