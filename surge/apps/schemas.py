@@ -49,8 +49,7 @@ class SessionList(BaseModel):
 class ChatMessage(BaseModel):
     id: int
     session_id: str
-    # "tool": an order-status lookup; its content is JSON {call_id, name, arguments, result}.
-    role: Literal["user", "assistant", "tool"]
+    role: Literal["user", "assistant"]
     content: str
     status: Literal["complete", "stopped", "error"]
     finish_reason: str | None
