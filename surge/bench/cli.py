@@ -129,6 +129,11 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
                    help="write PNG plots here (default with --output: FILE_plots/)")
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--profile", metavar="FILE.json",
+                   help="capture a torch.profiler Chrome trace of the server's engine in the "
+                        "middle of the first load point (the server needs --enable-profiler)")
+    g.add_argument("--profile-steps", type=int, metavar="N",
+                   help="engine steps the --profile capture records (default 20)")
 
 
 def _int_list(text: str) -> list[int]:
@@ -151,7 +156,7 @@ _FLAG_FIELDS = (
     "request_timeout", "concurrency", "rate", "burstiness", "max_concurrency", "num_requests",
     "duration", "warmup", "dataset", "dataset_path", "input_len", "output_len", "prompt_kind",
     "prefix_len", "suffix_len", "num_prefixes", "vocab_size", "tokenizer", "image_size", "seed",
-    "slo",
+    "slo", "profile", "profile_steps",
 )
 
 
@@ -191,6 +196,10 @@ def run_bench(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     doc = run_benchmark(config, progress=not args.no_progress)
     print(format_results(doc))
+    if "profile" in doc:
+        profiled = doc["profile"]
+        print(f"\nprofile: {profiled['path']} ({profiled['steps']} engine steps)"
+              if profiled["path"] else f"\nprofile not captured: {profiled['error']}")
     if args.output:
         print(f"\nresults: {write_json(doc, args.output)}")
     plot_dir = args.plot_dir or (_default_plot_dir(args.output) if args.output else None)

@@ -30,6 +30,7 @@ import numpy as np
 
 from surge.bench.client import Endpoint, RequestRecord, RequestSender, endpoint_url
 from surge.bench.metrics import Slo, latency_stats, summarize, timeline
+from surge.bench.profile import MidRunProfile
 from surge.bench.workloads import (
     BenchRequest,
     DatasetSpec,
@@ -86,6 +87,10 @@ class BenchConfig:
     # Measurement
     slo: str | None = None
     request_timeout: float = 600.0
+    # A torch.profiler trace of the server's engine, captured mid-way through the first
+    # load point (surge.bench.profile; the server needs --enable-profiler).
+    profile: str | None = None
+    profile_steps: int = 20
 
     def __post_init__(self) -> None:
         endpoint_url(self.url, self.endpoint)  # validates both
@@ -97,6 +102,8 @@ class BenchConfig:
         _check_positive("num_requests", self.num_requests)
         _check_positive("duration", self.duration)
         _check_positive("max_concurrency", self.max_concurrency)
+        if not 1 <= self.profile_steps <= 10_000:
+            raise ValueError(f"--profile-steps must be in [1, 10000] (got {self.profile_steps})")
         for c in self.concurrency:
             _check_positive("concurrency", c)
         if any(math.isinf(r) for r in self.rate) and self.duration and not self.max_concurrency:
@@ -206,13 +213,21 @@ async def run_benchmark_async(config: BenchConfig, progress: bool = True) -> dic
                                tokenizer)
         warmup = await _warm_up(config, sender, spec, tokenizer)
         results = []
+        profile = MidRunProfile(session, config.url, config.profile, config.profile_steps,
+                                config.num_requests, config.duration) \
+            if config.profile else None
         for index, point in enumerate(config.load_points()):
             requests = build_dataset(spec, _pool_size(config, point),
                                      _rng(config.seed, index, 0), tokenizer)
             items = _items(endpoint, requests)
             results.append(await run_point(sender, items, point, config,
-                                           _rng(config.seed, index, 1), progress))
-    return _result_document(config, model, warmup, results, slo)
+                                           _rng(config.seed, index, 1), progress,
+                                           profile if index == 0 else None))
+        profiled = await profile.finish() if profile is not None else None
+    doc = _result_document(config, model, warmup, results, slo)
+    if profiled is not None:
+        doc["profile"] = profiled
+    return doc
 
 
 def _session(config: BenchConfig) -> aiohttp.ClientSession:
@@ -276,11 +291,14 @@ async def _warm_up(config: BenchConfig, sender: RequestSender, spec: DatasetSpec
 
 async def run_point(sender: RequestSender, items: list[Item], point: LoadPoint,
                     config: BenchConfig, arrival_rng: np.random.Generator,
-                    progress: bool) -> PointResult:
+                    progress: bool, profile: MidRunProfile | None = None) -> PointResult:
     """One load point: the measured phase, timed from its first send to its last reply."""
     source = _request_stream(items, config)
     # The collector pause is outermost so its final collection is not billed to the run.
     with _no_full_gc(), _Progress(point, config, progress) as bar, _SelfMonitor() as monitor:
+        if profile is not None:  # a mid-run capture rides on the progress callback
+            bar.update = _also(bar.update, profile.on_record)  # type: ignore[method-assign]
+            profile.start()
         start = time.perf_counter()
         if point.mode == "closed":
             records = await _closed_loop(sender, source, point.concurrency or 1, start,
@@ -293,6 +311,15 @@ async def run_point(sender: RequestSender, items: list[Item], point: LoadPoint,
     records.sort(key=lambda r: r.index)
     return PointResult(point, records, duration, monitor.report(records, duration, point),
                        len(items))
+
+
+def _also(first: Callable[[RequestRecord], None],
+          then: Callable[[RequestRecord], None]) -> Callable[[RequestRecord], None]:
+    def both(record: RequestRecord) -> None:
+        first(record)
+        then(record)
+
+    return both
 
 
 @contextlib.contextmanager

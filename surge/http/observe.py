@@ -109,6 +109,15 @@ class RequestRecord:
             self.handler_start = time.monotonic()
 
     @property
+    def gate_end(self) -> float | None:
+        """When the gate (auth, body, validation) was behind the request: the route's code
+        began, or anything it timed did, whichever came first."""
+        marks = [self.handler_start, *(s.start for s in self.spans),
+                 *(e.sent for e in self.engine)]
+        known = [m for m in marks if m is not None]
+        return min(known) if known else None
+
+    @property
     def duration(self) -> float:
         return (self.end if self.end is not None else time.monotonic()) - self.start
 
@@ -116,8 +125,9 @@ class RequestRecord:
         """Milliseconds by phase: e2e, gate, each span, and the first engine request's queue,
         prefill, decode, time to first token and detokenization."""
         ms: dict[str, float] = {"e2e": _ms(self.duration)}
-        if self.handler_start is not None:
-            ms["gate"] = _ms(self.handler_start - self.start)
+        gate_end = self.gate_end
+        if gate_end is not None:
+            ms["gate"] = _ms(gate_end - self.start)
         for item in self.spans:
             ms[item.name] = ms.get(item.name, 0.0) + _ms(item.end - item.start)
         if self.engine:

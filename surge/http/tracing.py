@@ -79,7 +79,7 @@ class Tracing:
             made.end(end_time=self._ns(max(stop, start)))
             return made
 
-        child("gate", record.start, record.handler_start)
+        child("gate", record.start, record.gate_end)
         for item in record.spans:
             child(item.name, item.start, item.end, **_plain(item.attributes))
         first_sent = min((e.sent for e in record.engine), default=None)

@@ -39,7 +39,7 @@ from surge.server.features import Feature, ServerHost, ServingLoad
 from surge.server.lifecycle import EngineSupervision, EngineSupervisor, ServerLifecycle
 from surge.server.metrics import ServerMetrics
 from surge.server.models import ServedModel, ServedModels
-from surge.server.observing import make_observer
+from surge.server.observing import make_observer, record_stage
 from surge.server.profiling import add_profile_route
 from surge.server.responses import add_responses_routes
 from surge.server.schemas import HealthResponse, ModelList
@@ -131,6 +131,7 @@ def build_app(settings: ServerSettings, llm: GenerationModel | None = None,
         settings.request_timeout, Tenants(settings.tenant_header, settings.tenants_file))
     models, services = ServedModels(), Services()
     observer = make_observer(settings.log_format, settings.log_prompts, settings.otlp_endpoint)
+    context.stage_observers.append(record_stage)  # stages' runs become the request's spans
     services.add(observer.running)
     serving = supervisor = None
     if llm is not None:

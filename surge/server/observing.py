@@ -14,9 +14,10 @@ from typing import Any
 from surge.engine.protocol import EngineCoreOutput
 from surge.http.logs import LOG_FORMATS
 from surge.http.observe import EngineTimes, Observer, current_record, traces_url
+from surge.server.stages import StageRun
 
 __all__ = ["add_observability_args", "begin", "engine_times", "finish_times", "make_observer",
-           "observability_settings", "prepared", "stamp"]
+           "observability_settings", "prepared", "record_stage", "stamp"]
 
 SERVICE_NAME = "surge-server"
 
@@ -81,6 +82,19 @@ def prepared(request_id: str, prompts: Sequence[Sequence[int]], tenant: str | No
         record.set(tenant=tenant)
     if shown_prompts is not None:
         record.set(prompt=shown_prompts)
+
+
+def record_stage(run: StageRun) -> None:
+    """A stage's run becomes a ``stage:<name>`` span of the current request (a context
+    observer: stages report in the request's own tasks). Stages time themselves on the wall
+    clock; records use the monotonic one."""
+    record = current_record()
+    if record is None:
+        return
+    offset = time.time() - time.monotonic()
+    record.add_span(f"stage:{run.stage}", run.start_ns / 1e9 - offset,
+                    run.end_ns / 1e9 - offset, kind=run.kind, decision=run.decision,
+                    busy_seconds=round(run.duration_s, 6), error=run.error)
 
 
 def engine_times(index: int, num_prompt_tokens: int) -> EngineTimes | None:

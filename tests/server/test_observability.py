@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +35,7 @@ def observed(model_dir: Path, receiver: OTLPReceiver,
     proc = start_server(model_dir, tmp_path_factory.mktemp("observed"),
                         "--served-model-name", "tiny", "--api-key", KEY,
                         "--otlp-endpoint", receiver.endpoint, "--log-format", "json",
-                        "--enable-profiler",
+                        "--enable-profiler", "--stage", "pii-redactor",
                         env={"OTEL_BSP_SCHEDULE_DELAY": "100"})  # export spans promptly
     yield proc
     proc.stop()
@@ -88,6 +91,8 @@ def _check_trace(spans: list[ReceivedSpan], client_span: str) -> None:
         parent = by_id[span.parent_span_id]
         assert parent.start_ns <= span.start_ns <= span.end_ns <= parent.end_ns, span.name
     assert _covered(root, children) >= 0.95
+    stages = [s for s in children if s.name == "stage:pii-redactor"]
+    assert {s.attributes["kind"] for s in stages} == {"pre", "post"}
     assert root.attributes["surge.model"] == "tiny"
     assert root.attributes["http.response.status_code"] == 200
     assert engine.attributes["output_tokens"] == 8
@@ -159,8 +164,6 @@ def test_profile_records_engine_steps_as_a_chrome_trace(observed: ServerProcess,
     bad = http.post("/debug/profile", json={"num_steps": 0})
     assert bad.status_code == 400 and "num_steps" in bad.text
     with httpx.Client(base_url=observed.url, timeout=60.0, headers=AUTH) as other:
-        import threading
-
         generate = threading.Thread(target=lambda: other.post("/v1/completions", json={
             "model": "tiny", "prompt": "go", "max_tokens": 40, "ignore_eos": True}))
         generate.start()
@@ -179,3 +182,18 @@ def test_profile_of_an_idle_engine_ends_at_max_seconds(http: httpx.Client) -> No
     assert response.status_code == 200
     assert response.headers["x-surge-profile-steps"] == "0"
     assert "traceEvents" in response.json()
+
+
+def test_bench_profile_captures_a_trace_mid_run(observed: ServerProcess, tmp_path: Path) -> None:
+    trace = tmp_path / "profile.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "surge.cli", "bench", "--url", observed.url, "--api-key", KEY,
+         "--num-requests", "8", "--concurrency", "4", "--input-len", "16", "--output-len",
+         "16", "--profile", str(trace), "--profile-steps", "3", "--no-progress",
+         "--output", str(tmp_path / "run.json"), "--no-plots"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"profile: {trace} (3 engine steps)" in result.stdout
+    names = {event.get("name") for event in json.loads(trace.read_text())["traceEvents"]}
+    assert "surge.step#3" in names
+    assert json.loads((tmp_path / "run.json").read_text())["profile"]["steps"] == 3
