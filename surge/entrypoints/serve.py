@@ -113,12 +113,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     from surge.server.observing import add_observability_args
 
     add_observability_args(parser)
-    pooling, batch, apps, cache = _plugins()
+    pooling, batch, apps, cache, stages = _plugins()
     pooling.add_args(parser)
     batch.add_args(parser)
     add_engine_args(parser.add_argument_group("engine"))
     apps.add_args(parser)
     cache.add_args(parser)
+    stages.add_args(parser)
 
     from surge.router.cli import add_replica_args
 
@@ -133,8 +134,10 @@ def _plugins() -> list[FeaturePlugin]:
     from surge.batch.config import BatchPlugin
     from surge.cache.config import CachePlugin
     from surge.entrypoints.serve_pooling import PoolingPlugin
+    from surge.stages.config import StagesPlugin
 
-    return [PoolingPlugin(), BatchPlugin(), AppsPlugin(), CachePlugin()]
+    # Stages mount last: their setup sees every served model (the intent router's embedder).
+    return [PoolingPlugin(), BatchPlugin(), AppsPlugin(), CachePlugin(), StagesPlugin()]
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -69,6 +69,13 @@ from surge.server.schemas import (
     CompletionStreamResponse,
     _SamplingRequest,
 )
+from surge.server.stages import (
+    NO_SESSION,
+    ChoiceFilter,
+    StageSession,
+    direct_response,
+    run_pre_stages,
+)
 from surge.server.structured import check_request_fields, structured_outputs_of
 from surge.server.tokenize import Tokenization
 from surge.server.tools import ChatTools, chat_tools_of, tool_stream_choices
@@ -150,6 +157,7 @@ class _Prepared:
     ticket: Ticket
     arrival: float
     released: bool = False
+    stages: StageSession = NO_SESSION  # its post-stages filter each choice's text
     tools: ChatTools | None = None  # a chat's tools: its answers may hold tool calls
 
 
@@ -185,7 +193,8 @@ class OpenAIServingCompletions:
 
     # -- endpoints ---------------------------------------------------------------------------
 
-    async def create_completion(self, body: CompletionRequest, request: Request) -> Response:
+    async def create_completion(self, body: CompletionRequest, request: Request,
+                                stages: StageSession = NO_SESSION) -> Response:
         observing.begin(body.model or self.served_model, bool(body.stream))
         _refuse_unsupported_completion(body)
         await check_request_fields(body)
@@ -197,6 +206,7 @@ class OpenAIServingCompletions:
             return self._answer_from_cache(cache, request, _COMPLETION_PREFIX)
         prepared = self._prepare(body, prompts, texts, engine_max_tokens(body), body.logprobs,
                                  request, _COMPLETION_PREFIX)
+        prepared.stages = stages
         if body.stream:
             return with_cache_header(SSEResponse(
                 cache.record_stream(self._stream_completion(prepared, body)),
@@ -206,8 +216,8 @@ class OpenAIServingCompletions:
         await cache.store_body(payload)
         return with_cache_header(json_response(payload), cache)
 
-    async def create_chat_completion(self, body: ChatCompletionRequest,
-                                     request: Request) -> Response:
+    async def create_chat_completion(self, body: ChatCompletionRequest, request: Request,
+                                     stages: StageSession = NO_SESSION) -> Response:
         observing.begin(body.model or self.served_model, bool(body.stream))
         _refuse_unsupported_chat(body)
         await check_request_fields(body)
@@ -223,7 +233,7 @@ class OpenAIServingCompletions:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         prepared = self._prepare(body, [prompt], [None], max_tokens, logprobs, request,
                                  _CHAT_PREFIX, structured=tools.constraint)
-        prepared.tools = tools
+        prepared.stages, prepared.tools = stages, tools
         if body.stream:
             return with_cache_header(SSEResponse(
                 cache.record_stream(self._stream_chat(prepared, body)),
@@ -566,21 +576,22 @@ def add_generation_routes(app: FastAPI, models: ServedModels) -> None:
     """The routes exist on every server: without a text-generation model they say which
     models the server has instead."""
 
-    def serving_for(model: str | None) -> OpenAIServingCompletions:
-        serving: OpenAIServingCompletions = models.resolve(model, "generate").target
-        serving.check_available()
-        return serving
-
     @app.post("/v1/completions", response_model=None, tags=["openai"],
               responses=_generation_responses(CompletionResponse, CompletionStreamResponse))
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
-        return await serving_for(body.model).create_completion(body, request)
+        serving, stages = await run_pre_stages(models, body, request, "completions")
+        if stages.answer is not None:
+            return direct_response(serving, "completions", body, stages.answer, request)
+        return await serving.create_completion(body, request, stages)
 
     @app.post("/v1/chat/completions", response_model=None, tags=["openai"],
               responses=_generation_responses(ChatCompletionResponse,
                                               ChatCompletionStreamResponse))
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
-        return await serving_for(body.model).create_chat_completion(body, request)
+        serving, stages = await run_pre_stages(models, body, request, "chat")
+        if stages.answer is not None:
+            return direct_response(serving, "chat", body, stages.answer, request)
+        return await serving.create_chat_completion(body, request, stages)
 
 
 class _Run:
@@ -646,16 +657,18 @@ class _Run:
 
     async def _pump(self, choice: _Choice) -> None:
         try:
-            async for delta in _stream_choice(self._serving, choice, self._prepared.arrival):
+            async for delta in _stream_choice(self._serving, choice, self._prepared.arrival,
+                                              self._prepared.stages.choice_filter()):
                 self._queue.put_nowait(delta)
         except Exception as exc:
             self._queue.put_nowait(exc)
         self._queue.put_nowait(_Done())
 
 
-async def _stream_choice(serving: OpenAIServingCompletions, choice: _Choice,
-                         arrival: float) -> AsyncIterator[_Delta]:
-    """One engine request's updates as text deltas; a stop string ends (aborts) it early."""
+async def _stream_choice(serving: OpenAIServingCompletions, choice: _Choice, arrival: float,
+                         post: ChoiceFilter | None = None) -> AsyncIterator[_Delta]:
+    """One engine request's updates as text deltas; a stop string, or a post-stage that
+    stops the stream, ends (aborts) it early."""
     params = choice.params
     processor = OutputProcessor(serving.tokenizer.tokenizer, choice.prompt_token_ids, params)
     token_times: list[float] = []
@@ -672,8 +685,13 @@ async def _stream_choice(serving: OpenAIServingCompletions, choice: _Choice,
                 first_scheduled = first_scheduled or update.first_scheduled_time
                 out = processor.process(update)
                 observing.stamp(times, update, now)
-                delta = _Delta(choice.index, out.text, out.token_ids, out.logprobs,
-                               out.finish_reason, out.stop_reason, update.prompt_logprobs)
+                text, finish_reason, stop_reason = out.text, out.finish_reason, out.stop_reason
+                if post is not None:
+                    text, stopped = await post.text(text, finish_reason is not None)
+                    if stopped is not None:
+                        finish_reason, stop_reason = stopped, None
+                delta = _Delta(choice.index, text, out.token_ids, out.logprobs,
+                               finish_reason, stop_reason, update.prompt_logprobs)
                 yield delta
                 if delta.finish_reason is not None:
                     finish = delta.finish_reason
@@ -682,6 +700,8 @@ async def _stream_choice(serving: OpenAIServingCompletions, choice: _Choice,
         finish = "error"
         raise
     finally:
+        if post is not None:
+            post.close()
         _record(serving, choice, finish, token_times, arrival, first_scheduled, processor)
         observing.finish_times(times, finish, len(token_times),
                                processor.text if serving.log_prompts else None)
