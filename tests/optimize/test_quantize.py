@@ -92,3 +92,29 @@ def test_gguf_input_gives_a_self_contained_directory(tmp_path: Path) -> None:
     assert ours.eos_token_ids == theirs.eos_token_ids
     stored, at_load = _state(out), _state(gguf_file, quantization="int4")
     assert all(torch.equal(stored[name], tensor) for name, tensor in at_load.items())
+
+
+@pytest.mark.slow
+def test_surge_serve_loads_the_stored_checkpoint(tiny_checkpoint: Callable[[str], Path],
+                                                 tmp_path: Path) -> None:
+    """`surge serve --model DIR` answers with the same greedy tokens as quantizing at load."""
+    import httpx
+
+    from surge import LLM, SamplingParams
+    from tests.server._helpers import start_server
+
+    source, out = tiny_checkpoint("tiny-llama"), tmp_path / "int8"
+    out.mkdir()
+    quantize_checkpoint(open_source(str(source)), out, "int8")
+    expected = LLM(str(source), dtype="bfloat16", device="cpu", quantization="int8").generate(
+        [[5, 6, 7, 8]], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
+        use_tqdm=False)[0].outputs[0].text
+    server = start_server(out, tmp_path / "logs", "--dtype", "bfloat16",
+                          "--served-model-name", "q8")
+    try:
+        body = httpx.post(f"{server.url}/v1/completions", timeout=60.0, json={
+            "model": "q8", "prompt": [5, 6, 7, 8], "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True}).json()
+    finally:
+        server.stop()
+    assert body["choices"][0]["text"] == expected, body
