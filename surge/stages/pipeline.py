@@ -212,8 +212,8 @@ class _Stream:
     def __init__(self, stage: LoadedStage, stream: PostStream) -> None:
         self.stage = stage
         self.stream = stream
-        self.on_text_in_thread = runs_in_thread(stream.on_text, stage.blocking)
-        self.on_end_in_thread = runs_in_thread(stream.on_end, stage.blocking)
+        self.text_mode = _mode(stream.on_text, stage.blocking)
+        self.end_mode = _mode(stream.on_end, stage.blocking)
         self.start_ns = 0
         self.seconds = 0.0
         self.decision = "pass"
@@ -222,37 +222,45 @@ class _Stream:
     async def call(self, executor: ThreadPoolExecutor, end: bool, text: str = "") -> str | Stop:
         self.start_ns = self.start_ns or time.time_ns()
         started = time.perf_counter()
+        method, mode = ((self.stream.on_end, self.end_mode) if end
+                        else (self.stream.on_text, self.text_mode))
+        args = () if end else (text,)
         try:
-            if end:
-                result = await _call(executor, self.on_end_in_thread, self.stream.on_end)
+            if mode is _INLINE:  # the common case, kept cheap: one call per streamed piece
+                result = method(*args)
+            elif mode is _AWAIT:
+                result = await method(*args)
             else:
-                result = await _call(executor, self.on_text_in_thread, self.stream.on_text,
-                                     text)
+                result = await asyncio.get_running_loop().run_in_executor(
+                    executor, method, *args)
+                if inspect.isawaitable(result):
+                    result = await result
         except Exception as exc:
             self.decision, self.error = "error", f"{type(exc).__name__}: {exc}"
             raise stage_failed(self.stage.name, exc) from exc
         finally:
             self.seconds += time.perf_counter() - started
+        if type(result) is str:
+            if self.decision == "pass" and result != text:
+                self.decision = "changed"
+            return result
         if isinstance(result, Stop):
             self.decision = "stop"
-        elif not isinstance(result, str):
-            self.decision = "error"
-            raise stage_failed(self.stage.name, TypeError(
-                f"on_text/on_end returned {result!r}: allowed is a str or Stop"))
-        elif self.decision == "pass" and result != text:
-            self.decision = "changed"
-        return result
+            return result
+        if isinstance(result, str):
+            return result
+        self.decision = "error"
+        raise stage_failed(self.stage.name, TypeError(
+            f"on_text/on_end returned {result!r}: allowed is a str or Stop"))
 
 
-async def _call(executor: ThreadPoolExecutor, in_thread: bool, method: Callable[..., Any],
-                *args: Any) -> Any:
-    if in_thread:
-        result = await asyncio.get_running_loop().run_in_executor(executor, method, *args)
-    else:
-        result = method(*args)
-    if inspect.isawaitable(result):
-        result = await result
-    return result
+_INLINE, _AWAIT, _THREAD = "inline", "await", "thread"
+
+
+def _mode(method: Callable[..., Any], blocking: bool | None) -> str:
+    if runs_in_thread(method, blocking):
+        return _THREAD
+    return _AWAIT if inspect.iscoroutinefunction(method) else _INLINE
 
 
 class _ChoiceFilter:
