@@ -27,12 +27,13 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 # Told why a request was refused ("unauthorized", "body_too_large"), for metrics.
 OnReject = Callable[[str], None]
-# Asked after auth, before the body is read: an error refuses the request at once (overload:
-# a 429 that costs neither reading nor parsing the body), None lets it through.
-Shed = Callable[[Scope], "APIError | None"]
+# Asked after auth, before the body is read (``body`` None), and again once it is read, before
+# anything parses it: an error refuses the request at once (overload: a 429 that costs no
+# parsing, and no reading when the headers decide), None lets it through.
+Shed = Callable[[Scope, "bytes | None"], "APIError | None"]
 
 
-def _never_shed(scope: Scope) -> APIError | None:
+def _never_shed(scope: Scope, body: bytes | None) -> APIError | None:
     return None
 
 
@@ -62,12 +63,14 @@ class RequestGate:
                 state = scope.setdefault("state", {})
                 state[KEY_ID_STATE] = self._authenticate(scope)
                 state[KEY_OWNER_STATE] = self.auth.owner(state[KEY_ID_STATE])
-            if (refusal := self.shed(scope)) is not None:
+            if (refusal := self.shed(scope, None)) is not None:
                 raise refusal
             if scope["method"] in BODY_METHODS:
                 body = await read_body(scope, receive, self.max_body_bytes, self.on_reject)
                 if body is None:
                     return  # the client left while sending
+                if (refusal := self.shed(scope, body)) is not None:
+                    raise refusal
                 check_text(scope, body)
                 receive = replay(body, receive)
         except APIError as exc:

@@ -169,16 +169,17 @@ def build_app(settings: ServerSettings, llm: GenerationModel | None = None,
     return app
 
 
-def _shed_when_full(context: RequestContext) -> Callable[[Scope], APIError | None]:
+def _shed_when_full(context: RequestContext
+                    ) -> Callable[[Scope, bytes | None], APIError | None]:
     """Under a flood of clients that ignore Retry-After, each 429 used to cost ~4 ms of this
     process's CPU (body read, JSON, validation, tokenizing) and starve the engine: with the
-    queue full, a generation request is refused before any of that (no logging either), when
-    its headers name its tenant (else only at the queue's hard bound: its body's ``user``
-    may name a tenant with room)."""
-    def shed(scope: Scope) -> APIError | None:
+    queue full, a generation request is refused before any of that (no logging either):
+    before its body is read when its headers name its tenant, else once the body is read and
+    names no ``user`` (a ``user`` may be a tenant with room)."""
+    def shed(scope: Scope, body: bytes | None) -> APIError | None:
         if scope["path"] not in _QUEUED_ROUTES or scope["method"] != "POST":
             return None
-        return context.shed(scope)
+        return context.shed(scope, body)
 
     return shed
 

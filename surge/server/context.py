@@ -11,6 +11,7 @@ argument, and the lifecycle tells it when new requests must be refused.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -31,6 +32,8 @@ from surge.server.tenants import ANONYMOUS_TENANT, Tenants
 __all__ = ["RequestContext"]
 
 T = TypeVar("T")
+# A JSON body with a "user" key (not a chat message's role "user", not escaped text).
+_NAMES_USER = re.compile(rb'"user"\s*:')
 
 
 class RequestContext:
@@ -108,10 +111,14 @@ class RequestContext:
         self._num_in_flight += 1
         return ticket
 
-    def shed(self, scope: Scope) -> APIError | None:
-        """A 429 for a generation request before its body is read, when its tenant (known
-        from the headers) could not be admitted; None otherwise."""
+    def shed(self, scope: Scope, body: bytes | None = None) -> APIError | None:
+        """A 429 for a generation request before its body is parsed (``body`` None: not even
+        read), when its tenant could not be admitted; None otherwise. The tenant is known from
+        the headers, or once the body is read and names no ``user`` (then it is what the
+        headers say: anonymous without a key or tenant header)."""
         tenant = self.tenants.before_body(scope)
+        if tenant is None and body is not None and not _NAMES_USER.search(body):
+            tenant = self.tenants.resolve(scope, None)
         try:
             self.admission.refuse_if_full(
                 tenant, self.quota(tenant) if tenant is not None else TenantQuota())

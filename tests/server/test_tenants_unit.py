@@ -286,3 +286,21 @@ def test_fairness_index_over_backlogged_tenants_in_the_window() -> None:
     assert metrics.fairness_index() == pytest.approx(jain_index([40, 10]))
     clock.now += 11  # the window moved on
     assert metrics.fairness_index() is None
+
+
+def test_context_sheds_before_parsing_only_when_the_tenant_is_certain() -> None:
+    from surge.http.auth import RateLimiter
+    from surge.server.context import RequestContext
+    from surge.server.metrics import ServerMetrics
+
+    context = RequestContext(AdmissionController(2, 10_000, time_fn=Clock()),
+                             RateLimiter(None, None), ServerMetrics(), None,
+                             Tenants("X-Tenant"))
+    context.admit(1)
+    context.admit(1)  # anonymous fills the queue
+    assert context.shed(scope(), None) is None  # the body may name another tenant
+    refused = context.shed(scope(), b'{"messages": [{"role": "user", "content": "hi"}]}')
+    assert refused is not None and refused.status == 429  # no user key: anonymous
+    assert context.shed(scope(), b'{"prompt": "x", "user": "bob"}') is None  # bob has room
+    assert context.shed(scope(x_tenant="acme"), None) is None  # acme has room
+    assert context.shed(scope(x_tenant="anonymous"), None) is not None
