@@ -229,6 +229,17 @@ def test_interrupted_checkpoint_write_keeps_the_last_one(tiny_checkpoint, tmp_pa
     assert state["step"] == 2
 
 
+def test_max_minutes_stops_early_with_a_checkpoint_and_a_student(
+        tiny_checkpoint, tmp_path: Path, text_file: Path) -> None:
+    job = _job(tiny_checkpoint("tiny-llama"), tmp_path / "out", text_file,
+               settings=_settings(steps=50), checkpoint_every=40, max_minutes=1e-4)
+    summary = train(job)
+    assert summary.stopped_by_time and summary.end_step == 1
+    state = torch.load(tmp_path / "out" / ".distill" / "state.pt", weights_only=False)
+    assert state["step"] == 1  # saved at the stop although 1 is not a multiple of 40
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 # -- bad input --------------------------------------------------------------------------------
 
 def _cli(*args: str) -> list[str]:
