@@ -32,6 +32,10 @@ class CachePlugin:
         group.add_argument("--response-cache-keep-length", action="store_true",
                            help="also keep answers cut by max_tokens (finish_reason length; "
                                 "not kept by default)")
+        group.add_argument("--response-cache-wait", type=float, default=60.0,
+                           metavar="SECONDS", help="an identical request arriving while the "
+                           "first is being answered waits this long for that answer instead "
+                           "of asking the engine again (0: never waits; default 60)")
         group.add_argument("--cache-url", default=None, metavar="redis://HOST:PORT/DB",
                            help="share the cache with every replica through this Redis (a "
                                 "local LRU stays in front; Redis slow or down means bypass, "
@@ -68,7 +72,8 @@ class CachePlugin:
         cache_settings = CacheSettings(max_bytes=args.response_cache_bytes,
                                        ttl=args.response_cache_ttl,
                                        key_prefix=args.cache_key_prefix,
-                                       keep_length_cut=args.response_cache_keep_length)
+                                       keep_length_cut=args.response_cache_keep_length,
+                                       single_flight_wait=args.response_cache_wait)
         shared = (RedisTier(args.cache_url, timeout=args.cache_timeout)
                   if args.cache_url else None)
         semantic = (SemanticSettings(model=args.semantic_model,

@@ -8,15 +8,23 @@ errors, streams that were cut off or ended in an error event, and answers that s
 With a semantic tier (``surge.cache.semantic``), an exact miss of a chat request may still be
 answered by the entry whose last user message means the same (``X-Surge-Cache:
 semantic-hit``).
+
+Identical requests that arrive while the first of them is still being answered do not all go
+to the engine: the first leads, the others wait (at most ``single_flight_wait`` seconds) and
+are answered from the entry it keeps (tier ``coalesced``). When the leader keeps nothing (it
+failed, was cut by ``max_tokens``, or its client left), the waiters go to the engine
+themselves, as nginx's ``proxy_cache_lock`` and Go's singleflight do.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -52,6 +60,8 @@ class CacheSettings:
     # With a shared tier, a local copy lives at most this long, so a flush (or an entry
     # another replica replaced) reaches every replica soon.
     local_ttl_with_shared: float = 10.0
+    # How long an identical request waits for the one already being answered (0: never).
+    single_flight_wait: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_bytes < 1:
@@ -60,6 +70,9 @@ class CacheSettings:
         if not self.ttl > 0:
             raise ValueError(f"--response-cache-ttl={self.ttl} is invalid: allowed is a "
                              "number of seconds > 0")
+        if not self.single_flight_wait >= 0:
+            raise ValueError(f"--response-cache-wait={self.single_flight_wait} is invalid: "
+                             "allowed is a number of seconds >= 0")
 
 
 class ExactCache:
@@ -72,6 +85,8 @@ class ExactCache:
         self.shared = shared
         self.semantic = semantic
         self.local = LocalLRU(settings.max_bytes, on_evict=self._evicted)
+        # Key -> done when the request answering it has kept (or given up) its answer.
+        self._in_flight: dict[str, asyncio.Future[None]] = {}
         # The server's tenant resolution (set when the feature mounts); None: keys and users.
         self.tenants: Tenants | None = None
 
@@ -131,6 +146,11 @@ class ExactCache:
             if answer is not None:
                 self.metrics.hits.labels(query.endpoint, "shared").inc()
                 return _Lookup("hit", answer)
+        if keep is not None and key in self._in_flight:
+            answer = await self._answer_of_leader(key)
+            if answer is not None:
+                self.metrics.hits.labels(query.endpoint, "coalesced").inc()
+                return _Lookup("hit", answer)
         probe = await self._semantic_probe(tenant, query)
         if probe is not None:
             answer = await self._semantic_answer(probe)
@@ -138,7 +158,42 @@ class ExactCache:
                 self.metrics.hits.labels(query.endpoint, "semantic").inc()
                 return _Lookup("semantic-hit", answer)
         self.metrics.misses.labels(query.endpoint).inc()
-        return _Lookup("miss", None, self, keep, query.endpoint, probe)
+        lookup = _Lookup("miss", None, self, keep, query.endpoint, probe)
+        if keep is not None:
+            self._lead(key, lookup)
+        return lookup
+
+    # -- one answer for identical requests in flight -----------------------------------------
+
+    async def _answer_of_leader(self, key: str) -> CachedAnswer | None:
+        """Wait for the request already answering ``key``; its kept answer, if any."""
+        leader = self._in_flight.get(key)
+        if leader is None or self.settings.single_flight_wait <= 0:
+            return None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(leader), self.settings.single_flight_wait)
+        return self.local.get(key)
+
+    def _lead(self, key: str, lookup: _Lookup) -> None:
+        """Make ``lookup`` the one answering ``key``; waiters wake when it has kept its
+        answer or, whatever happened to the request, when the lookup is dropped."""
+        if key in self._in_flight or self.settings.single_flight_wait <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._in_flight[key] = done
+        lookup.release = self._releaser(key, done)
+        # A request that fails before keeping anything just drops its lookup: that must wake
+        # the waiters too (from whichever thread the garbage collector runs in).
+        weakref.finalize(lookup, _call_soon, loop, lookup.release)
+
+    def _releaser(self, key: str, done: asyncio.Future[None]) -> Callable[[], None]:
+        def release() -> None:
+            if self._in_flight.get(key) is done:
+                del self._in_flight[key]
+            if not done.done():
+                done.set_result(None)
+        return release
 
     def _bypass(self, reason: str, cache: ExactCache | None = None, key: str | None = None,
                 endpoint: str = "") -> _Lookup:
@@ -246,13 +301,18 @@ class _Lookup:
     key: str | None = None
     endpoint: str = ""
     probe: _Probe | None = None
+    # Wakes identical requests waiting for this one (set when this lookup leads).
+    release: Callable[[], None] = field(default=lambda: None, repr=False)
 
     async def store_body(self, body: dict[str, Any]) -> None:
-        if self.cache is None or self.key is None or self._refused(body.get("choices", ())):
-            return
-        await self.cache.store(self.key, self.endpoint,
-                               CachedAnswer(body=body, num_tokens=_total_tokens(body)),
-                               self.probe)
+        try:
+            if self.cache is None or self.key is None or self._refused(body.get("choices", ())):
+                return
+            await self.cache.store(self.key, self.endpoint,
+                                   CachedAnswer(body=body, num_tokens=_total_tokens(body)),
+                                   self.probe)
+        finally:
+            self.release()
 
     def _refused(self, choices: Iterable[Any]) -> bool:
         assert self.cache is not None
@@ -265,14 +325,18 @@ class _Lookup:
 
     async def _recorded(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         payloads: list[dict[str, Any]] | None = []
-        async with contextlib.aclosing(events) as stream:  # type: ignore[type-var]
-            async for data in stream:
-                if data == SSE_DONE and payloads is not None:
-                    # Kept before [DONE] goes out: a client that saw the end finds the entry.
-                    await self._store_events(payloads)
-                elif payloads is not None:
-                    payloads = _add_event(payloads, data)
-                yield data
+        try:
+            async with contextlib.aclosing(events) as stream:  # type: ignore[type-var]
+                async for data in stream:
+                    if data == SSE_DONE and payloads is not None:
+                        # Kept before [DONE] goes out: a client that saw the end finds it.
+                        await self._store_events(payloads)
+                        self.release()
+                    elif payloads is not None:
+                        payloads = _add_event(payloads, data)
+                    yield data
+        finally:
+            self.release()
 
     async def _store_events(self, payloads: list[dict[str, Any]]) -> None:
         assert self.cache is not None and self.key is not None
@@ -282,6 +346,11 @@ class _Lookup:
         num_tokens = usage[-1].get("total_tokens", 0) if usage else 0
         await self.cache.store(self.key, self.endpoint,
                                CachedAnswer(events=payloads, num_tokens=num_tokens), self.probe)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: no one is waiting
+        loop.call_soon_threadsafe(callback)
 
 
 def _add_event(payloads: list[dict[str, Any]], data: bytes) -> list[dict[str, Any]] | None:

@@ -10,7 +10,7 @@ __all__ = ["BYPASS_REASONS", "ENDPOINTS", "CacheMetrics"]
 PREFIX = "surge:response_cache_"
 ENDPOINTS = ("chat", "completions", "embeddings")
 BYPASS_REASONS = ("not_reproducible", "no_cache", "shared_tier_down")
-TIERS = ("local", "shared", "semantic")
+TIERS = ("local", "shared", "semantic", "coalesced")
 EVICTION_REASONS = ("size", "expired")
 # A local hit takes microseconds, a Redis one about a millisecond; a slow Redis its timeout.
 LOOKUP_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,

@@ -86,6 +86,9 @@ def test_settings_refuse_bad_bounds() -> None:
         CacheSettings(max_bytes=0)
     with pytest.raises(ValueError, match="--response-cache-ttl=0 is invalid"):
         CacheSettings(ttl=0)
+    with pytest.raises(ValueError, match="--response-cache-wait=-1 is invalid: allowed is a "
+                                         "number of seconds >= 0"):
+        CacheSettings(single_flight_wait=-1)
     with pytest.raises(ValueError, match="--cache-url='http://x' is invalid: allowed is a "
                                          "Redis URL"):
         RedisTier("http://x")
@@ -282,5 +285,67 @@ def test_the_local_semantic_index_is_bounded() -> None:
             await index.add(name, vector, name)
         assert await index.nearest("scope", vector) is None  # the oldest scope left
         assert await index.nearest("d", vector) == ("d", 1.0)
+
+    asyncio.run(main())
+
+
+# -- identical requests in flight ------------------------------------------------------------
+
+
+def test_identical_requests_in_flight_wait_for_the_first_answer() -> None:
+    async def main() -> None:
+        cache = _cache()
+        leader = await cache.lookup(_request(), _query([5, 6]))
+        assert leader.status == "miss"
+        followers = [asyncio.create_task(cache.lookup(_request(), _query([5, 6])))
+                     for _ in range(3)]
+        other_tenant = await cache.lookup(_request("key-b"), _query([5, 6]))
+        assert other_tenant.status == "miss"  # a different key never waits
+        await asyncio.sleep(0.05)
+        assert not any(task.done() for task in followers)  # no engine work for them yet
+        await leader.store_body({"choices": [{"finish_reason": "stop", "text": "42"}]})
+        answered = await asyncio.gather(*followers)
+        assert [f.status for f in answered] == ["hit"] * 3
+        assert all(f.answer is not None and f.answer.body["choices"][0]["text"] == "42"
+                   for f in answered)
+        assert cache.metrics.hits.labels("chat", "coalesced")._value.get() == 3
+
+    asyncio.run(main())
+
+
+def test_waiters_go_to_the_engine_when_the_first_keeps_nothing() -> None:
+    async def main() -> None:
+        cache = _cache()
+        # The first request fails before answering: its lookup is simply dropped.
+        failed = await cache.lookup(_request(), _query([7]))
+        waiter = asyncio.create_task(cache.lookup(_request(), _query([7])))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        del failed
+        assert (await asyncio.wait_for(waiter, 5)).status == "miss"
+        # The first is cut by max_tokens (never kept): the waiter is a miss, not a hit.
+        cut = await cache.lookup(_request(), _query([8]))
+        waiter = asyncio.create_task(cache.lookup(_request(), _query([8])))
+        await asyncio.sleep(0.05)
+        await cut.store_body({"choices": [{"finish_reason": "length"}]})
+        assert (await asyncio.wait_for(waiter, 5)).status == "miss"
+        # A stream whose client left mid-way wakes its waiters too.
+        streamed = await cache.lookup(_request(), _query([9]))
+        waiter = asyncio.create_task(cache.lookup(_request(), _query([9])))
+        await _drain(streamed.record_stream(_events(_chunk("a"), _chunk("b"), SSE_DONE)), 1)
+        assert (await asyncio.wait_for(waiter, 5)).status == "miss"
+
+    asyncio.run(main())
+
+
+def test_a_waiter_gives_up_after_the_single_flight_wait() -> None:
+    async def main() -> None:
+        settings = CacheSettings(max_bytes=1 << 20, single_flight_wait=0.1)
+        cache = ExactCache(settings, CacheMetrics(CollectorRegistry()))
+        leader = await cache.lookup(_request(), _query([10]))
+        started = time.monotonic()
+        assert (await cache.lookup(_request(), _query([10]))).status == "miss"
+        assert 0.1 <= time.monotonic() - started < 2.0
+        assert leader.status == "miss"
 
     asyncio.run(main())
