@@ -140,8 +140,10 @@ def run_prune(args: argparse.Namespace) -> int:
         print(f"structured: heads {source.config['num_attention_heads']} -> {shape.num_heads}, "
               f"KV heads {source.config.get('num_key_value_heads')} -> {shape.num_kv_heads}, "
               f"MLP channels {source.config['intermediate_size']} -> {shape.intermediate_size}")
-    needs_text = plan.method != "magnitude"
-    text = _calibration_text(args.calibration) if needs_text else None
+    # Magnitude scores need no text, but a named file is still checked, never ignored.
+    text = _calibration_text(args.calibration) if (
+        plan.method != "magnitude" or args.calibration) else None
+    text = None if plan.method == "magnitude" else text
     out = prepare_out(args.out, source.path)
     summary = prune_checkpoint(source, out, plan, text, args.calibration_tokens, args.dtype,
                                args.progress)

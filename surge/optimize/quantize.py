@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,7 +33,7 @@ from surge.optimize.export import (
 )
 from surge.optimize.gate import run_gate, settings_from_args
 
-__all__ = ["quantize_checkpoint", "run_quantize"]
+__all__ = ["check_group_size", "quantize_checkpoint", "run_quantize"]
 
 FORMAT_VERSION = 1
 
@@ -40,11 +41,26 @@ FORMAT_VERSION = 1
 def run_quantize(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, dtype=args.dtype)
     source = open_source(args.model)
+    if args.method == "int4":
+        check_group_size(source.config, args.group_size)
     out = prepare_out(args.out, source.path)
     quantize_checkpoint(source, out, args.method, args.group_size, args.dtype)
     label = args.method + (f"-g{args.group_size}" if args.method == "int4" else "")
     print(f"wrote {label} checkpoint to {out}")
     return run_gate(str(source.path), out, settings, label)
+
+
+def check_group_size(config: dict[str, Any], group_size: int) -> None:
+    """int4 groups split every projection's inputs evenly, or the model cannot be quantized:
+    said before any work."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    inputs = {"hidden_size": config["hidden_size"], "intermediate_size":
+              config["intermediate_size"], "num_attention_heads x head_dim": heads * head_dim}
+    uneven = {name: size for name, size in inputs.items() if size % group_size}
+    if uneven:
+        raise ValueError(f"--group-size {group_size} does not divide {uneven}: allowed are "
+                         "group sizes that divide every projection's input size")
 
 
 def quantize_checkpoint(source: Source, out: Path, method: str, group_size: int = 32,

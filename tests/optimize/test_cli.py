@@ -116,3 +116,12 @@ def test_quantize_end_to_end_prints_the_table_and_plots(
     assert report["ratios"]["resident_mb"] < 0.8
     assert (out / "variants.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "optimize-variants.jsonl").is_file()
+
+
+def test_int4_group_size_that_does_not_divide_exits_2(
+        tiny_checkpoint: Callable[[str], Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    err = _refused(["optimize", "quantize", "--model", str(tiny_checkpoint("tiny-qwen2")),
+                    "--method", "int4", "--group-size", "128", "--out", str(out)], out, capsys)
+    assert "--group-size 128 does not divide" in err and "intermediate_size" in err
