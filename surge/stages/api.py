@@ -11,6 +11,9 @@ streams and returns what to send now (it may hold some back, for a match that co
 in the next piece), or ``Stop`` to end the stream with its own finish reason; ``on_end()``
 flushes what it held when the model finished.
 
+A post-stage that changes or cuts the text should say ``rewrites_output = True``: the server
+then refuses requests for token logprobs (they would show what the stage took out).
+
 One class may be both. Methods may be ``async def`` (run on the event loop: they must not
 block) or plain ``def``: a plain one runs in a worker thread unless the stage says
 ``blocking = False`` (fast, pure-Python work such as a regex), and ``blocking = True`` sends

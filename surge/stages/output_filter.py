@@ -26,6 +26,7 @@ class OutputFilter:
     ``finish_reason`` (default content_filter), ``prompts`` (default false)."""
 
     blocking = False
+    rewrites_output = True  # the stopping piece's logprobs would show the blocked word
 
     def __init__(self, words: Sequence[str] = (), file: str | None = None,
                  finish_reason: str = "content_filter", prompts: bool = False) -> None:

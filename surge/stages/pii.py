@@ -127,6 +127,7 @@ class PIIRedactor:
         self.kinds = tuple(kinds)
         self.prompts = prompts
         self.outputs = outputs
+        self.rewrites_output = outputs  # logprobs would show what it redacted: refused
         self.labels = {kind: f"[{kind.upper()}]" for kind in KINDS} | (labels or {})
         self.max_hold = max_hold
 

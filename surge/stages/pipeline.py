@@ -67,10 +67,14 @@ class LoadedStage:
     blocking: bool | None = None
     is_pre: bool = field(init=False)
     is_post: bool = field(init=False)
+    # A post-stage that changes or cuts the output: token logprobs would show what it took.
+    rewrites_output: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.is_pre = callable(getattr(self.obj, "before", None))
         self.is_post = callable(getattr(self.obj, "open", None))
+        self.rewrites_output = self.is_post and bool(getattr(self.obj, "rewrites_output",
+                                                             False))
         if self.blocking is None:
             self.blocking = getattr(self.obj, "blocking", None)
 
@@ -105,11 +109,17 @@ class StagePipeline:
         self._executor = ThreadPoolExecutor(max_threads, thread_name_prefix="surge-stage")
         self._pre_threads = {s.name: runs_in_thread(s.obj.before, s.blocking)
                              for s in self.pre}
+        self._rewriter = next((s.name for s in self.post if s.rewrites_output), None)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def before(self, endpoint: Endpoint, body: Any, request: Request) -> _Session:
+        if self._rewriter is not None and getattr(body, "logprobs", None) not in (None, False):
+            raise APIError(400, f"'logprobs' cannot be asked of this server: its request "
+                           f"stage {self._rewriter!r} changes the output text, and token "
+                           "logprobs would show what it took out; allowed is no logprobs",
+                           param="logprobs", code="logprobs_unavailable")
         view = _view_of(endpoint, body, request)
         before = (_snapshot(view))
         session = _Session(self, view)

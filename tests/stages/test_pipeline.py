@@ -201,3 +201,19 @@ def test_decisions_are_typed() -> None:
         Refuse("x", status=500)
     assert Stop("r").text == "" and Answer("a").finish_reason == "stop"
     assert Route("m").model == "m"
+
+
+def test_logprobs_are_refused_when_a_stage_rewrites_the_output() -> None:
+    from surge.stages.pii import PIIRedactor
+
+    pipeline, _, _ = _pipeline(PIIRedactor())
+    with pytest.raises(APIError) as refused:
+        asyncio.run(pipeline.before("chat", _chat("hi", logprobs=True), _request()))
+    assert refused.value.status == 400 and refused.value.param == "logprobs"
+    assert "'PIIRedactor'" in refused.value.message
+    body = CompletionRequest.model_validate({"prompt": "hi", "logprobs": 2})
+    with pytest.raises(APIError):
+        asyncio.run(pipeline.before("completions", body, _request()))
+    asyncio.run(pipeline.before("chat", _chat("hi"), _request()))  # no logprobs: fine
+    prompts_only, _, _ = _pipeline(PIIRedactor(outputs=False))
+    asyncio.run(prompts_only.before("chat", _chat("hi", logprobs=True), _request()))
