@@ -126,6 +126,10 @@ def run_engine_process(config_msgpack: bytes, model_dir: str, input_address: str
     """
     # Ctrl-C reaches the whole process group: the server handles it and shuts us down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGHUP to the group (reload the tenants file, a closed terminal) is the server's: the
+    # engine gets the new tenant weights as a message, and must not die of it.
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     global _PARENT_PID
     _PARENT_PID = parent_pid
     signal.signal(signal.SIGTERM, _on_sigterm)
