@@ -23,6 +23,12 @@ LATENCY_HISTOGRAMS = {"e2e": "e2e_request_latency_seconds",
                       "ttft": "time_to_first_token_seconds",
                       "itl": "inter_token_latency_seconds"}
 QUANTILES = (0.5, 0.9, 0.99)
+# Where a request's time goes (the breakdown): the engine's phases and each request stage.
+PHASE_HISTOGRAMS = {"request_queue_time_seconds": "queue",
+                    "request_prefill_time_seconds": "prefill",
+                    "request_decode_time_seconds": "decode",
+                    "e2e_request_latency_seconds": "e2e"}
+STAGE_HISTOGRAM = "stage_duration_seconds"
 
 
 @dataclass
@@ -35,6 +41,8 @@ class MetricsSnapshot:
     # Per tenant (``surge:tenant_*`` series): sample name -> value, and TTFT buckets.
     tenants: dict[str, dict[str, float]] = field(default_factory=dict)
     tenant_ttft: dict[str, dict[float, float]] = field(default_factory=dict)
+    # Breakdown phase (queue, prefill, decode, e2e, stage:NAME) -> [sum of seconds, count].
+    phases: dict[str, list[float]] = field(default_factory=dict)
 
 
 def parse_metrics(text: str, at: float | None = None) -> MetricsSnapshot:
@@ -42,11 +50,14 @@ def parse_metrics(text: str, at: float | None = None) -> MetricsSnapshot:
     buckets: dict[str, dict[float, float]] = {}
     tenants: dict[str, dict[str, float]] = {}
     tenant_ttft: dict[str, dict[float, float]] = {}
+    phases: dict[str, list[float]] = {}
     for family in text_string_to_metric_families(text):
         if not family.name.startswith(PREFIX):
             continue
         name = family.name[len(PREFIX):]
         for sample in family.samples:
+            if name in PHASE_HISTOGRAMS or name == STAGE_HISTOGRAM:
+                _add_phase_sample(name, sample.name, sample.labels, sample.value, phases)
             if "tenant" in sample.labels:
                 _add_tenant_sample(sample.name[len(PREFIX):], sample.labels, sample.value,
                                    tenants, tenant_ttft)
@@ -60,7 +71,21 @@ def parse_metrics(text: str, at: float | None = None) -> MetricsSnapshot:
                     key += ":" + sample.labels["finished_reason"]
                 values[key] = values.get(key, 0.0) + sample.value
     return MetricsSnapshot(time.monotonic() if at is None else at, values, buckets, tenants,
-                           tenant_ttft)
+                           tenant_ttft, phases)
+
+
+def _add_phase_sample(family: str, sample: str, labels: dict[str, str], value: float,
+                      phases: dict[str, list[float]]) -> None:
+    """Sums and counts of the breakdown's histograms (summed over models)."""
+    if sample.endswith("_sum"):
+        slot = 0
+    elif sample.endswith("_count"):
+        slot = 1
+    else:
+        return
+    phase = (f"stage:{labels.get('stage', '?')}" if family == STAGE_HISTOGRAM
+             else PHASE_HISTOGRAMS[family])
+    phases.setdefault(phase, [0.0, 0.0])[slot] += value
 
 
 def _add_tenant_sample(name: str, labels: dict[str, str], value: float,
@@ -137,6 +162,7 @@ class StatusWindow:
                 v.get("response_cache_hits_total", 0.0)
                 + v.get("response_cache_misses_total", 0.0)),
             "fairness_index": v.get("tenant_fairness_index"),
+            "breakdown": _breakdown(oldest, newest),
             "tenants": _tenants(oldest, newest),
         }
 
@@ -160,6 +186,35 @@ def _tenants(oldest: MetricsSnapshot, newest: MetricsSnapshot) -> list[dict[str,
             "weight": now.get("tenant_weight"),
         })
     return sorted(rows, key=lambda r: (-(r["output_tokens_per_second"] or 0.0), r["tenant"]))
+
+
+def _breakdown(oldest: MetricsSnapshot, newest: MetricsSnapshot) -> list[dict[str, Any]]:
+    """Where recent requests' time went: the mean seconds of each phase in the window (of
+    everything when the window saw no request), from the server's histograms.
+
+    Rows: each request stage (its own code's time, per request or per streamed choice), the
+    engine's queue, prefill and decode, then "other": the rest of the server's end-to-end
+    time (HTTP, admission, detokenization and anything not timed apart), then the end to end
+    total. Pre-stages run before the end-to-end clock starts; post-stages inside decode.
+    The network between client and server is not visible to the server."""
+    window = {}
+    for phase, (total, count) in newest.phases.items():
+        total_before, count_before = (oldest.phases.get(phase, [0.0, 0.0])
+                                      if oldest is not newest else [0.0, 0.0])
+        window[phase] = (total - total_before, count - count_before)
+    if window.get("e2e", (0.0, 0.0))[1] <= 0:  # nothing finished in the window
+        window = {phase: (total, count) for phase, (total, count) in newest.phases.items()}
+    means = {phase: total / count for phase, (total, count) in window.items() if count > 0}
+    rows = [{"phase": phase, "mean_seconds": mean, "count": window[phase][1]}
+            for phase, mean in sorted(means.items()) if phase.startswith("stage:")]
+    rows += [{"phase": phase, "mean_seconds": means[phase], "count": window[phase][1]}
+             for phase in ("queue", "prefill", "decode") if phase in means]
+    if "e2e" in means:
+        timed = sum(means.get(phase, 0.0) for phase in ("queue", "prefill", "decode"))
+        rows.append({"phase": "other", "mean_seconds": max(means["e2e"] - timed, 0.0),
+                     "count": window["e2e"][1]})
+        rows.append({"phase": "e2e", "mean_seconds": means["e2e"], "count": window["e2e"][1]})
+    return rows
 
 
 def _finished(snapshot: MetricsSnapshot) -> float:

@@ -19,6 +19,7 @@ function render(s) {
     ([key, q]) => el("tr", {}, el("th", {}, LATENCY_NAMES[key] || key),
       el("td", {}, formatNumber(q.p50, 3)), el("td", {}, formatNumber(q.p90, 3)),
       el("td", {}, formatNumber(q.p99, 3)))));
+  renderBreakdown(s.breakdown || []);
   $("fairness").textContent = s.fairness_index == null ? "–"
     : formatNumber(s.fairness_index, 3);
   $("tenants").tBodies[0].replaceChildren(...(s.tenants || []).map((t) => el("tr", {},
@@ -34,6 +35,20 @@ function render(s) {
     el("td", {}, el("span", { class: r.healthy === false ? "dot" : "dot ok" }),
       String(r.status ?? (r.healthy === false ? "unhealthy" : "ok"))))));
   $("updated").textContent = `· updated ${new Date().toLocaleTimeString()}`;
+}
+
+const PHASE_NAMES = { queue: "Queue", prefill: "Prefill", decode: "Decode",
+  other: "Other (server)", e2e: "End to end" };
+
+function renderBreakdown(rows) {
+  const longest = Math.max(...rows.map((r) => r.mean_seconds), 1e-9);
+  $("breakdown").tBodies[0].replaceChildren(...rows.map((r) => el("tr", {},
+    el("th", {}, PHASE_NAMES[r.phase]
+      || (r.phase.startsWith("stage:") ? `Stage ${r.phase.slice(6)}` : r.phase)),
+    el("td", {}, formatNumber(r.mean_seconds * 1000, 3)),
+    el("td", { style: "width:40%" }, el("div", { class: "bar" }, el("span", {
+      style: `width:${Math.max(0.5, 100 * r.mean_seconds / longest).toFixed(1)}%` }))),
+    el("td", {}, formatNumber(r.count, 0)))));
 }
 
 async function poll() {
