@@ -162,5 +162,8 @@ class StatusReport(BaseModel):
     # row per tenant: output tokens/s and TTFT p50/p99 in the window, totals, weight.
     fairness_index: float | None = None
     tenants: list[dict[str, object]] = []
+    # Where recent requests' time went: {phase, mean_seconds, count} per request stage
+    # (stage:NAME), queue, prefill, decode, other (the rest of end to end), e2e.
+    breakdown: list[dict[str, object]] = []
     replicas: list[dict[str, object]]
     upstream: str
