@@ -136,8 +136,9 @@ def test_tenants_file_reloads_on_sighup_and_a_bad_file_keeps_the_old(
         model_dir: Path, tmp_path: Path) -> None:
     path = tmp_path / "tenants.toml"
     path.write_text(TENANTS_V1)
-    server = start_server(model_dir, tmp_path, "--engine-mode", "thread",
-                          "--tenants", str(path), "--scheduling-policy", "fair")
+    # The engine in its own process (the default): the new weights travel as a message.
+    server = start_server(model_dir, tmp_path, "--tenants", str(path),
+                          "--scheduling-policy", "fair")
     try:
         assert _two_at_once(server, "acme") == [200, 429]
         assert metric_value(metrics(server), "surge:tenant_weight", tenant="acme") == 2.0
