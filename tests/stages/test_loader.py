@@ -76,3 +76,17 @@ def test_the_cli_refuses_a_bad_stage_before_loading_anything() -> None:
     assert "argument --stage" in result.stderr
     assert "cannot import module 'no_such_module_q'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_replicas_get_the_same_stage_flags() -> None:
+    import argparse
+
+    from surge.entrypoints.replicated import replica_serve_args
+    from surge.entrypoints.serve import add_serve_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    flags = ["--stage", 'output-filter:{"words": ["a b"]}', "--stage", "pii-redactor"]
+    argv = replica_serve_args(parser.parse_args(["--model", "x", *flags]), "/m", ["m"], 1)
+    assert [str(spec) for spec in parser.parse_args(argv).stages] == [
+        'output-filter:{"words": ["a b"]}', "pii-redactor"]
