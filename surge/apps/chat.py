@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,20 +23,80 @@ from typing import Any
 import httpx
 
 from surge.apps.llm_backend import ChatStream, UpstreamStreamError
+from surge.apps.storage import OrderRecord
 
-__all__ = ["ChatTurn", "TurnRegistry", "TurnResult", "build_messages"]
+__all__ = ["ORDER_TOOL_NAME", "ChatTurn", "TurnRegistry", "TurnResult", "build_messages",
+           "order_lookup_tool", "order_result", "tool_messages"]
 
 logger = logging.getLogger(__name__)
 
+# -- the order-status tool ---------------------------------------------------------------------
+# When a message names an order (SRG-1234), the chat first asks the model for a call of this
+# tool (tool_choice names it, so the server's constrained decoding makes the arguments valid:
+# the id is one of those in the message), runs it against the apps' database, and sends the
+# result back with the conversation, so the answer comes from the order's data.
+
+ORDER_TOOL_NAME = "lookup_order"
+ORDER_ID = re.compile(r"\bSRG-\d{4}\b", re.IGNORECASE)
+
+
+def order_lookup_tool(user_content: str) -> dict[str, Any] | None:
+    """The tool offered for this message (its ids as the only allowed arguments), or None
+    when the message names no order."""
+    ids = list(dict.fromkeys(m.upper() for m in ORDER_ID.findall(user_content)))
+    if not ids:
+        return None
+    return {"type": "function", "function": {
+        "name": ORDER_TOOL_NAME,
+        "description": "Look up an order of our shop: its item, status, carrier, tracking "
+                       "number and estimated delivery date.",
+        "parameters": {"type": "object", "properties": {"order_id": {
+            "type": "string", "enum": ids, "description": "the order number, like SRG-1001"}},
+            "required": ["order_id"], "additionalProperties": False}}}
+
+
+def order_result(order_id: str, record: OrderRecord | None) -> dict[str, Any]:
+    """What the tool returns to the model (and the page shows)."""
+    if record is None:
+        return {"order_id": order_id, "found": False,
+                "message": "There is no order with this number."}
+    fields = ("item", "status", "carrier", "tracking_number", "estimated_delivery", "note")
+    return {"order_id": record.id, "found": True,
+            **{name: getattr(record, name) for name in fields
+               if getattr(record, name) is not None}}
+
+
+def tool_messages(lookup: dict[str, Any], answer_to: str | None = None
+                  ) -> list[dict[str, Any]]:
+    """A stored lookup ({call_id, name, arguments, result}) as the assistant's call and the
+    tool's answer, in OpenAI's message shapes. ``answer_to``: the question the next answer is
+    for, asked again after the data (SmolLM2-135M otherwise tends to echo the data back)."""
+    messages: list[dict[str, Any]] = [
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": lookup["call_id"], "type": "function", "function": {
+                "name": lookup["name"], "arguments": json.dumps(lookup["arguments"])}}]},
+        {"role": "tool", "tool_call_id": lookup["call_id"],
+         "content": json.dumps(lookup["result"])}]
+    if answer_to is not None:
+        messages.append({"role": "user", "content": f"Using this result, answer: {answer_to}"})
+    return messages
+
 
 def build_messages(system_prompt: str, history: Sequence[tuple[str, str]], user_content: str,
-                   max_history: int) -> list[dict[str, str]]:
+                   max_history: int) -> list[dict[str, Any]]:
     """System prompt, then the last ``max_history`` earlier messages, then the new one.
-    Assistant messages that stopped before any text are left out (nothing was said)."""
+    Assistant messages that stopped before any text are left out (nothing was said); a stored
+    tool lookup becomes the assistant's call and the tool's answer."""
     earlier = [(role, text) for role, text in history
-               if role in ("user", "assistant") and text][-max_history:]
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages += [{"role": role, "content": text} for role, text in earlier]
+               if role in ("user", "assistant", "tool") and text][-max_history:]
+    messages: list[dict[str, Any]] = (
+        [{"role": "system", "content": system_prompt}] if system_prompt else [])
+    for role, text in earlier:
+        if role != "tool":
+            messages.append({"role": role, "content": text})
+            continue
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            messages += tool_messages(json.loads(text))
     messages.append({"role": "user", "content": user_content})
     return messages
 

@@ -133,6 +133,22 @@ class LLMBackend:
             raise _refusal(response)
         return ChatStream(response)
 
+    async def create_chat(self, body: dict[str, Any], session_id: str,
+                          authorization: str | None) -> dict[str, Any]:
+        """A non-streaming chat completion's JSON (a tool-call step of the support chat)."""
+        headers = {SESSION_HEADER: session_id, **_auth(authorization)}
+        request = self.client.build_request("POST", f"{self.base_url}/v1/chat/completions",
+                                            json={**body, "stream": False}, headers=headers)
+        response = await self._send(request, stream=False)
+        if response.status_code != 200:
+            raise _refusal(response)
+        try:
+            answer: dict[str, Any] = response.json()
+        except ValueError as exc:
+            raise APIError(502, f"the model server answered with invalid JSON: {exc}",
+                           code="upstream_error") from exc
+        return answer
+
     async def get(self, path: str, authorization: str | None = None) -> httpx.Response:
         request = self.client.build_request("GET", f"{self.base_url}{path}",
                                             headers=_auth(authorization))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-__all__ = ["MIGRATIONS", "Migration", "applied_versions", "apply_migrations"]
+__all__ = ["DEMO_ORDERS", "MIGRATIONS", "Migration", "applied_versions", "apply_migrations"]
 
 # Any constant works: it only has to be the same for every Surge process using the database.
 _PG_LOCK_ID = 0x5355524745  # "SURGE"
@@ -78,10 +78,54 @@ def _add_message_finish_reason(conn: sa.Connection) -> None:
     conn.execute(sa.text("ALTER TABLE chat_messages ADD COLUMN finish_reason VARCHAR(16)"))
 
 
+# The demo shop's orders, which the support chat looks up with its order-status tool (so the
+# bot answers "where is my order?" from data). A deployment replaces or extends this table.
+DEMO_ORDERS: tuple[dict[str, str | None], ...] = (
+    {"id": "SRG-1001", "customer": "Ada Lovelace", "item": "Wireless headphones",
+     "status": "shipped", "carrier": "DHL", "tracking_number": "JD014600003456",
+     "estimated_delivery": "2026-12-05", "note": None},
+    {"id": "SRG-1002", "customer": "Alan Turing", "item": "Espresso machine",
+     "status": "processing", "carrier": None, "tracking_number": None,
+     "estimated_delivery": "2026-12-09", "note": "Waiting for stock; ships within 3 days."},
+    {"id": "SRG-1003", "customer": "Grace Hopper", "item": "Running shoes (size 42)",
+     "status": "delivered", "carrier": "UPS", "tracking_number": "1Z999AA10123456784",
+     "estimated_delivery": "2026-11-28", "note": "Delivered to the front desk."},
+    {"id": "SRG-1004", "customer": "Edsger Dijkstra", "item": "Mechanical keyboard",
+     "status": "cancelled", "carrier": None, "tracking_number": None,
+     "estimated_delivery": None, "note": "Cancelled by the customer; refund issued 2026-11-30."},
+    {"id": "SRG-1005", "customer": "Barbara Liskov", "item": "Desk lamp",
+     "status": "out for delivery", "carrier": "UPS", "tracking_number": "1Z999AA10987654321",
+     "estimated_delivery": "2026-12-03", "note": None},
+    {"id": "SRG-1006", "customer": "Donald Knuth", "item": "Travel backpack",
+     "status": "delayed", "carrier": "FedEx", "tracking_number": "771234567890",
+     "estimated_delivery": "2026-12-12", "note": "Held up at the carrier's hub by weather."},
+)
+
+
+def _create_orders_table(conn: sa.Connection) -> None:
+    meta = sa.MetaData()
+    orders = sa.Table(
+        "orders", meta,
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("customer", sa.String(200), nullable=False),
+        sa.Column("item", sa.String(200), nullable=False),
+        sa.Column("status", sa.String(32), nullable=False),
+        sa.Column("carrier", sa.String(64), nullable=True),
+        sa.Column("tracking_number", sa.String(64), nullable=True),
+        sa.Column("estimated_delivery", sa.String(10), nullable=True),  # ISO date
+        sa.Column("note", sa.Text, nullable=True),
+        sa.Column("updated_at", sa.Float, nullable=False))
+    meta.create_all(conn)
+    now = time.time()
+    conn.execute(orders.insert(), [{**order, "updated_at": now} for order in DEMO_ORDERS])
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "chat sessions and messages", _create_chat_tables),
     Migration(2, "writing-assistant generations", _create_generations_table),
     Migration(3, "finish reason of chat messages", _add_message_finish_reason),
+    Migration(4, "orders (seeded with demo orders) for the support chat's tool",
+              _create_orders_table),
 )
 
 

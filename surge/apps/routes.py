@@ -20,7 +20,16 @@ from fastapi import APIRouter, Depends, Path, Request
 from starlette.responses import Response
 
 from surge.apps import schemas
-from surge.apps.chat import ChatTurn, TurnRegistry, TurnResult, build_messages
+from surge.apps.chat import (
+    ORDER_TOOL_NAME,
+    ChatTurn,
+    TurnRegistry,
+    TurnResult,
+    build_messages,
+    order_lookup_tool,
+    order_result,
+    tool_messages,
+)
 from surge.apps.config import AppsSettings
 from surge.apps.identity import ApiKeyGuard, user_id
 from surge.apps.llm_backend import LLMBackend
@@ -161,9 +170,10 @@ def _session_not_found(session_id: str) -> APIError:
 # -- messages: the streamed answer ---------------------------------------------------------------
 
 
-_STREAM_DOC = {200: {"description": "text/event-stream of JSON events: `start`, `delta` "
-                     "({text}), then one `done` ({status: complete|stopped|error, "
-                     "finish_reason, message_id, error})",
+_STREAM_DOC = {200: {"description": "text/event-stream of JSON events: `start` (with "
+                     "`tool_calls`: the order-status lookups made for this message, each "
+                     "{call_id, name, arguments, result}), `delta` ({text}), then one `done` "
+                     "({status: complete|stopped|error, finish_reason, message_id, error})",
                      "content": event_stream_content("a JSON event: start, delta or done")},
                **_errors(_ANY, _KEY, _BODY, _OWNED, _MODEL,
                          {409: "an answer is already being generated in this conversation"})}
@@ -215,6 +225,10 @@ async def _start_turn(rt: AppsRuntime, user: str, session_id: str, body: schemas
                        f"{limit} (--chat-max-tokens)", param="max_tokens")
     messages = build_messages(rt.settings.chat_system_prompt, history, body.content,
                               rt.settings.chat_history_messages)
+    # A message naming an order: the model calls the order-status tool first (surge.apps.chat).
+    lookup = await _lookup_order(rt, messages, body, session_id, request)
+    if lookup is not None:
+        messages += tool_messages(lookup, answer_to=body.content)
     payload: dict[str, Any] = {"messages": messages, "max_tokens": body.max_tokens or limit,
                                "temperature": body.temperature}
     if body.seed is not None:
@@ -226,6 +240,8 @@ async def _start_turn(rt: AppsRuntime, user: str, session_id: str, body: schemas
     try:
         stored = (await rt.db(rt.store.add_message, user, session_id, "user", body.content)
                   if rt.store is not None else None)
+        if lookup is not None and rt.store is not None:
+            await rt.db(rt.store.add_message, user, session_id, "tool", json.dumps(lookup))
     except BaseException:
         await stream.aclose()
         raise
@@ -233,8 +249,37 @@ async def _start_turn(rt: AppsRuntime, user: str, session_id: str, body: schemas
     rt.turns.attach(session_id, turn)
     turn.start()
     start = {"type": "start", "session_id": session_id,
-             "user_message_id": stored.id if stored else None}
+             "user_message_id": stored.id if stored else None,
+             "tool_calls": [lookup] if lookup is not None else []}
     return _turn_response(turn, start, partial(rt.turns.release, session_id))
+
+
+async def _lookup_order(rt: AppsRuntime, messages: list[dict[str, Any]],
+                        body: schemas.MessageCreate, session_id: str,
+                        request: Request) -> dict[str, Any] | None:
+    """The order-status tool's call and result, when the message names an order and the apps
+    have their database (the orders live there); the model writes the call (its arguments
+    constrained to the function's schema by the server), the database answers it."""
+    tool = order_lookup_tool(body.content)
+    if tool is None or rt.store is None:
+        return None
+    payload: dict[str, Any] = {
+        "messages": messages, "tools": [tool], "parallel_tool_calls": False,
+        "tool_choice": {"type": "function", "function": {"name": ORDER_TOOL_NAME}},
+        "max_tokens": 64, "temperature": 0}
+    if body.model:
+        payload["model"] = body.model
+    answer = await rt.backend.create_chat(payload, session_id,
+                                          request.headers.get("authorization"))
+    calls = (answer.get("choices") or [{}])[0].get("message", {}).get("tool_calls") or []
+    try:
+        arguments = json.loads(calls[0]["function"]["arguments"])
+        order_id = str(arguments["order_id"])
+    except (IndexError, KeyError, TypeError, ValueError):  # cut off (max_tokens): no lookup
+        return None
+    record = await rt.db(rt.store.get_order, order_id)
+    return {"call_id": calls[0]["id"], "name": ORDER_TOOL_NAME, "arguments": arguments,
+            "result": order_result(order_id, record)}
 
 
 async def _persist_answer(rt: AppsRuntime, user: str, session_id: str,

@@ -49,7 +49,8 @@ class SessionList(BaseModel):
 class ChatMessage(BaseModel):
     id: int
     session_id: str
-    role: Literal["user", "assistant"]
+    # "tool": an order-status lookup; its content is JSON {call_id, name, arguments, result}.
+    role: Literal["user", "assistant", "tool"]
     content: str
     status: Literal["complete", "stopped", "error"]
     finish_reason: str | None

@@ -29,6 +29,7 @@ __all__ = [
     "DATA_DIR_ENV",
     "GenerationRecord",
     "MessageRecord",
+    "OrderRecord",
     "SessionRecord",
     "Store",
     "default_database_url",
@@ -111,6 +112,24 @@ class GenerationRecord:
         return {k: v for k, v in asdict(self).items() if k not in ("user_id", "cache_key")}
 
 
+@dataclass(frozen=True)
+class OrderRecord:
+    """An order of the shop the support chat serves (looked up by its order-status tool)."""
+
+    id: str
+    customer: str
+    item: str
+    status: str
+    carrier: str | None
+    tracking_number: str | None
+    estimated_delivery: str | None
+    note: str | None
+    updated_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 _meta = sa.MetaData()
 _sessions = sa.Table(
     "chat_sessions", _meta,
@@ -123,6 +142,13 @@ _messages = sa.Table(
     sa.Column("session_id", sa.String(64)), sa.Column("role", sa.String(16)),
     sa.Column("content", sa.Text), sa.Column("status", sa.String(16)),
     sa.Column("finish_reason", sa.String(16)), sa.Column("created_at", sa.Float))
+_orders = sa.Table(
+    "orders", _meta,
+    sa.Column("id", sa.String(32), primary_key=True), sa.Column("customer", sa.String(200)),
+    sa.Column("item", sa.String(200)), sa.Column("status", sa.String(32)),
+    sa.Column("carrier", sa.String(64)), sa.Column("tracking_number", sa.String(64)),
+    sa.Column("estimated_delivery", sa.String(10)), sa.Column("note", sa.Text),
+    sa.Column("updated_at", sa.Float))
 _generations = sa.Table(
     "generations", _meta,
     sa.Column("id", sa.String(64), primary_key=True), sa.Column("user_id", sa.String(128)),
@@ -223,6 +249,13 @@ class Store:
         return True
 
     # -- writing assistant -----------------------------------------------------------------
+
+    def get_order(self, order_id: str) -> OrderRecord | None:
+        """The order with this id (as written, case-insensitively), or None."""
+        query = sa.select(_orders).where(_orders.c.id == order_id.strip().upper())
+        with self._read() as conn:
+            row = conn.execute(query).first()
+        return OrderRecord(**row._mapping) if row is not None else None
 
     def add_generation(self, record: GenerationRecord) -> GenerationRecord:
         values = asdict(record)

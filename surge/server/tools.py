@@ -354,6 +354,13 @@ def _default_messages(messages: Sequence[dict[str, Any]], tools: list[dict[str, 
             else:
                 out.append({"role": "user", "content": block, "_tool": "1"})
             continue
+        if role == "user" and out and out[-1].get("_tool"):
+            # The user's words after tool results join their turn: templates that want user
+            # and assistant turns to alternate accept it, and small models answer the words
+            # rather than echo the results.
+            out[-1]["content"] += "\n\n" + text
+            out[-1].pop("_tool")
+            continue
         if message.get("tool_calls"):
             calls = [_call_block(c["function"]["name"], c["function"]["arguments"])
                      for c in message["tool_calls"]]

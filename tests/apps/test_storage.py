@@ -235,3 +235,14 @@ def test_default_database_is_sqlite_in_the_data_folder(
 def test_postgres_urls_use_psycopg3() -> None:
     assert normalize_database_url("postgresql://u:p@h:5/db") == "postgresql+psycopg://u:p@h:5/db"
     assert normalize_database_url("postgres://u@h/db").startswith("postgresql+psycopg://")
+
+
+def test_demo_orders_are_seeded_and_looked_up(store: Store) -> None:
+    from surge.apps.migrations import DEMO_ORDERS
+
+    for seeded in DEMO_ORDERS:
+        order = store.get_order(str(seeded["id"]).lower())  # ids are matched case-insensitively
+        assert order is not None and order.id == seeded["id"]
+        assert (order.item, order.status, order.tracking_number) == (
+            seeded["item"], seeded["status"], seeded["tracking_number"])
+    assert store.get_order("SRG-9999") is None

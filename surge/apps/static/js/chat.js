@@ -14,6 +14,17 @@ function bubble(role, text, status) {
   return node;
 }
 
+// An order-status lookup ({call_id, name, arguments, result}) as one line of data.
+function lookupText(content) {
+  let lookup;
+  try { lookup = typeof content === "string" ? JSON.parse(content) : content; } catch { return content; }
+  const r = lookup.result || {};
+  if (!r.found) return `Order ${r.order_id}: not found`;
+  const parts = [r.item, r.status, r.carrier && `${r.carrier} ${r.tracking_number || ""}`.trim(),
+    r.estimated_delivery && `expected ${r.estimated_delivery}`, r.note].filter(Boolean);
+  return `Order ${r.order_id}: ${parts.join(" · ")}`;
+}
+
 function setBusy(busy) {
   $("send").disabled = busy;
   $("stop").hidden = !busy;
@@ -40,7 +51,9 @@ async function openSession(id) {
   }
   if (!state.config.history) return;
   const session = await apiJSON(`${API}/chat/sessions/${id}`);
-  for (const m of session.messages) bubble(m.role, m.content, m.status);
+  for (const m of session.messages) {
+    bubble(m.role, m.role === "tool" ? lookupText(m.content) : m.content, m.status);
+  }
 }
 
 async function ensureSession() {
@@ -72,7 +85,11 @@ async function send() {
     answer.classList.add("streaming");
     let finalStatus = "complete";
     await readEvents(response, (event) => {
-      if (event.type === "delta") {
+      if (event.type === "start") {
+        for (const lookup of event.tool_calls || []) {
+          $("messages").insertBefore(bubble("tool", lookupText(lookup)), answer);
+        }
+      } else if (event.type === "delta") {
         answer.querySelector(".text").textContent += event.text;
         answer.scrollIntoView({ block: "end" });
       } else if (event.type === "done") {
