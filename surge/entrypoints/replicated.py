@@ -11,10 +11,14 @@ replica), and the replicas run without them.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from surge.router.cli import (
@@ -68,9 +72,47 @@ def run_replicated(args: argparse.Namespace, model_dir: str, settings: ServerSet
                 model_dir, args.replica_backend, threads, f", autoscaling "
                 f"{autoscale.min_replicas}..{autoscale.max_replicas}" if autoscale.enabled
                 else "")
+    if getattr(args, "tenants_file", None):  # each replica reloads its tenants file
+        app.services.add(_forwarding_sighup)
     return run_router(app, args.host, args.port, drain_timeout=args.drain_timeout,
                       log_level=args.log_level, access_log=args.access_log,
                       on_started=_tell_apps_the_address(ui))
+
+
+@contextlib.asynccontextmanager
+async def _forwarding_sighup() -> AsyncIterator[None]:
+    """SIGHUP to the router reaches its replica processes (they reload --tenants); the router
+    itself does not die of it."""
+    loop = asyncio.get_running_loop()
+
+    def forward() -> None:
+        children = _child_pids()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+        logger.info("SIGHUP: forwarded to %d replica process(es)", len(children))
+
+    loop.add_signal_handler(signal.SIGHUP, forward)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+
+def _child_pids() -> list[int]:
+    """This process's children (the local replicas), from /proc (Linux, as replicas are)."""
+    me, children = str(os.getpid()), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # The fields after the command's closing parenthesis: state, then the parent pid.
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if fields[1] == me:
+            children.append(int(entry.name))
+    return children
 
 
 def _replica_backend(args: argparse.Namespace, serve_args: list[str]) -> ReplicaBackend:

@@ -5,7 +5,9 @@ burst over every replica."""
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -101,3 +103,28 @@ def test_by_tenant_only_for_the_policies_that_support_it() -> None:
     with pytest.raises(ValueError, match="--route-by-tenant applies to --policy"):
         make_policy("round_robin", by_tenant=True)
     assert make_policy("least_outstanding").by_tenant is False
+
+
+@pytest.mark.slow  # two replicas start
+@pytest.mark.timeout(240)
+def test_sighup_to_the_router_reloads_every_replicas_tenants_file(
+        tiny_checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
+    from tests.router.test_replicated import STARTUP_SECONDS, _names, start_router
+
+    path = tmp_path / "tenants.toml"
+    path.write_text("[tenants.acme]\nweight = 2\n")
+    router = start_router(tiny_checkpoint("tiny-llama"), tmp_path, "--replicas", "2",
+                          "--engine-mode", "thread", "--tenants", str(path),
+                          "--kv-cache-memory-bytes", str(32 << 20))
+    try:
+        router.wait_for(lambda: _names(router, "healthy") == {"replica-1", "replica-2"},
+                        "2 healthy replicas", STARTUP_SECONDS)
+        path.write_text("[tenants.acme]\nweight = 5\n")
+        router.process.send_signal(signal.SIGHUP)
+        router.wait_for(lambda: router.log_path.read_text(errors="replace").count(
+            "tenant 'acme': weight=2 -> weight=5") == 2, "both replicas reloading", 30)
+        assert "forwarded to 2 replica process(es)" in router.log()
+        assert router.process.poll() is None  # the router did not die of SIGHUP
+    finally:
+        router.process.send_signal(signal.SIGTERM)
+        router.process.wait(60)
