@@ -49,6 +49,9 @@ class OutputFilter:
         self._pattern_followed = re.compile(rf"(?<!\w)(?:{body})(?=\W)", re.IGNORECASE)
         self._prefixes = {p[:k] for p in self.phrases for k in range(1, len(p) + 1)}
         self._longest = max(len(p) for p in self.phrases) + 8  # room for repeated spaces
+        # Where a phrase may begin: a word's start, on one of the phrases' first characters.
+        firsts = "".join(sorted({re.escape(p[0]) for p in self.phrases}))
+        self._starts = re.compile(rf"(?<!\w)[{firsts}]", re.IGNORECASE)
 
     def first_match(self, text: str, final: bool = True) -> int | None:
         """Where the first blocked phrase starts; mid-stream (``final`` False) only one
@@ -71,18 +74,12 @@ class OutputFilter:
     def held_suffix(self, text: str) -> int:
         """How many trailing characters might still start a blocked phrase (or be a whole
         one waiting for the character that says whether its last word ends there)."""
-        for i in range(max(0, len(text) - self._longest), len(text)):
-            if i > 0 and _is_word(text[i - 1]):
-                continue  # a phrase starts at a word's start
-            tail = text[i:]
+        for start in self._starts.finditer(text, max(0, len(text) - self._longest)):
+            tail = text[start.start():]
             norm = " ".join(tail.lower().split()) + (" " if tail[-1].isspace() else "")
             if norm in self._prefixes:
                 return len(tail)
         return 0
-
-
-def _is_word(char: str) -> bool:
-    return char.isalnum() or char == "_"
 
 
 @dataclass
