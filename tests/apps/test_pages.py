@@ -139,6 +139,9 @@ def test_status_page_shows_live_numbers(page: Any, screenshot_dir: Path) -> None
     assert page.locator("#replicas tbody tr").count() == 1
     assert "ok" in page.inner_text("#replicas tbody")
     assert page.locator("#latency tbody tr").count() == 3
+    # Where the time went: queue, prefill, decode, other and end to end (no stages here).
+    assert page.locator("#breakdown tbody tr").count() == 5
+    assert "Prefill" in page.inner_text("#breakdown tbody")
     page.screenshot(path=str(screenshot_dir / "status.png"), full_page=True)
 
 
