@@ -322,7 +322,8 @@ class _PoolingHandler:
             self.context.charge(request, max(cache.answer.num_tokens, 1))
             return cached_response(cache, None)
         num_tokens = sum(len(ids) for ids in token_ids)
-        self.context.charge(request, num_tokens)
+        # The tenant's own rate limit too (tenants file), as for completions.
+        self.context.charge(request, num_tokens, self.context.tenant_of(request, body.user))
         vectors = await self._run(served, token_ids, request)
         encode = _base64_vector if body.encoding_format == "base64" else _float_vector
         data = [{"object": "embedding", "index": i, "embedding": encode(v)}

@@ -127,7 +127,8 @@ class _SamplingRequest(_Request):
                                                  "choice i uses seed + i")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = Field(None, description="an end-user id (accepted, not used)")
+    user: str | None = Field(None, description="an end-user id: the tenant when no API "
+                             "key or --tenant-header names one")
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be "
                                                                   "empty")
     # vLLM's extra sampling fields.
