@@ -214,13 +214,17 @@ class RayLauncher:
             raise LaunchError(f"its Ray actor could not be created ({_first_line(exc)}): "
                               "another deployment may use the name "
                               f"{config.deployment!r}; give --ray-deployment another") from exc
-        try:
-            info = await asyncio.wait_for(_await_ref(actor.start.remote()),
-                                          config.placement_timeout)
-        except TimeoutError:
+        # Not asyncio.wait_for: it waits for the cancelled await to end, and an ObjectRef of
+        # an actor Ray has not placed ignores cancellation.
+        started = asyncio.ensure_future(_await_ref(actor.start.remote()))
+        done, _ = await asyncio.wait({started}, timeout=config.placement_timeout)
+        if not done:
+            started.cancel()
             _kill(ray, actor)
             raise LaunchError(unplaceable or _busy(ray, config.needs(),
-                                                   config.placement_timeout)) from None
+                                                   config.placement_timeout))
+        try:
+            info = started.result()
         except Exception as exc:  # RayActorError, RayTaskError: it died or failed to start
             _kill(ray, actor)
             raise LaunchError(f"its Ray actor failed: {_first_line(exc)}") from exc

@@ -211,20 +211,36 @@ class ManagedReplicas:
         self._background(self._run_child(child, delay), child.name)
 
     async def _run_child(self, child: _Child, delay: float) -> None:
-        exited: asyncio.Future[str] | None = None
         launch_error: str | None = None
         try:
-            if delay:
-                logger.warning("starting %s in %.0f s (replicas keep failing to start)",
-                               child.name, delay)
-                await asyncio.sleep(delay)  # crash-loop backoff
-            if self._stopping or child.retiring:
-                return
-            try:
-                child.launched = launched = await self.launcher.launch(child.name)
-            except LaunchError as exc:
-                launch_error = str(exc)
-                return
+            launched = await self._launch(child, delay)
+        except LaunchError as exc:
+            launched, launch_error = None, str(exc)
+        except BaseException:  # cancelled: shutdown took too long
+            self._children.remove(child)
+            raise
+        if launched is None:
+            self._children.remove(child)
+            if launch_error is not None and not (child.retiring or self._stopping):
+                self._on_launch_failure(child, launch_error)
+            return
+        await self._supervise(child, launched)
+
+    async def _launch(self, child: _Child, delay: float) -> LaunchedReplica | None:
+        """Start it after the crash-loop delay; None if it is no longer wanted by then."""
+        if delay:
+            logger.warning("starting %s in %.0f s (replicas keep failing to start)",
+                           child.name, delay)
+            await asyncio.sleep(delay)  # crash-loop backoff
+        if self._stopping or child.retiring:
+            return None
+        child.launched = await self.launcher.launch(child.name)
+        return child.launched
+
+    async def _supervise(self, child: _Child, launched: LaunchedReplica) -> None:
+        """From its start to its exit: ready, serving, gone (replaced if unexpected)."""
+        exited: asyncio.Future[str] | None = None
+        try:
             logger.info("started %s%s (pid %s)", child.name, " as a standby" if child.standby
                         else "", launched.pid)
             exited = asyncio.ensure_future(launched.wait())
@@ -241,11 +257,7 @@ class ManagedReplicas:
             if child.replica is not None:
                 self.host.replicas.remove(child.replica)
                 self.host.metrics.forget(child.replica)
-        if child.retiring or self._stopping:
-            return
-        if launch_error is not None:
-            self._on_launch_failure(child, launch_error)
-        else:
+        if not child.retiring and not self._stopping:
             self._on_unexpected_exit(child, how, became_healthy)
 
     async def _bring_up(self, child: _Child, launched: LaunchedReplica,
