@@ -96,11 +96,13 @@ def prepare_job(teacher: str, student: str, out: str, data: list[str],
                               "to continue it, or give a new directory")
     if not data:
         raise ValueError("--data is empty: give a text file, a .jsonl of prompts or 'builtin'")
+    existed = Path(out).expanduser().exists()
     prepare_out(out, source.path)
     try:
         examples, described = _prepare_data(job, data, generation or GenerationSettings())
     except BaseException:
-        _remove_if_empty(Path(out))
+        if not existed:  # leave no empty --out behind, but never remove the user's own
+            _remove_if_empty(Path(out).expanduser())
         raise
     for line in described:
         print(f"data: {line}")

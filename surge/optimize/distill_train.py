@@ -100,6 +100,8 @@ def run_worker(rank: int, job: DistillJob, port: int) -> None:
     """Entry of each `--nproc` process: join the group on loopback, train, leave."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
+    if job.device == "cpu":  # the ranks share the cores; oversubscribed they would all crawl
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.world))
     _init_group(rank, job.world, job.device)
     try:
         train(job, rank)
