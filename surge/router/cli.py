@@ -128,9 +128,9 @@ def _add_ray_options(group: argparse._ArgumentGroup) -> None:
                        help="a Ray custom resource each replica needs (repeat for several), "
                             "e.g. --replica-resources big_memory=1")
     group.add_argument("--ray-placement-timeout", type=float, default=120.0,
-                       help="seconds a replica may wait for a Ray node with its resources "
-                            "(a Ray autoscaler may add one) before it counts as failed "
-                            "(default 120)")
+                       help="seconds a replica's actor may take to be placed on a Ray node "
+                            "with its resources (a Ray autoscaler may add one) and started, "
+                            "before it counts as failed (default 120)")
     group.add_argument("--ray-deployment", default="surge",
                        help="name of this set of replicas in Ray (actors "
                             "<deployment>/replica-N in namespace surge; default surge)")
