@@ -94,20 +94,30 @@ def main() -> int:
     p.add_argument("--out", required=True, help="student directory (new)")
     p.add_argument("--teacher", default="smollm2-135m-instruct")
     p.add_argument("--student", default="layers=15")
-    p.add_argument("--train-minutes", type=float, default=20.0)
-    p.add_argument("--prompts", type=int, default=192)
-    p.add_argument("--gen-max-tokens", type=int, default=160)
-    p.add_argument("--text-chars", type=int, default=150_000,
-                   help="characters of the built-in training split used as real text")
+    p.add_argument("--train-minutes", type=float, default=None,
+                   help="training time bound (default 20; 1 with --quick)")
+    p.add_argument("--prompts", type=int, default=None, help="default 192 (16 with --quick)")
+    p.add_argument("--gen-max-tokens", type=int, default=None,
+                   help="longest teacher answer (default 160; 48 with --quick)")
+    p.add_argument("--text-chars", type=int, default=None,
+                   help="characters of the built-in training split used as real text "
+                        "(default 150000; 20000 with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="the 1-minute proof: 16 prompts, short answers, 1 minute of training, "
                         "the gate's quick evaluation")
+    p.add_argument("--no-gate", action="store_true",
+                   help="write the student only (a caller such as bench_optimize.py gates it)")
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("extra", nargs="*", help="more `surge optimize distill` flags (after --)")
     args = p.parse_args()
+    defaults = {"train_minutes": 20.0, "prompts": 192, "gen_max_tokens": 160,
+                "text_chars": 150_000}
     if args.quick:
-        args.train_minutes, args.prompts, args.gen_max_tokens = 1.0, 16, 48
-        args.text_chars = 20_000
+        defaults = {"train_minutes": 1.0, "prompts": 16, "gen_max_tokens": 48,
+                    "text_chars": 20_000}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     out = Path(args.out).expanduser().absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     prompts = training_prompts(args.prompts)
@@ -126,7 +136,8 @@ def main() -> int:
         "--steps", "2000", "--max-minutes", str(args.train_minutes), "--lr", "5e-4",
         "--warmup-steps", "2" if args.quick else "5", "--alpha", "0.5", "--temperature", "2.0",
         "--checkpoint-every", "25", "--gen-max-tokens", str(args.gen_max_tokens),
-        "--nproc", str(args.nproc), *(["--quick"] if args.quick else []), *args.extra]
+        "--nproc", str(args.nproc), *(["--quick"] if args.quick else []),
+        *(["--no-eval"] if args.no_gate else []), *args.extra]
     print("surge " + shlex.join(command), flush=True)
     from surge.cli import main as surge_main
 
