@@ -264,3 +264,31 @@ def test_smollm2_fills_arguments_from_the_question(smollm2_gguf: Path, tmp_path:
                 call.function.arguments
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(240)
+def test_each_of_n_choices_streams_its_own_calls(client: httpx.Client) -> None:
+    body = {"model": "tiny", "messages": MESSAGES, "tools": TOOLS, "tool_choice": "required",
+            "parallel_tool_calls": False, "max_tokens": 120, "n": 2, "seed": 11,
+            "temperature": 1.0, "stream": True}
+    heads: dict[int, list[dict]] = {0: [], 1: []}
+    arguments = {0: "", 1: ""}
+    finishes = {}
+    with client.stream("POST", "/v1/chat/completions", json=body) as reply:
+        for line in reply.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            for choice in json.loads(line[6:])["choices"]:
+                for part in choice["delta"].get("tool_calls", []):
+                    if "id" in part:
+                        heads[choice["index"]].append(part)
+                    else:
+                        arguments[choice["index"]] += part["function"]["arguments"]
+                if choice["finish_reason"]:
+                    finishes[choice["index"]] = choice["finish_reason"]
+    assert finishes == {0: "tool_calls", 1: "tool_calls"}
+    assert [len(h) for h in heads.values()] == [1, 1]
+    assert heads[0][0]["id"] != heads[1][0]["id"]
+    for index in (0, 1):
+        jsonschema.validate(json.loads(arguments[index]), SCHEMAS[
+            heads[index][0]["function"]["name"]])
