@@ -154,3 +154,23 @@ def test_stage_metrics_are_exported(stage_server: ServerProcess) -> None:
                   "output-filter", "Stopper"):
         assert f'surge:stage_duration_seconds_count{{stage="{stage}"}}' in text, stage
     assert metric_value(text, "surge:stage_duration_seconds_count", stage="scripted") >= 1
+
+
+def test_a_stage_that_cannot_run_on_this_server_stops_it_at_start(
+        tiny_checkpoint: Any, tmp_path: Any) -> None:
+    """The intent router needs a served embedding model: without one the server exits 2
+    at start, saying what to add, rather than failing requests later."""
+    import subprocess
+    import sys
+
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text('{"text": "hi", "intent": "greet"}\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "surge.cli", "serve", "--model",
+         str(tiny_checkpoint("tiny-llama")), "--port", "0", "--num-threads", "1",
+         "--engine-mode", "thread", "--stage",
+         f'intent-router:{{"examples": "{examples}"}}'],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "the request stage 'intent-router' cannot run on this server" in result.stderr
+    assert "--extra-model all-minilm-l6-v2" in result.stderr
