@@ -40,6 +40,7 @@ from surge.router.policies import Policy
 from surge.router.proxy import PROXIED_PREFIXES, Proxy, ProxyConfig
 from surge.router.replicas import ReplicaSet
 from surge.router.retry import RetryConfig
+from surge.router.tiers import TierRouting, TiersConfig
 
 __all__ = ["RouterApp", "RouterSettings", "build_router", "run_router"]
 
@@ -94,6 +95,12 @@ class RouterApp:
                 loop.idle_for = cold.idle_for
             self.services.add(loop.running)
             self.status_sections["autoscaler"] = loop.status
+
+    def use_tiers(self, config: TiersConfig) -> None:
+        """Route by replica tier (``tiers.py``): critical requests to ``full``, the rest to
+        ``fast``, spilling over when a tier is saturated."""
+        self.proxy.tiers = TierRouting(config, self.metrics.registry)
+        self.status_sections["tiers"] = self.proxy.tiers.status
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

@@ -167,6 +167,13 @@ def add_route_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="with --backend ray: the deployment to front (default surge)")
     p.add_argument("--weights", default=None,
                    help="comma-separated weights, one per --backend, for --policy weighted")
+    p.add_argument("--tiers", default=None,
+                   help="comma-separated tiers (full or fast), one per --backend: requests "
+                        "marked critical go to full replicas, the rest to fast ones, each "
+                        "spilling over to the other tier when theirs is saturated")
+    p.add_argument("--critical-priority-below", type=int, default=None,
+                   help="with --tiers: a request whose body priority is below this is "
+                        "critical (besides the header X-Surge-Priority: critical)")
     http = p.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1", help="address to listen on")
     http.add_argument("--port", type=int, default=8000, help="0 picks a free port (logged)")
@@ -200,11 +207,18 @@ def run_route(args: argparse.Namespace) -> int:
         app = _ray_discovery_router(args, settings, breaker)
     else:
         weights = _weights(args.weights, len(args.backend), args.policy)
-        replicas = ReplicaSet([Replica(url, name, weight, breaker_config=breaker)
-                               for url, name, weight in zip(_check_urls(args.backend),
-                                                            _names(args.backend), weights,
-                                                            strict=True)])
+        tiers = _tiers(args.tiers, len(args.backend))
+        replicas = ReplicaSet([Replica(url, name, weight, breaker_config=breaker, tier=tier)
+                               for url, name, weight, tier in zip(
+                                   _check_urls(args.backend), _names(args.backend), weights,
+                                   tiers, strict=True)])
         app = build_router(replicas, route_policy(args), settings)
+        if args.tiers is not None:
+            from surge.router.tiers import TiersConfig
+
+            app.use_tiers(TiersConfig(critical_below=args.critical_priority_below))
+        elif args.critical_priority_below is not None:
+            raise ValueError("--critical-priority-below only applies with --tiers")
     return run_router(app, args.host, args.port, drain_timeout=args.drain_timeout,
                       log_level=args.log_level, access_log=args.access_log)
 
@@ -252,6 +266,19 @@ def _names(urls: list[str]) -> list[str]:
             name, k = f"{base}#{k}", k + 1
         names.append(name)
     return names
+
+
+def _tiers(text: str | None, count: int) -> list[str | None]:
+    if text is None:
+        return [None] * count
+    from surge.router.tiers import TIERS
+
+    tiers = [t.strip() for t in text.split(",")]
+    if len(tiers) != count or not set(tiers) <= set(TIERS):
+        raise ValueError(f"--tiers {text!r} is invalid: allowed is {count} of "
+                         f"{' or '.join(TIERS)} separated by commas, one per --backend, e.g. "
+                         "full,fast")
+    return list(tiers)
 
 
 def _weights(text: str | None, count: int, policy: str) -> list[float]:

@@ -64,6 +64,7 @@ class RequestFacts:
     session_key: str | None = None
     prompt: str | list[int] | None = None
     tenant: str | None = None  # set when the policy routes by tenant
+    tier: str | None = None  # the replica tier it wants, when the router has tiers (tiers.py)
 
 
 class Policy(Protocol):

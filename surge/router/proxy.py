@@ -21,6 +21,7 @@ replica aborts the generation and frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from surge.router.metrics import RouterMetrics
 from surge.router.policies import Policy, RequestFacts
 from surge.router.replicas import Replica, ReplicaSet
 from surge.router.retry import RetryBudget, RetryConfig, backoff_seconds
+from surge.router.tiers import TierRouting
 from surge.router.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 __all__ = ["PROXIED_PREFIXES", "Proxy", "ProxyConfig"]
@@ -116,6 +118,8 @@ class Proxy:
         self.tracing: Any = None
         # Scale to zero: holds a request while no replica can take it (set by the app).
         self.cold_start: ColdStart | None = None
+        # Replica tiers: critical requests to full precision (set by the app).
+        self.tiers: TierRouting | None = None
 
     def close(self) -> None:
         self.pool.close()
@@ -136,6 +140,8 @@ class Proxy:
             return  # the client left while sending
         outbound = _outbound(scope, body)
         facts = self._facts(scope, body)
+        if self.tiers is not None:
+            facts = dataclasses.replace(facts, tier=self.tiers.wanted(scope["headers"], body))
         if self.cold_start is not None:
             self.cold_start.touch()
         self.budget.record_request()
@@ -177,6 +183,8 @@ class Proxy:
             tried.append(replica)
             failure = await self._attempt(replica, outbound, send)
             if failure is None:
+                if self.tiers is not None and facts.tier is not None:
+                    self.tiers.served(facts.tier, replica)
                 return
             logger.debug("attempt %d on %s failed: %s", attempt + 1, replica.name,
                          failure.reason)
@@ -184,6 +192,8 @@ class Proxy:
 
     def _choose(self, facts: RequestFacts, tried: list[Replica]) -> Replica | None:
         candidates = self.replicas.routable(self.clock(), tuple(tried))
+        if candidates and self.tiers is not None and facts.tier is not None:
+            candidates = self.tiers.narrow(candidates, facts.tier)
         return self.policy.choose(candidates, facts) if candidates else None
 
     async def _give_up(self, failure: _Failure | None, send: Send) -> None:

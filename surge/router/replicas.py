@@ -69,6 +69,7 @@ class Replica:
     starting: bool = False
     draining: bool = False
     standby: bool = False  # started and ready, held back until a replica must be replaced
+    tier: str | None = None  # "full" or "fast" when the router routes by tier (tiers.py)
     # Live load and its history.
     in_flight: int = 0
     ewma_latency: float = 0.0  # seconds; 0 until the first answer (so new replicas get tried)
@@ -176,7 +177,7 @@ class Replica:
         return {
             "name": self.name, "url": self.url, "state": self.state, "weight": self.weight,
             "healthy": self.healthy, "starting": self.starting, "draining": self.draining,
-            "standby": self.standby,
+            "standby": self.standby, "tier": self.tier,
             "breaker": self.breaker.value,
             "ejected_for_s": round(max(self.open_until - now, 0.0), 3)
             if self.breaker is Breaker.OPEN else 0.0,

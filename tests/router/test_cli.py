@@ -101,6 +101,12 @@ def test_autoscaling_bounds_default_to_the_replica_count() -> None:
     (["route", "--backend", "http://a:1", "--weights", "3"],
      "--weights only applies to --policy weighted"),
     (["route", "--backend", "http://a:1", "--max-attempts", "0"], "max_attempts=0 is invalid"),
+    (["route", "--backend", "http://a:1", "--backend", "http://b:1", "--tiers", "full"],
+     "--tiers 'full' is invalid: allowed is 2 of full or fast separated by commas"),
+    (["route", "--backend", "http://a:1", "--tiers", "precise"],
+     "--tiers 'precise' is invalid: allowed is 1 of full or fast"),
+    (["route", "--backend", "http://a:1", "--critical-priority-below", "0"],
+     "--critical-priority-below only applies with --tiers"),
 ])
 def test_bad_flags_exit_2_saying_what_is_allowed(argv: list[str], message: str,
                                                  tmp_path: Path,
