@@ -541,7 +541,9 @@ def _declared_only(schema: Any) -> Any:
     """The schema with objects that declare ``properties`` (and say nothing of others) closed
     to undeclared ones: what is generated is still valid for the original schema, but a model
     cannot ramble on in made-up keys (LangChain's and Pydantic's schemas leave objects open).
-    Subschemas of ``allOf`` stay as they are (closing one would forbid its siblings' keys)."""
+    Subschemas that share their instance with another object schema (``allOf``; ``anyOf`` and
+    ``oneOf`` beside ``properties``) stay as they are: closing one would forbid the others'
+    keys."""
     if isinstance(schema, list):
         return [_declared_only(s) for s in schema]
     if not isinstance(schema, dict):
@@ -551,7 +553,8 @@ def _declared_only(schema: Any) -> Any:
         if key in ("properties", "$defs", "definitions", "patternProperties"):
             out[key] = ({k: _declared_only(v) for k, v in value.items()}
                         if isinstance(value, dict) else value)
-        elif key in ("items", "anyOf", "oneOf", "prefixItems", "additionalProperties"):
+        elif key in ("items", "prefixItems", "additionalProperties") or (
+                key in ("anyOf", "oneOf") and "properties" not in schema):
             out[key] = _declared_only(value)
         else:
             out[key] = value

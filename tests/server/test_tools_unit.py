@@ -291,3 +291,19 @@ def test_stream_choices_end_with_tool_calls_finish() -> None:
     assert all(c["finish_reason"] is None for c in choices[:-1])
     plain = HermesToolParser().streamer(request, True)
     assert tool_stream_choices(plain, 0, "hi", "stop", None, None)[-1]["finish_reason"] == "stop"
+
+
+def test_call_grammar_generates_only_declared_keys_of_open_objects(smollm2_llg: Any) -> None:
+    """Open objects (no additionalProperties) are closed in the grammar: still valid for the
+    original schema, and a model cannot ramble on in made-up keys."""
+    open_schema = {"type": "function", "function": {"name": "find", "parameters": {
+        "type": "object", "properties": {"q": {"type": "string"}, "where": {
+            "type": "object", "properties": {"city": {"type": "string"}}}},
+        "anyOf": [{"required": ["q"]}, {"required": ["where"]}]}}}
+    request = _request(open_schema, choice="required")
+    call = '<tool_call>\n{"name": "find", "arguments": {%s}}\n</tool_call>'
+    assert _accepts(smollm2_llg, request, call % '"q": "shoes"')
+    assert _accepts(smollm2_llg, request, call % '"where": {"city": "Oslo"}')
+    assert not _accepts(smollm2_llg, request, call % '"q": "shoes", "extra": 1')
+    assert not _accepts(smollm2_llg, request, call % '"where": {"city": "Oslo", "zip": 1}')
+    assert not _accepts(smollm2_llg, request, call % "")  # anyOf still applies
