@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from starlette.requests import Request
 from starlette.responses import Response
 
+from surge.http.errors import APIError
 from surge.http.responses import SSE_DONE, SSEResponse, json_response, sse_event
 
 if TYPE_CHECKING:
@@ -130,8 +131,13 @@ async def run_pre_stages(models: ServedModels, body: Any, request: Request,
     serving.context.check_accepting()
     session = await serving.context.stages.before(endpoint, body, request)
     if session.model is not None:
+        try:
+            serving = models.resolve(session.model, "generate").target
+        except APIError as exc:  # the stage's mistake, not the client's
+            raise APIError(500, f"a request stage sent this request to the model "
+                           f"{session.model!r}, which cannot take it: {exc.message}",
+                           code="stage_error") from exc
         body.model = session.model
-        serving = models.resolve(session.model, "generate").target
     if session.answer is None:
         serving.check_available()
     return serving, session

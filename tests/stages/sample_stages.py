@@ -9,8 +9,8 @@ import time
 
 from surge.stages import Answer, Refuse, Route, StageRequest, Stop
 
-MARKERS = ("#answer", "#refuse", "#boom", "#route", "#upper", "#slow", "#stop", "#postboom",
-           "#script")
+MARKERS = ("#answer", "#refuse", "#boom", "#route", "#badroute", "#upper", "#slow", "#stop",
+           "#postboom", "#script")
 
 
 class Scripted:
@@ -28,6 +28,8 @@ class Scripted:
             raise RuntimeError("the stage blew up on purpose")
         if "#route" in text:
             return Route("tiny-small")
+        if "#badroute" in text:
+            return Route("no-such-model")
         if "#upper" in text:
             request.edit_texts(str.upper)
         return None

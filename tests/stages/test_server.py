@@ -114,6 +114,9 @@ def test_refuse_and_route(stage_server: ServerProcess) -> None:
     assert "'scripted'" in refused.json()["error"]["message"]
     routed = _chat(stage_server, "#route", max_tokens=2)
     assert routed.status_code == 200 and routed.json()["model"] == "tiny-small"
+    astray = _chat(stage_server, "#badroute", max_tokens=2)
+    assert astray.status_code == 500 and astray.json()["error"]["code"] == "stage_error"
+    assert "'no-such-model'" in astray.json()["error"]["message"]
 
 
 def test_the_intent_router_answers_faqs_and_routes(stage_server: ServerProcess) -> None:
