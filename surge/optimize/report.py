@@ -232,16 +232,20 @@ def weights_on_disk(model: str) -> int:
 def weight_stats(model: Any) -> tuple[int, int]:
     """(logical parameters, resident bytes of weights) of a loaded Surge model: a Linear
     counts its dense shape and the bytes its method keeps (packed or quantized); any other
-    parameter counts once (a tied embedding is shared). Buffers computed at load (rope
-    tables) are neither."""
+    parameter counts once (a tied LM head is the embedding's parameters, though its packed
+    copy is resident). Buffers computed at load (rope tables) are neither."""
     from surge.models.linear import Linear
 
+    tied_head = (getattr(model, "lm_head", None)
+                 if getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+                 else None)
     params, resident, seen = 0, 0, set()
     for module in model.modules():
         if isinstance(module, Linear):
-            params += module.output_size * module.input_size
-            params += module.output_size if module.has_bias else 0
-            resident += module.weight_bytes()
+            if module is not tied_head:  # the embedding's parameters, counted there
+                params += module.output_size * module.input_size
+                params += module.output_size if module.has_bias else 0
+            resident += module.weight_bytes()  # a packed copy of a tied head is resident too
             continue
         for tensor in module._parameters.values():
             if tensor is not None and tensor.data_ptr() not in seen:

@@ -71,3 +71,18 @@ def test_variants_history_keeps_one_entry_per_label_and_plots(tmp_path: Path) ->
 def test_pareto_front_drops_dominated_points() -> None:
     points = [(50.0, 10.0), (80.0, 10.5), (70.0, 11.0), (90.0, 12.0)]
     assert pareto_front(points) == [(50.0, 10.0), (80.0, 10.5), (90.0, 12.0)]
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2"])  # untied, tied head
+def test_parameters_count_the_checkpoint_once(tiny_checkpoint, preset: str) -> None:
+    from surge.models.loader import load_model
+    from surge.optimize.export import read_tensors
+    from surge.optimize.report import weight_stats
+
+    source = tiny_checkpoint(preset)
+    stored = sum(t.numel() for t in read_tensors(source).values())
+    for quantization in ("none", "int8"):
+        loaded = load_model(source, dtype="bfloat16", device="cpu", quantization=quantization)
+        params, resident = weight_stats(loaded.model)
+        assert params == stored
+        assert resident > 0
