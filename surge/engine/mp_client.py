@@ -60,7 +60,7 @@ from surge.engine.protocol import (
     SetTenantWeights,
     StartProfile,
 )
-from surge.procs import describe_exit
+from surge.procs import describe_exit, uses_json_logs
 
 __all__ = ["EngineStartError", "MPEngineClient"]
 
@@ -123,7 +123,8 @@ class _EngineProcess:
         process = multiprocessing.get_context("spawn").Process(
             target=run_engine_process, name=f"surge-engine-{generation}", daemon=True,
             args=(_ENCODER.encode(config), model_dir, input_address, output_address,
-                  os.getpid(), logging.getLogger("surge").getEffectiveLevel()))
+                  os.getpid(), logging.getLogger("surge").getEffectiveLevel(),
+                  uses_json_logs()))
         try:
             process.start()
         except BaseException:

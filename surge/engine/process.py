@@ -38,6 +38,7 @@ from surge.engine.protocol import (
     StartProfile,
 )
 from surge.engine.request import FinishReason
+from surge.procs import JsonFormatter
 
 if TYPE_CHECKING:
     from surge.engine.core import EngineCore
@@ -115,7 +116,8 @@ class _Terminated(BaseException):
 
 
 def run_engine_process(config_msgpack: bytes, model_dir: str, input_address: str,
-                       output_address: str, parent_pid: int, log_level: int) -> None:
+                       output_address: str, parent_pid: int, log_level: int,
+                       json_logs: bool = False) -> None:
     """Entry point of the engine process (a multiprocessing "spawn" target).
 
     The config travels as msgpack, so it is validated again on this side. Exits 0 on a
@@ -133,8 +135,13 @@ def run_engine_process(config_msgpack: bytes, model_dir: str, input_address: str
     global _PARENT_PID
     _PARENT_PID = parent_pid
     signal.signal(signal.SIGTERM, _on_sigterm)
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s "
-                        "surge.engine[%(process)d] %(message)s")
+    if json_logs:  # --log-format json: the server's lines and ours read alike
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(level=log_level, handlers=[handler])
+    else:
+        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s "
+                            "surge.engine[%(process)d] %(message)s")
     context = zmq.Context()
     inputs = _socket(context, zmq.PULL, input_address)
     outputs = _socket(context, zmq.PUSH, output_address)

@@ -9,33 +9,15 @@ of ``surge.request``), for log pipelines that parse lines (ELK, Loki).
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from typing import Any
 
-import msgspec
+from surge.procs import JsonFormatter
 
 __all__ = ["LOG_FORMAT", "LOG_FORMATS", "JsonFormatter", "configure_logging",
            "uvicorn_log_config"]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_FORMATS = ("text", "json")
-_encode = msgspec.json.Encoder(enc_hook=repr).encode
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per record; values JSON cannot hold are written as their repr."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(), "logger": record.name,
-            "msg": record.getMessage()}
-        fields = getattr(record, "surge", None)
-        if isinstance(fields, dict):
-            line.update(fields)
-        if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
-        return _encode(line).decode()
 
 
 def configure_logging(level: str, log_format: str = "text") -> None:
