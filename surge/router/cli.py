@@ -184,6 +184,10 @@ def add_route_parser(subparsers: argparse._SubParsersAction) -> None:
     http.add_argument("--log-level", default="info",
                       choices=("critical", "error", "warning", "info", "debug"))
     http.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    http.add_argument("--otlp-endpoint", type=_otlp_endpoint, default=None, metavar="URL",
+                      help="export a span per request over OTLP/HTTP to this collector and "
+                           "send its traceparent to the backend (Surge replicas started with "
+                           "the same flag continue the trace); off by default")
     routing = p.add_argument_group("routing")
     _add_router_options(routing)
     routing.add_argument("--tenant-header", default=None, metavar="NAME",
@@ -219,8 +223,22 @@ def run_route(args: argparse.Namespace) -> int:
             app.use_tiers(TiersConfig(critical_below=args.critical_priority_below))
         elif args.critical_priority_below is not None:
             raise ValueError("--critical-priority-below only applies with --tiers")
+    if args.otlp_endpoint:
+        from surge.http.tracing import Tracing
+
+        app.proxy.tracing = Tracing(args.otlp_endpoint, "surge-router")
     return run_router(app, args.host, args.port, drain_timeout=args.drain_timeout,
                       log_level=args.log_level, access_log=args.access_log)
+
+
+def _otlp_endpoint(text: str) -> str:
+    from surge.http.observe import traces_url
+
+    try:
+        traces_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _ray_discovery_router(args: argparse.Namespace, settings: RouterSettings,
