@@ -13,7 +13,7 @@ import pytest
 from surge.router.backend import BackendHost
 from surge.router.metrics import RouterMetrics
 from surge.router.replicas import ReplicaSet
-from surge.router.supervisor import ManagedReplicas, SupervisorConfig
+from surge.router.supervisor import LaunchError, ManagedReplicas, SupervisorConfig
 from tests.router._helpers import FakeReplica, json_handler
 
 WAIT = 10.0
@@ -151,3 +151,46 @@ def test_bad_supervision_settings_say_what_is_allowed() -> None:
         SupervisorConfig(standby=-1)
     with pytest.raises(ValueError, match="max_start_failures=0 is invalid"):
         SupervisorConfig(max_start_failures=0)
+
+
+class UnplaceableLauncher(FakeLauncher):
+    """Cannot start a replica (as a Ray launcher when no node has the resources), until
+    ``placeable`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.placeable = False
+        self.refused = 0
+
+    async def launch(self, name: str) -> FakeLaunched:
+        if not self.placeable:
+            self.refused += 1
+            raise LaunchError("no Ray node has {GPU: 8}")
+        return await super().launch(name)
+
+
+def test_a_replica_that_cannot_be_launched_says_why_and_is_retried() -> None:
+    async def test() -> None:
+        host, launcher = Host(), UnplaceableLauncher()
+        managed = ManagedReplicas(launcher, SupervisorConfig(max_start_failures=5))
+        async with managed.running(host.host, 1):
+            await _until(lambda: launcher.refused >= 2, "a retry")
+            assert "could not be started: no Ray node has {GPU: 8}" in \
+                (host.replicas.problem or "")
+            assert host.exits == []
+            launcher.placeable = True  # as when a Ray autoscaler adds a node
+            await _until(lambda: list(host.states().values()) == ["healthy"], "a replica")
+            assert host.replicas.problem is None
+
+    _run(test)
+
+
+def test_launch_failures_before_any_replica_served_stop_the_router() -> None:
+    async def test() -> None:
+        host, launcher = Host(), UnplaceableLauncher()
+        managed = ManagedReplicas(launcher, SupervisorConfig(max_start_failures=2))
+        async with managed.running(host.host, 1):
+            await _until(lambda: host.exits == [1], "the router to be stopped")
+        assert launcher.refused == 2
+
+    _run(test)
