@@ -16,6 +16,7 @@ import torch
 
 from surge.config import EngineConfig
 from surge.engine.kv_cache import BlockManager
+from surge.engine.memory import bound_kernel_caches
 from surge.engine.profiler import StepProfiler
 from surge.engine.protocol import (
     AddRequest,
@@ -53,6 +54,7 @@ class EngineCore:
         self.config = config
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
+        bound_kernel_caches()  # before the model loads: the first kernel reads the bounds
         self.loaded: LoadedModel = load_model(
             model_dir, config.dtype, config.device, config.allow_pickle, config.max_model_len,
             quantization=config.quantization,
