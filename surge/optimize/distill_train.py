@@ -16,6 +16,7 @@ of its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -218,22 +219,11 @@ def _wrap(student: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(student, device_ids=ids)
 
 
-class _NoSync:
-    def __init__(self, model: nn.Module, sync: bool):
-        self.context = model.no_sync() if (not sync and hasattr(model, "no_sync")) else None
-
-    def __enter__(self) -> None:
-        if self.context is not None:
-            self.context.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.context is not None:
-            self.context.__exit__(*exc)
-
-
-def _maybe_no_sync(model: nn.Module, sync: bool) -> _NoSync:
+def _maybe_no_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
     """Gradient accumulation: DDP all-reduces only on the last micro-batch of a step."""
-    return _NoSync(model, sync)
+    if sync or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
 
 
 def _forward(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
