@@ -376,3 +376,27 @@ def test_cli_writes_a_student_that_serves_and_loads_in_transformers(
     llm = LLM(str(out), device="cpu", max_model_len=64)
     answer = llm.generate(["The server"], SamplingParams(max_tokens=4), use_tqdm=False)[0]
     assert len(answer.outputs[0].token_ids) == 4
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_equal_one_process(tiny_checkpoint, tmp_path: Path,
+                                          text_file: Path) -> None:
+    """`torchrun --nproc-per-node 2 -m surge.optimize.distill_cli` (gloo, loopback)."""
+    import subprocess
+    import sys
+
+    teacher = tiny_checkpoint("tiny-llama")
+    flags = ["--teacher", str(teacher), "--student", "layers=2", "--data", str(text_file),
+             "--steps", "2", "--batch-size", "4", "--micro-batch", "2", "--seq-len", "32",
+             "--precision", "fp32", "--lr", "2e-3", "--warmup-steps", "2", "--device", "cpu",
+             "--no-eval", "--no-progress"]
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "surge.optimize.distill_cli", *flags, "--out", str(tmp_path / "ranks")],
+        capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert surge_main(_cli(*flags, "--out", str(tmp_path / "one"))) == 0
+    assert json.loads((tmp_path / "ranks" / "distill_summary.json").read_text())["world"] == 2
+    single, ranks = _student_state(tmp_path / "one"), _student_state(tmp_path / "ranks")
+    for name, value in single.items():
+        torch.testing.assert_close(ranks[name], value, atol=2e-5, rtol=1e-4, msg=name)
