@@ -59,11 +59,17 @@ def run_replicated(args: argparse.Namespace, model_dir: str, settings: ServerSet
         raise ValueError(f"--standby-replicas {args.standby_replicas} is invalid: allowed is "
                          "an integer >= 0")
     _pass_api_keys_by_environment(settings.api_keys)
-    backend = _replica_backend(args, serve_args)
+    backend = _tiered_backend(args, serve_args, autoscale.enabled) if args.fast_replicas \
+        else _replica_backend(args, serve_args)
     ui = _web_apps(args, settings)
     app = build_router(ReplicaSet(), route_policy(args),
                        router_settings(args, args.max_body_bytes), ui,
-                       ReplicaPlan(backend, args.replicas, autoscale, scale_to_zero(args)))
+                       ReplicaPlan(backend, args.replicas + args.fast_replicas, autoscale,
+                                   scale_to_zero(args)))
+    if args.fast_replicas:
+        from surge.router.tiers import TiersConfig
+
+        app.use_tiers(TiersConfig(critical_below=args.critical_priority_below))
     if settings.otlp_endpoint:  # the router's span is the parent of each replica's
         from surge.http.tracing import Tracing
 
@@ -115,13 +121,44 @@ def _child_pids() -> list[int]:
     return children
 
 
-def _replica_backend(args: argparse.Namespace, serve_args: list[str]) -> ReplicaBackend:
+def _tiered_backend(args: argparse.Namespace, serve_args: list[str],
+                    autoscaled: bool) -> ReplicaBackend:
+    """--replicas N full-precision replicas and --fast-replicas M quantized ones, each
+    group in its tier."""
+    from surge.router.tiers import TieredReplicas
+
+    if args.fast_replicas < 0 or autoscaled:
+        raise ValueError(f"--fast-replicas {args.fast_replicas} is invalid here: allowed is "
+                         "an integer >= 0, without --min-replicas/--max-replicas (tiered "
+                         "groups keep their sizes)")
+    fast_args = [*_without_flag(serve_args, "--quantization"), "--quantization",
+                 args.fast_quantization]
+    return TieredReplicas({
+        "full": (_replica_backend(args, serve_args, "full"), args.replicas),
+        "fast": (_replica_backend(args, fast_args, "fast"), args.fast_replicas)})
+
+
+def _without_flag(argv: list[str], flag: str) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == flag:
+            skip = True
+        else:
+            out.append(item)
+    return out
+
+
+def _replica_backend(args: argparse.Namespace, serve_args: list[str],
+                     tier: str | None = None) -> ReplicaBackend:
     """Local processes, or Ray actors (joining the cluster now, so a bad address fails
-    before the router listens)."""
-    from surge.router.supervisor import SupervisorConfig
+    before the router listens); ``tier`` names the group (tiers.py)."""
+    from surge.router.supervisor import ManagedReplicas, SupervisorConfig
 
     supervision = SupervisorConfig(standby=args.standby_replicas,
-                                   drain_timeout=args.drain_timeout, breaker=breaker_config(args))
+                                   drain_timeout=args.drain_timeout, breaker=breaker_config(args),
+                                   name_prefix=tier or "replica", tier=tier)
     if args.replica_backend == "ray":
         from surge.entrypoints.serve import API_KEY_ENV
         from surge.router.ray_backend import (
@@ -139,11 +176,10 @@ def _replica_backend(args: argparse.Namespace, serve_args: list[str]) -> Replica
             supervision=supervision)
         connect_ray(args.ray_address)
         return ray_replicas(config)
-    from surge.router.local import LocalReplicaConfig, local_replicas
+    from surge.router.local import LocalProcessLauncher, LocalReplicaConfig
 
-    return local_replicas(LocalReplicaConfig(
-        serve_args, command=SERVE_COMMAND, standby=args.standby_replicas,
-        drain_timeout=args.drain_timeout, breaker=breaker_config(args)))
+    return ManagedReplicas(LocalProcessLauncher(LocalReplicaConfig(
+        serve_args, command=SERVE_COMMAND)), supervision)
 
 
 def _pass_api_keys_by_environment(api_keys: list[str]) -> None:

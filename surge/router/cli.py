@@ -93,6 +93,17 @@ def add_replica_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--scale-down-delay", type=float, default=30.0,
                        help="seconds the load must ask for fewer replicas first (default 30)")
     _add_scale_to_zero_options(group)
+    group.add_argument("--fast-replicas", type=int, default=0,
+                       help="replicas of a fast tier (the model quantized with "
+                            "--fast-quantization) beside the --replicas full-precision ones: "
+                            "requests marked critical (X-Surge-Priority: critical) go to full, "
+                            "the rest to fast, spilling over when a tier is saturated "
+                            "(default 0: no tiers)")
+    group.add_argument("--fast-quantization", default="int8", choices=("int8", "int4"),
+                       help="the fast tier's weights (default int8)")
+    group.add_argument("--critical-priority-below", type=int, default=None,
+                       help="with --fast-replicas: a request whose body priority is below "
+                            "this is critical too")
     _add_router_options(group)
     _add_ray_options(parser.add_argument_group(
         "replicas on a Ray cluster", 'with --backend ray (pip install "surge[ray]"): each '
@@ -322,7 +333,7 @@ def wants_router(args: argparse.Namespace) -> bool:
         raise ValueError(f"--replicas {args.replicas} is invalid: allowed is an integer >= 1 "
                          "(0 only with --min-replicas 0)")
     return (args.replicas > 1 or (args.max_replicas or 0) > 1 or args.min_replicas == 0
-            or args.replica_backend != "local")
+            or args.replica_backend != "local" or args.fast_replicas != 0)
 
 
 # -- shared ------------------------------------------------------------------------------------

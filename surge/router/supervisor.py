@@ -89,6 +89,8 @@ class SupervisorConfig:
     drain_timeout: float = 30.0
     max_start_failures: int = 3
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    name_prefix: str = "replica"  # replicas are <prefix>-1, <prefix>-2, ...
+    tier: str | None = None  # the tier its replicas serve in (tiers.py)
 
     def __post_init__(self) -> None:
         require(self.standby >= 0, "standby", self.standby, "an integer >= 0")
@@ -204,7 +206,7 @@ class ManagedReplicas:
     # -- one child's life --------------------------------------------------------------------
 
     def _spawn(self, standby: bool) -> None:
-        child = _Child(f"replica-{next(self._names)}", standby, self.clock())
+        child = _Child(f"{self.config.name_prefix}-{next(self._names)}", standby, self.clock())
         self._children.append(child)
         delay = 0.0 if self._start_failures <= 1 else min(2.0 ** (self._start_failures - 2),
                                                           30.0)
@@ -265,6 +267,7 @@ class ManagedReplicas:
         """Join the set, wait for /health 200: False if it exited or never answered."""
         child.replica = Replica(launched.url, child.name, healthy=False, starting=True,
                                 standby=child.standby, breaker_config=self.config.breaker,
+                                tier=self.config.tier,
                                 # Where it runs, when the launcher says (a Ray node).
                                 info={"pid": launched.pid, **getattr(launched, "facts", {})})
         self.host.replicas.add(child.replica)

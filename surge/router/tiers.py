@@ -13,16 +13,18 @@ tier (wanted and served) are counted for ``/metrics`` and the status page.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter
 
 from surge.config import require
+from surge.router.backend import BackendHost, ReplicaBackend
 from surge.router.replicas import Replica
 
-__all__ = ["TIERS", "TierRouting", "TiersConfig"]
+__all__ = ["TIERS", "TierRouting", "TieredReplicas", "TiersConfig"]
 
 TIERS = ("full", "fast")
 CRITICAL_HEADER = b"x-surge-priority"
@@ -80,3 +82,31 @@ class TierRouting:
         return {"critical_priority_below": self.config.critical_below,
                 "requests": [{"wanted": w, "served": s, "count": n}
                              for (w, s), n in sorted(self.counts.items())]}
+
+
+class TieredReplicas:
+    """A replica backend of one group per tier (``surge serve --replicas N --fast-replicas
+    M``: N full-precision replicas and M quantized ones), each group a backend of its own
+    whose replicas carry its tier. The groups keep their sizes: autoscaling is per group,
+    which this composite does not do (the composer refuses the combination)."""
+
+    def __init__(self, groups: dict[str, tuple[ReplicaBackend, int]]) -> None:
+        self.groups = groups  # tier -> (backend, replicas)
+
+    @contextlib.asynccontextmanager
+    async def running(self, host: BackendHost, initial: int) -> AsyncIterator[TieredReplicas]:
+        async with contextlib.AsyncExitStack() as stack:
+            for backend, count in self.groups.values():
+                await stack.enter_async_context(backend.running(host, count))
+            yield self
+
+    @property
+    def count(self) -> int:
+        return sum(backend.count for backend, _ in self.groups.values())
+
+    def scale_to(self, target: int) -> None:
+        raise NotImplementedError("tiered replica groups keep their sizes")
+
+    def status(self) -> list[dict[str, object]]:
+        return [{**entry, "tier": tier} for tier, (backend, _) in self.groups.items()
+                for entry in backend.status()]

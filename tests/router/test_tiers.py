@@ -5,15 +5,24 @@ instead of failing; traffic per tier is counted on /metrics and the status page.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import httpx
 import pytest
 
 from surge.router.app import RouterSettings, build_router
+from surge.router.backend import ReplicaPlan
 from surge.router.health import HealthConfig
+from surge.router.local import LocalProcessLauncher, LocalReplicaConfig
 from surge.router.policies import make_policy
 from surge.router.replicas import BreakerConfig, Replica, ReplicaSet
-from surge.router.tiers import TiersConfig
+from surge.router.supervisor import ManagedReplicas, SupervisorConfig
+from surge.router.tiers import TieredReplicas, TiersConfig
 from tests.router._helpers import FakeReplica, RouterThread, json_handler
 from tests.server._helpers import metric_value
 
@@ -93,3 +102,69 @@ def test_a_tier_with_no_replicas_is_served_by_the_other(
         answer = client.post("/v1/completions", json={},
                              headers={"X-Surge-Priority": "critical"})
     assert answer.status_code == 200 and answer.json()["tier"] == "fast"
+
+
+FAKE_SERVER = (sys.executable, "-m", "surge.bench", "fake-server")
+
+
+@pytest.mark.timeout(60)
+def test_tiered_groups_of_local_replicas_serve_their_tiers() -> None:
+    """Two groups of local processes (what `surge serve --replicas 1 --fast-replicas 1`
+    composes), named and tiered by group."""
+    groups = {tier: (ManagedReplicas(LocalProcessLauncher(LocalReplicaConfig(
+        ["--served-model", tier], command=FAKE_SERVER, relay_output=False)),
+        SupervisorConfig(drain_timeout=2.0, name_prefix=tier, tier=tier)), 1)
+        for tier in ("full", "fast")}
+    app = build_router(ReplicaSet(), make_policy("least_outstanding"),
+                       RouterSettings(health=HealthConfig(path=None)),
+                       plan=ReplicaPlan(TieredReplicas(groups), 2))
+    app.use_tiers(TiersConfig())
+    with RouterThread(app) as router, router.client() as client:
+        deadline = time.monotonic() + 30
+        while client.get("/health").json().get("replicas_routable") != 2:
+            assert time.monotonic() < deadline, "the two groups did not start"
+            time.sleep(0.05)  # polling the router's health
+        critical = {client.post("/v1/completions", json={"max_tokens": 1}, headers={
+            "X-Surge-Priority": "critical"}).headers["x-surge-replica"] for _ in range(4)}
+        normal = {client.post("/v1/completions", json={"max_tokens": 1}
+                              ).headers["x-surge-replica"] for _ in range(4)}
+        processes = router.status()["processes"]
+    assert critical == {"full-1"} and normal == {"fast-1"}
+    assert sorted((p["name"], p["tier"]) for p in processes) == [("fast-1", "fast"),
+                                                                 ("full-1", "full")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_surge_serve_with_a_fast_int8_tier(tiny_checkpoint: Callable[[str], Path],
+                                           tmp_path: Path) -> None:
+    log = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "surge.cli", "serve", "--model",
+               str(tiny_checkpoint("tiny-llama")), "--dtype", "float32", "--port", "0",
+               "--num-threads", "1", "--replicas", "1", "--fast-replicas", "1",
+               "--fast-quantization", "int8", "--critical-priority-below", "0"]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not (match := re.search(rb"router listening on (http://[\d.]+:\d+)",
+                                      log.read_bytes())):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)  # polling the log for the address
+        with httpx.Client(base_url=match.group(1).decode(), timeout=60) as client:
+            while client.get("/health").json().get("replicas_routable") != 2:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)  # polling the router's health
+            body = {"prompt": "Hello", "max_tokens": 4, "temperature": 0}
+            critical = client.post("/v1/completions", json={**body, "priority": -1})
+            normal = client.post("/v1/completions", json=body)
+            status = client.get("/router/replicas").json()
+    finally:
+        process.terminate()
+        process.wait(60)
+    assert critical.status_code == normal.status_code == 200
+    assert critical.headers["x-surge-replica"] == "full-1"
+    assert normal.headers["x-surge-replica"] == "fast-1"
+    assert {(p["name"], p["tier"]) for p in status["processes"]} == {("full-1", "full"),
+                                                                     ("fast-1", "fast")}
+    assert process.returncode == 0, log.read_text()[-3000:]
