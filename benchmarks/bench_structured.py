@@ -7,8 +7,10 @@ requests of 128 random prompt tokens, 64 output tokens, greedy):
   constrained         every request under one JSON schema (compiled once, then cached);
   mixed               half constrained, half free.
 The schema forces more than 64 tokens, so constrained requests also stop at max_tokens and
-every run produces the same number of tokens. Reported: output tokens/s and TPOT p50/p99
-(per request: time between its first and last token over the tokens in between), with
+every run produces the same number of tokens. Reported: output tokens/s, CPU ms per output
+token (all threads of the process: the cost, which a busy machine distorts far less than wall
+time), and TPOT p50/p99 (per request: time between its first and last token over the tokens
+in between), with
 ratios against the unconstrained run; the free requests of the mixed burst against the
 free requests of the unconstrained one (target: under 3% slower); constrained throughput
 against unconstrained (target: >= 0.9x).
@@ -148,6 +150,7 @@ def main() -> None:
     result: dict[str, Any] = {"model": args.model, "dtype": args.dtype,
                               "threads": torch.get_num_threads(), "repeats": args.repeats}
     result["compile"] = bench_compile(llm)
+    print("grammar compile timed; W1 bursts ...", flush=True)
     result["w1"] = bench_w1(llm, prompts, args.repeats)
     result["suite"] = bench_suite(llm, args.suite_max_tokens)
     report(result)
@@ -218,9 +221,12 @@ def bench_w1(llm: LLM, prompts: list[list[int]], repeats: int) -> dict[str, Any]
              "mixed": [i % 2 == 0 for i in range(W1_REQUESTS)]}
     run_burst(llm, prompts[:4], [w1_params(c) for c in (False, True, False, True)])  # warm up
     rounds: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
-    for _ in range(repeats):
+    for round_index in range(repeats):
         for mode in MODES:  # interleaved, so drift on a shared machine hits all three
-            rounds[mode].append(run_burst(llm, prompts, [w1_params(c) for c in plans[mode]]))
+            row = run_burst(llm, prompts, [w1_params(c) for c in plans[mode]])
+            rounds[mode].append(row)
+            print(f"round {round_index + 1}/{repeats} {mode:14s} "
+                  f"{row['tokens_per_s']:7.1f} tok/s", flush=True)
     return {mode: _median_round(runs) for mode, runs in rounds.items()}
 
 
@@ -228,7 +234,7 @@ def run_burst(llm: LLM, prompts: list[list[int]],
               params: list[SamplingParams]) -> dict[str, Any]:
     """All requests at once through the engine's step loop; per-request token times."""
     engine = llm.engine
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
     constrained = {rid: sp.structured_outputs is not None
                    for rid, sp in zip(ids, params, strict=True)}
@@ -242,9 +248,13 @@ def run_burst(llm: LLM, prompts: list[list[int]],
             if out.finished:
                 finish[out.request_id] = completion.finish_reason
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
     tokens = sum(len(t) for t in times.values())
+    # CPU seconds (all threads) per token: the cost, which a busy machine's scheduling
+    # distorts far less than wall time.
     row: dict[str, Any] = {"seconds": elapsed, "output_tokens": tokens,
                            "tokens_per_s": tokens / elapsed,
+                           "cpu_ms_per_token": cpu / tokens * 1e3,
                            "finish_reasons": sorted(set(finish.values()), key=str)}
     for kind, wanted in (("constrained", True), ("free", False)):
         tpots = [_tpot(times[rid]) for rid in ids if constrained[rid] == wanted]
@@ -309,14 +319,15 @@ def report(result: dict[str, Any]) -> None:
           f"{compile_['cached_compile_median_s'] * 1e3:.3f} ms")
     w1 = result["w1"]
     base = w1["unconstrained"]
-    print(f"\n{'W1':14s} {'tok/s':>8s} {'ratio':>6s} {'TPOT p50':>9s} {'p99':>7s} "
-          f"{'constr. p50':>12s} {'p99':>7s}  finish")
+    print(f"\n{'W1':14s} {'tok/s':>8s} {'ratio':>6s} {'CPU ms/tok':>11s} {'TPOT p50':>9s} "
+          f"{'p99':>7s} {'constr. p50':>12s} {'p99':>7s}  finish")
     for mode in MODES:
         row = w1[mode]
         free = row.get("free_tpot_ms", {})
         con = row.get("constrained_tpot_ms", {})
         print(f"{mode:14s} {row['tokens_per_s']:8.1f} "
               f"{row['tokens_per_s'] / base['tokens_per_s']:6.3f} "
+              f"{row['cpu_ms_per_token']:11.1f} "
               f"{free.get('p50', float('nan')):9.1f} {free.get('p99', float('nan')):7.1f} "
               f"{con.get('p50', float('nan')):12.1f} {con.get('p99', float('nan')):7.1f}  "
               f"{','.join(map(str, row['finish_reasons']))}")
@@ -326,10 +337,15 @@ def report(result: dict[str, Any]) -> None:
         "mixed_vs_unconstrained_tokens_per_s": w1["mixed"]["tokens_per_s"]
             / base["tokens_per_s"],
         "mixed_free_tpot_p50_vs_unconstrained": w1["mixed"]["free_tpot_ms"]["p50"]
-            / base["free_tpot_ms"]["p50"]}
+            / base["free_tpot_ms"]["p50"],
+        "constrained_vs_unconstrained_cpu_per_token": w1["constrained"]["cpu_ms_per_token"]
+            / base["cpu_ms_per_token"]}
     result["ratios"] = ratios
     print(f"\nconstrained / unconstrained tok/s: "
           f"{ratios['constrained_vs_unconstrained_tokens_per_s']:.3f} (target >= 0.9)")
+    print(f"constrained / unconstrained CPU per token: "
+          f"{ratios['constrained_vs_unconstrained_cpu_per_token']:.3f} (the cost; lower is "
+          f"better)")
     print(f"free requests in the mixed burst, TPOT p50 vs all-free: "
           f"{ratios['mixed_free_tpot_p50_vs_unconstrained']:.3f} (target <= 1.03)")
     suite = result["suite"]

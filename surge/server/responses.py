@@ -195,6 +195,7 @@ def _rename(exc: APIError) -> APIError:
     message = _RENAME_PATTERN.sub(_renamed_word, exc.message)
     message = re.sub(r"'messages(\[\d+\])?([.\w\[\]]*)'", "'input'", message)
     message = message.replace(" the messages", " the input")
+    message = re.sub(r"\b(tools\[\d+\])\.function\b", r"\1", message)
     return APIError(exc.status, message, param=param, code=exc.code,
                     error_type=exc.error_type, headers=exc.headers)
 
@@ -283,6 +284,7 @@ _RESPONSES = {
         429: "rate limited or server busy (Retry-After)", 500: "unexpected server error",
         503: "model loading, engine down, or server shutting down",
         504: "the request exceeded --request-timeout"})}
+
 
 def add_responses_routes(app: FastAPI, models: ServedModels) -> None:
     """``POST /v1/responses`` on every server: without a text-generation model it says which
