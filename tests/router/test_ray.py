@@ -46,6 +46,7 @@ from tests.router._helpers import ClientLoad, RouterThread
 FAKE_SERVER = (PYTHON, "-m", "surge.bench", "fake-server")
 WAIT = 60.0
 SMALL = {"object_store_memory": 80 << 20}  # bytes; Ray's minimum is 75 MiB
+GREEDY = {"prompt": "Hello", "max_tokens": 4, "temperature": 0}
 
 
 def test_without_ray_the_flag_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -228,7 +229,7 @@ def test_surge_serve_on_ray_and_a_second_router_in_front(
         with httpx.Client(base_url=url, timeout=60) as client:
             _wait_until(lambda: client.get("/health").status_code == 200, "the replica",
                         timeout=180)
-            answer = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "temperature": 0})
+            answer = client.post("/v1/completions", json=GREEDY)
             assert answer.status_code == 200, answer.text
             assert answer.headers["x-surge-replica"] == "replica-1"
             status = client.get("/router/replicas").json()
@@ -238,7 +239,7 @@ def test_surge_serve_on_ray_and_a_second_router_in_front(
         route_url = _listening(route, route_log)
         with httpx.Client(base_url=route_url, timeout=60) as client:
             _wait_until(lambda: client.get("/health").status_code == 200, "discovery")
-            again = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "temperature": 0})
+            again = client.post("/v1/completions", json=GREEDY)
         assert again.status_code == 200 and again.json()["choices"][0]["text"] == \
             answer.json()["choices"][0]["text"]
     finally:
