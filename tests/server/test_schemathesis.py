@@ -4,13 +4,18 @@ and every answer matches what the schema documents. ``SURGE_FUZZ_EXAMPLES=1000``
 
 from __future__ import annotations
 
+import copy
+import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 from tests.server._helpers import ServerProcess, start_server
 
@@ -60,3 +65,67 @@ def test_no_server_errors_and_answers_match_the_schema(case: schemathesis.Case) 
     # some schema-valid requests are rightly refused with 400.
     case.call_and_validate(timeout=30,
                            excluded_checks=[schemathesis.checks.positive_data_acceptance])
+
+
+# -- lone surrogates ---------------------------------------------------------------------------
+# Schemathesis never generates lone UTF-16 surrogates (they cannot be encoded as UTF-8), but
+# JSON can carry them as escapes ("\ud800"), and a client library or an attacker sends them.
+# This run puts one into a string of every generated JSON body: a 400, never a 5xx (issue 14).
+
+SURROGATES = ("\ud800", "\udfff", "a\udc00b", "\ud83d")
+
+
+def _string_paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    if isinstance(value, str):
+        return [path]
+    if isinstance(value, dict):
+        return [p for key, item in value.items() for p in _string_paths(item, (*path, key))]
+    if isinstance(value, list):
+        return [p for i, item in enumerate(value) for p in _string_paths(item, (*path, i))]
+    return []
+
+
+def _with_surrogate(body: Any, path: tuple[Any, ...], surrogate: str) -> Any:
+    body = copy.deepcopy(body)
+    if not path:
+        return surrogate
+    parent = body
+    for step in path[:-1]:
+        parent = parent[step]
+    parent[path[-1]] = parent[path[-1]] + surrogate
+    return body
+
+
+def _surrogate_bodies(context: Any, body: Any) -> st.SearchStrategy:
+    paths = _string_paths(body) if isinstance(body, dict | list) else []
+    if not paths:
+        return st.just(body)
+    return st.builds(_with_surrogate, st.just(body), st.sampled_from(paths),
+                     st.sampled_from(SURROGATES))
+
+
+@pytest.fixture(scope="module")
+def surrogate_schema(fuzzed_server: ServerProcess) -> schemathesis.BaseSchema:
+    fuzzed = schemathesis.openapi.from_url(f"{fuzzed_server.url}/openapi.json")
+    fuzzed.hook("flatmap_body")(_surrogate_bodies)
+    # Only generated bodies go through the hook: the schema's own examples are the other
+    # test's, and would reach the server without a surrogate.
+    fuzzed.config.phases.examples.enabled = False
+    fuzzed.config.phases.coverage.enabled = False
+    return fuzzed
+
+
+surrogate_schema_tests = schemathesis.pytest.from_fixture("surrogate_schema")
+
+
+@pytest.mark.timeout(max(240, FUZZ_EXAMPLES))
+@surrogate_schema_tests.include(method="POST").parametrize()
+@settings(max_examples=max(20, FUZZ_EXAMPLES // 2), deadline=None,
+          suppress_health_check=list(HealthCheck))
+def test_lone_surrogates_in_bodies_are_never_a_server_error(case: schemathesis.Case) -> None:
+    if case.media_type != "application/json":
+        return  # a multipart form's text cannot carry a lone surrogate at all
+    if isinstance(case.body, dict | list) and _string_paths(case.body):
+        assert re.search(r"\\ud[89a-f]", json.dumps(case.body)), case.body  # it was put in
+    response = case.call(timeout=30)
+    assert response.status_code < 500, (case.body, response.status_code, response.text[:500])
