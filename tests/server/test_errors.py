@@ -53,7 +53,7 @@ def test_completion_400_names_the_field(client: httpx.Client, body: dict[str, An
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs",
      ["logprobs"]),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
-     "tools", ["not supported"]),
+     "tools[0].function", ["required"]),
 ])
 def test_chat_400_names_the_field(client: httpx.Client, body: dict[str, Any], param: str,
                                   words: list[str]) -> None:
