@@ -32,6 +32,8 @@ function render(s) {
     el("td", {}, formatNumber(t.rejected_total, 0)))));
   $("replicas").tBodies[0].replaceChildren(...s.replicas.map((r) => el("tr", {},
     el("td", {}, String(r.url ?? r.id ?? "?")),
+    el("td", {}, String(r.tier ?? "–")),  // full or fast behind a tiered router
+    el("td", {}, r.requests == null ? "–" : formatNumber(r.requests, 0)),
     el("td", {}, el("span", { class: r.healthy === false ? "dot" : "dot ok" }),
       String(r.status ?? (r.healthy === false ? "unhealthy" : "ok"))))));
   $("updated").textContent = `· updated ${new Date().toLocaleTimeString()}`;
