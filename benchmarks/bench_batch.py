@@ -38,6 +38,8 @@ from typing import Any
 
 import httpx
 
+from surge.http.sse import aiter_sse_lines
+
 ROOT = Path(__file__).resolve().parent.parent
 _LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+)")
 _FINISHED = ("completed", "failed", "expired", "cancelled")
@@ -180,7 +182,7 @@ async def _interactive(http: httpx.AsyncClient, count: int,
             first = None
             async with http.stream("POST", "/v1/chat/completions", json=body) as response:
                 response.raise_for_status()
-                async for line in response.aiter_lines():
+                async for line in aiter_sse_lines(response):
                     if first is None and line.startswith("data:") and '"content":"' in line \
                             and '"content":""' not in line:
                         first = time.perf_counter()

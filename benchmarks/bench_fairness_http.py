@@ -39,6 +39,8 @@ from pathlib import Path
 import httpx
 from bench_fairness import LIGHT, TENANTS, jain, max_min_fair, percentile
 
+from surge.http.sse import aiter_sse_lines
+
 READY_TIMEOUT_S = 180.0
 
 
@@ -155,7 +157,7 @@ async def send(http: httpx.AsyncClient, record: Record, start: float,
         if response.status_code != 200:
             await response.aread()
             return
-        async for line in response.aiter_lines():
+        async for line in aiter_sse_lines(response):
             if not line.startswith("data: "):
                 continue
             if line == "data: [DONE]":

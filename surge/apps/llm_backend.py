@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from surge.http.errors import APIError
+from surge.http.sse import aiter_sse_lines
 
 __all__ = [
     "SESSION_HEADER",
@@ -75,7 +76,7 @@ class ChatStream:
         return self._response.headers.get("x-surge-cache", "").endswith("hit")
 
     async def deltas(self) -> AsyncIterator[ChatDelta]:
-        async for line in self._response.aiter_lines():
+        async for line in aiter_sse_lines(self._response):
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 
+from surge.http.sse import iter_sse_lines
 from tests.server._helpers import metric_value
 
 API = "/api/apps"
@@ -49,7 +50,7 @@ def send_message(http: httpx.Client, session_id: str, body: dict[str, Any],
             response.read()
             turn.error = response.json()["error"]
             return turn
-        for line in response.iter_lines():
+        for line in iter_sse_lines(response):
             if line.startswith("data:"):
                 turn.events.append(json.loads(line[5:]))
     return turn
