@@ -222,7 +222,9 @@ def bench_w1(llm: LLM, prompts: list[list[int]], repeats: int) -> dict[str, Any]
     run_burst(llm, prompts[:4], [w1_params(c) for c in (False, True, False, True)])  # warm up
     rounds: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     for round_index in range(repeats):
-        for mode in MODES:  # interleaved, so drift on a shared machine hits all three
+        # Interleaved, in alternating order, so drift on a shared machine (its load rising or
+        # falling during the run) hits all three alike.
+        for mode in MODES if round_index % 2 == 0 else MODES[::-1]:
             row = run_burst(llm, prompts, [w1_params(c) for c in plans[mode]])
             rounds[mode].append(row)
             print(f"round {round_index + 1}/{repeats} {mode:14s} "
