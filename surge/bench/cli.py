@@ -36,6 +36,7 @@ examples:
   surge bench compare results/vllm.json results/surge.json
   surge bench plot results/sweep.json
   surge bench fake-server --port 8001 --ttft 0.05 --tpot 0.01
+  surge bench capacity --profile results/replica.json --rate 20 --ttft-p99 0.5
 """
 
 
@@ -53,6 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     _add_compare(commands)
     _add_plot(commands)
     _add_fake_server(commands)
+    _add_capacity(commands)
     return parser
 
 
@@ -267,6 +269,45 @@ def run_fake_server(args: argparse.Namespace) -> int:
                         usage=not args.no_usage, model=args.served_model)
     serve(script, args.host, args.port)
     return 0
+
+
+def _add_capacity(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "capacity", help="replicas needed for R req/s at a TTFT p99 (simulated from a profile)",
+        description="Simulate N replicas behind the least_outstanding router, each behaving as "
+                    "the measured profile says, and print the smallest N meeting the target "
+                    "(docs/scaling.md).")
+    p.add_argument("--profile", dest="capacity_profile", required=True, metavar="FILE.json",
+                   help="one replica's closed-loop sweep: surge bench --concurrency 1,2,4,8 "
+                        "--output FILE.json")
+    p.add_argument("--rate", dest="capacity_rate", type=float, required=True, metavar="R",
+                   help="offered load in requests/s (Poisson arrivals)")
+    p.add_argument("--ttft-p99", type=float, required=True, metavar="S",
+                   help="target TTFT p99 in seconds")
+    p.add_argument("--max-batch", type=int, metavar="N",
+                   help="requests a replica runs at once (default: the profile's largest "
+                        "concurrency); more wait in its queue")
+    p.add_argument("--max-replicas", type=int, default=256, metavar="N")
+    p.add_argument("--sim-requests", type=int, default=20_000, metavar="N",
+                   help="simulated requests per replica count (default 20000)")
+    p.add_argument("--work", choices=("fixed", "exponential"), default="fixed",
+                   help="request sizes: all alike as in the profile (default), or exponential")
+    p.add_argument("--seed", dest="capacity_seed", type=int, default=0)
+    p.add_argument("--json", dest="capacity_json", action="store_true",
+                   help="print the plan as JSON")
+    p.set_defaults(handler=run_capacity)
+
+
+def run_capacity(args: argparse.Namespace) -> int:
+    from surge.bench.capacity import ReplicaCurve, format_plan, plan_as_dict, plan_replicas
+
+    curve = ReplicaCurve.from_bench_json(args.capacity_profile, args.max_batch)
+    plan = plan_replicas(curve, args.capacity_rate, args.ttft_p99,
+                         max_replicas=args.max_replicas, num_requests=args.sim_requests,
+                         seed=args.capacity_seed, work=args.work)
+    print(json.dumps(plan_as_dict(plan), indent=2) if args.capacity_json
+          else format_plan(curve, plan))
+    return 0 if plan.replicas is not None else 1
 
 
 def main(argv: list[str] | None = None) -> int:
