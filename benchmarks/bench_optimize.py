@@ -133,10 +133,11 @@ def distilled(work: Path, args: argparse.Namespace) -> Path | None:
 def report(comparisons: list[Comparison], work: Path, args: argparse.Namespace) -> None:
     original = comparisons[0].original
     rows = [original, *(c.result for c in comparisons)]
-    print("\n== surge optimize on", original.model, "(ratios: against the original measured "
-          "in the same comparison)")
+    print("\n== surge optimize on", original.model, "(ratios: against the first "
+          "comparison's original)")
     print(format_table(rows, original))
-    print("\n" + markdown(comparisons))
+    print("\nREADME table (ratios: against the original measured in the same comparison)\n"
+          + markdown(comparisons))
     data = {"model": original.model, "quick": args.quick,
             "comparisons": [c.to_dict() for c in comparisons]}
     (work / "bench_optimize.json").write_text(json.dumps(data, indent=2) + "\n")
