@@ -73,8 +73,16 @@ class ReplicaCurve:
         return cls(tuple(levels), tuple(rates), tuple(quantiles), batch)
 
     @classmethod
-    def from_bench_json(cls, path: str | Path, max_batch: int | None = None) -> ReplicaCurve:
-        """Read a ``surge bench --concurrency 1,2,4,... --output FILE.json`` results file."""
+    def from_bench_json(cls, path: str | Path, max_batch: int | None = None,
+                        replicas: int = 1) -> ReplicaCurve:
+        """Read a ``surge bench --concurrency 1,2,4,... --output FILE.json`` results file.
+
+        ``replicas``: the sweep ran through a router over this many replicas (least_outstanding
+        keeps concurrency/replicas on each), so concurrency and throughput are divided by it.
+        That profiles a replica as it runs in its deployment, sharing whatever the replicas share.
+        """
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1 (got {replicas})")
         doc = json.loads(Path(path).read_text())
         runs = [r for r in doc.get("runs", []) if r.get("load", {}).get("mode") == "closed"]
         if not runs:
@@ -87,8 +95,12 @@ class ReplicaCurve:
             if not ttfts:
                 raise ValueError(f"{path}: concurrency {run['load']['concurrency']} has no TTFT "
                                  "samples (measure a streamed completions or chat endpoint)")
-            levels.append(int(run["load"]["concurrency"]))
-            rates.append(float(run["summary"]["request_throughput"]))
+            level = int(run["load"]["concurrency"])
+            if level % replicas:
+                raise ValueError(f"{path}: concurrency {level} is not a multiple of the "
+                                 f"{replicas} replicas it was spread over")
+            levels.append(level // replicas)
+            rates.append(float(run["summary"]["request_throughput"]) / replicas)
             samples.append(ttfts)
         return cls.from_points(levels, rates, samples, max_batch)
 

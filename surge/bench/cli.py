@@ -284,6 +284,9 @@ def _add_capacity(commands: argparse._SubParsersAction) -> None:
                    help="offered load in requests/s (Poisson arrivals)")
     p.add_argument("--ttft-p99", type=float, required=True, metavar="S",
                    help="target TTFT p99 in seconds")
+    p.add_argument("--profile-replicas", type=int, default=1, metavar="N",
+                   help="the profile was measured through a router over N replicas (concurrency "
+                        "N, 2N, ...): its numbers are divided by N (default 1)")
     p.add_argument("--max-batch", type=int, metavar="N",
                    help="requests a replica runs at once (default: the profile's largest "
                         "concurrency); more wait in its queue")
@@ -301,7 +304,8 @@ def _add_capacity(commands: argparse._SubParsersAction) -> None:
 def run_capacity(args: argparse.Namespace) -> int:
     from surge.bench.capacity import ReplicaCurve, format_plan, plan_as_dict, plan_replicas
 
-    curve = ReplicaCurve.from_bench_json(args.capacity_profile, args.max_batch)
+    curve = ReplicaCurve.from_bench_json(args.capacity_profile, args.max_batch,
+                                         args.profile_replicas)
     plan = plan_replicas(curve, args.capacity_rate, args.ttft_p99,
                          max_replicas=args.max_replicas, num_requests=args.sim_requests,
                          seed=args.capacity_seed, work=args.work)

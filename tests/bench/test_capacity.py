@@ -145,3 +145,16 @@ def test_cli_refuses_an_open_loop_profile(tmp_path: Path, capsys: pytest.Capture
     profile.write_text(json.dumps(doc))
     assert main(["capacity", "--profile", str(profile), "--rate", "1", "--ttft-p99", "1"]) == 2
     assert "--concurrency 1,2,4,8" in capsys.readouterr().err
+
+
+def test_a_profile_measured_through_a_router_is_divided_per_replica(tmp_path: Path) -> None:
+    doc, _ = bench(FakeScript(ttft=0.005), concurrency=[2, 4], num_requests=16)
+    profile = tmp_path / "deployment.json"
+    profile.write_text(json.dumps(doc))
+    whole = ReplicaCurve.from_bench_json(profile)
+    per = ReplicaCurve.from_bench_json(profile, replicas=2)
+    assert per.concurrency == (1, 2) and per.max_batch == 2
+    assert per.throughput == pytest.approx([x / 2 for x in whole.throughput])
+    assert per.ttft_quantiles == whole.ttft_quantiles
+    with pytest.raises(ValueError, match="not a multiple"):
+        ReplicaCurve.from_bench_json(profile, replicas=3)
