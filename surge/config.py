@@ -9,14 +9,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-__all__ = ["DATA_DIR_ENV", "DTYPES", "INT4_GROUP_SIZES", "QUANTIZATIONS", "SCHEDULING_POLICIES",
-           "EngineConfig", "add_engine_args",
+__all__ = ["DATA_DIR_ENV", "DTYPES", "INT4_GROUP_SIZES", "KV_CACHE_DTYPES", "QUANTIZATIONS",
+           "SCHEDULING_POLICIES", "EngineConfig", "add_engine_args",
            "check_tenant_weights", "require", "user_data_dir"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Weight-only quantization of the decoder's projections (surge.models.quantization).
 QUANTIZATIONS = ("none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
+# Storage of the paged KV cache: auto is the model's dtype; int8 (a scale per token and KV
+# head) and fp8 (float8_e4m3fn) hold about twice the tokens in the same memory.
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float32", "int8", "fp8")
 # fcfs: arrival order, priorities ignored; priority: (priority, arrival); fair: virtual token
 # counters share the engine between tenants by weight, priorities order each tenant's requests.
 SCHEDULING_POLICIES = ("fcfs", "priority", "fair")
@@ -53,6 +56,7 @@ class EngineConfig:
     max_model_len: int | None = None
     kv_cache_memory_bytes: int | None = None
     kv_cache_fraction: float = 0.5
+    kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
     allow_pickle: bool = False
     seed: int = 0
@@ -80,6 +84,8 @@ class EngineConfig:
                  self.max_model_len, "an integer >= 1")
         require(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
                  "kv_cache_memory_bytes", self.kv_cache_memory_bytes, "a positive integer")
+        require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", self.kv_cache_dtype,
+                f"one of {', '.join(KV_CACHE_DTYPES)}")
         require(0 < self.kv_cache_fraction <= 1, "kv_cache_fraction", self.kv_cache_fraction,
                  "(0, 1]")
         require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed",
@@ -115,6 +121,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="token budget per step (default: 512 on CPU, 4096 on CUDA)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    parser.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=KV_CACHE_DTYPES,
+                        help="storage of the KV cache: auto (the model dtype), int8 or fp8 "
+                             "(~2x the tokens per byte, quantized on write)")
     parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching",
                         action="store_false")
     parser.add_argument("--allow-pickle", action="store_true",

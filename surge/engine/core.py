@@ -32,6 +32,7 @@ from surge.engine.sampler import SampleResult
 from surge.engine.scheduler import SchedulerOutput, make_scheduler
 from surge.engine.step_stats import StepStats
 from surge.engine.structured import GrammarState, StructuredOutputs
+from surge.models.attention import kv_bytes_per_token, kv_cache_torch_dtype
 from surge.models.loader import LoadedModel, load_model
 from surge.tokenizer import eos_token_ids, load_tokenizer
 
@@ -70,7 +71,8 @@ class EngineCore:
             config.scheduling_policy, self.block_manager, config.max_num_seqs,
             config.max_num_batched_tokens or _default_token_budget(self.loaded.device),
             tenant_weights=config.tenant_weights)
-        self.runner = ModelRunner(self.loaded, num_blocks, config.block_size, config.seed)
+        self.runner = ModelRunner(self.loaded, num_blocks, config.block_size, config.seed,
+                                  config.kv_cache_dtype)
         self.num_steps = 0
         self.step_stats = StepStats()  # per-phase step times, for the breakdown metric
         self.profiler: StepProfiler | None = None  # POST /debug/profile, while it records
@@ -78,8 +80,9 @@ class EngineCore:
         # Structured-output requests whose grammar is still compiling: kept out of the
         # scheduler until it is ready, so they never hold a seat or stall a step.
         self._awaiting_grammar: dict[str, tuple[Request, Future[GrammarState]]] = {}
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB) on %s", num_blocks,
-                    config.block_size, self.runner.kv_cache_bytes / 2**20, self.loaded.device)
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB, %s) on %s", num_blocks,
+                    config.block_size, self.runner.kv_cache_bytes / 2**20,
+                    str(self.runner.kv_cache_dtype).removeprefix("torch."), self.loaded.device)
 
     @property
     def vocab_size(self) -> int:
@@ -276,8 +279,10 @@ def _check_tenant(tenant: object) -> None:
 
 def plan_num_blocks(config: EngineConfig, loaded: LoadedModel, max_model_len: int) -> int:
     """Blocks that fit the KV budget, never more than max_num_seqs full-length sequences."""
-    bytes_per_block = config.block_size * loaded.config.kv_bytes_per_token(
-        loaded.dtype.itemsize)
+    model = loaded.config  # the cache's dtype sets its bytes: int8 and fp8 hold ~2x the blocks
+    bytes_per_block = config.block_size * kv_bytes_per_token(
+        model.num_layers, model.num_kv_heads, model.head_dim,
+        kv_cache_torch_dtype(config.kv_cache_dtype, loaded.dtype))
     budget = config.kv_cache_memory_bytes or _default_kv_budget(config, loaded.device)
     useful = config.max_num_seqs * (-(-max_model_len // config.block_size))
     num_blocks = min(budget // bytes_per_block, useful)

@@ -16,7 +16,13 @@ from surge.engine.request import Request
 from surge.engine.sampler import RowPenalties, SampleResult, SamplingBatch, sample
 from surge.engine.scheduler import ScheduledChunk, SchedulerOutput
 from surge.engine.structured import StructuredOutputs
-from surge.models.attention import AttentionMetadata, PrefillChunk, forward_context
+from surge.models.attention import (
+    AttentionMetadata,
+    PrefillChunk,
+    allocate_kv_cache,
+    forward_context,
+    kv_cache_torch_dtype,
+)
 from surge.models.loader import LoadedModel
 from surge.outputs import TokenLogprobs
 
@@ -24,13 +30,16 @@ __all__ = ["ModelRunner"]
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, seed: int = 0):
+    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, seed: int = 0,
+                 kv_cache_dtype: str = "auto"):
         self.model = loaded.model
         self.config = loaded.config
         self.device = loaded.device
         self.dtype = loaded.dtype
         self.block_size = block_size
         self.num_blocks = num_blocks
+        # The KV cache's storage dtype; attention quantizes into it when it is not self.dtype.
+        self.kv_cache_dtype = kv_cache_torch_dtype(kv_cache_dtype, self.dtype)
         # Unseeded requests sample from this, so a whole run repeats for the same engine seed.
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # Set by the engine core once a request asks for structured outputs.
@@ -40,11 +49,15 @@ class ModelRunner:
         self._allocate_kv_cache()
 
     def _allocate_kv_cache(self) -> None:
+        # Zeroed, not empty: padded decode rows read stale slots, and 0 * NaN would leak NaN.
+        # Zeroed eagerly on purpose: lazily mapped zero pages would be faulted in (and zeroed
+        # by the kernel, 2 MiB at a time with transparent huge pages) on the first write to
+        # each block, which made a fresh engine's prefill 15% slower on CPU.
         shape = (self.config.num_kv_heads, self.num_blocks, self.block_size,
                  self.config.head_dim)
         for layer in self.model.attention_layers():
-            layer.k_cache = _zeros(shape, self.dtype, self.device)
-            layer.v_cache = _zeros(shape, self.dtype, self.device)
+            layer.k_cache = allocate_kv_cache(*shape, self.kv_cache_dtype, self.device)
+            layer.v_cache = allocate_kv_cache(*shape, self.kv_cache_dtype, self.device)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -201,16 +214,6 @@ class ModelRunner:
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
-
-
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zeroed, not empty: padded decode rows read stale slots, and 0 * NaN would leak NaN.
-
-    Zeroed eagerly on purpose: lazily mapped zero pages would be faulted in (and zeroed by
-    the kernel, 2 MiB at a time with transparent huge pages) on the first write to each
-    block, which made a fresh engine's prefill 15% slower on CPU.
-    """
-    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def _early_stop_ids(request: Request) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from surge.config import DTYPES, INT4_GROUP_SIZES, QUANTIZATIONS
+from surge.config import DTYPES, INT4_GROUP_SIZES, KV_CACHE_DTYPES, QUANTIZATIONS
 
 __all__ = ["add_parser", "run_eval"]
 
@@ -36,6 +36,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="weight-only quantization of the baseline (default none)")
     p.add_argument("--quantization-group-size", type=int, default=32, choices=INT4_GROUP_SIZES,
                    help="int4 group size, for both models (default 32)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="KV-cache storage of the model, for generation and perplexity "
+                        "(default auto: the model dtype)")
+    p.add_argument("--against-kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="KV-cache storage of the baseline (default auto)")
     p.add_argument("--text", default=None, metavar="FILE",
                    help="UTF-8 text for perplexity (default: the held-out split of Python's "
                         "reference documentation, pydoc_data.topics)")
@@ -66,9 +71,11 @@ def run_eval(args: argparse.Namespace) -> int:
                           context_length=args.context_length, stride=args.stride,
                           progress=args.progress)
     model = ModelSpec(args.model, args.dtype, args.device,
-                      _quantization(args.quantization, args.quantization_group_size))
+                      _quantization(args.quantization, args.quantization_group_size),
+                      args.kv_cache_dtype)
     against = (ModelSpec(args.against, args.against_dtype or args.dtype, args.device,
-                         _quantization(args.against_quantization, args.quantization_group_size))
+                         _quantization(args.against_quantization, args.quantization_group_size),
+                         args.against_kv_cache_dtype)
                if args.against else None)
     report = evaluate(model, against, options)
     print(report.table())

@@ -28,15 +28,19 @@ class ModelSpec:
     """What to load: a checkpoint directory, a .gguf file or a catalogue name, and how.
 
     ``options`` go to both `load_model` and `LLM` (for example a future ``quantization``).
+    ``kv_cache_dtype`` is the storage of the KV cache, in the engine and in perplexity's scorer.
     """
 
     model: str
     dtype: str = "auto"
     device: str = "auto"
     options: dict[str, Any] = field(default_factory=dict)
+    kv_cache_dtype: str = "auto"
 
     def describe(self) -> dict[str, Any]:
-        return {"model": self.model, "dtype": self.dtype, "device": self.device, **self.options}
+        kv = {} if self.kv_cache_dtype == "auto" else {"kv_cache_dtype": self.kv_cache_dtype}
+        return {"model": self.model, "dtype": self.dtype, "device": self.device, **self.options,
+                **kv}
 
 
 class EvalModel:
@@ -60,7 +64,8 @@ class EvalModel:
             self._llm = LLM(self.path, dtype=self.spec.dtype, device=self.spec.device,
                             max_num_seqs=GENERATION_SEQS,
                             kv_cache_memory_bytes=GENERATION_KV_BYTES,
-                            max_model_len=self.context_length, **self.spec.options)
+                            max_model_len=self.context_length,
+                            kv_cache_dtype=self.spec.kv_cache_dtype, **self.spec.options)
         return self._llm
 
     @property
@@ -76,7 +81,8 @@ class EvalModel:
     def scorer(self) -> SequenceScorer:
         if self._scorer is None:
             limit = self.loaded.config.max_position_embeddings
-            self._scorer = SequenceScorer(self.loaded, min(self.context_length, limit))
+            self._scorer = SequenceScorer(self.loaded, min(self.context_length, limit),
+                                          self.spec.kv_cache_dtype)
         return self._scorer
 
     @property

@@ -14,7 +14,13 @@ from collections.abc import Iterator
 
 import torch
 
-from surge.models.attention import AttentionMetadata, PrefillChunk, forward_context
+from surge.models.attention import (
+    AttentionMetadata,
+    PrefillChunk,
+    allocate_kv_cache,
+    forward_context,
+    kv_cache_torch_dtype,
+)
 from surge.models.loader import LoadedModel
 
 __all__ = ["LOGIT_ROWS", "SequenceScorer", "kl_sum"]
@@ -25,17 +31,18 @@ LOGIT_ROWS = 256  # positions per LM-head call: 256 x 49k float32 logits is 50 M
 class SequenceScorer:
     """Hidden states and log-softmax rows of one loaded model, for sequences up to ``max_len``."""
 
-    def __init__(self, loaded: LoadedModel, max_len: int):
+    def __init__(self, loaded: LoadedModel, max_len: int, kv_cache_dtype: str = "auto"):
         limit = loaded.config.max_position_embeddings
         if not 2 <= max_len <= limit:
             raise ValueError(f"context length {max_len} is invalid for this model: allowed is "
                              f"2 to {limit} (its max_position_embeddings)")
         self.loaded = loaded
         self.max_len = max_len
-        config, shape = loaded.config, (loaded.config.num_kv_heads, 1, max_len,
-                                        loaded.config.head_dim)
-        self._caches = [(torch.zeros(shape, dtype=loaded.dtype, device=loaded.device),
-                         torch.zeros(shape, dtype=loaded.dtype, device=loaded.device))
+        config = loaded.config
+        # A quantized cache makes attention see K/V as the engine would keep them.
+        cache_dtype = kv_cache_torch_dtype(kv_cache_dtype, loaded.dtype)
+        shape = (config.num_kv_heads, 1, max_len, config.head_dim, cache_dtype, loaded.device)
+        self._caches = [(allocate_kv_cache(*shape), allocate_kv_cache(*shape))
                         for _ in loaded.model.attention_layers()]
         self._window = config.sliding_window
 

@@ -16,6 +16,15 @@ and with KV heads outermost the gathered ``[Hkv, B, L, D]`` is already the batch
 layout: no transposing copy of K or V per layer.
 
 This portable path runs on CPU and CUDA alike.
+
+The cache may be stored in a narrower dtype than the model computes in (``--kv-cache-dtype``):
+new K/V are quantized as they are written and the gathered blocks are dequantized to the
+compute dtype as they are read. int8 keeps one scale per token and KV head (amax / 127, in
+bfloat16) in the last two bytes of each cache row, so a row is ``head_dim + 2`` bytes and the
+block gather stays one contiguous copy; fp8 (float8_e4m3fn) is stored unscaled, clamped to its
++-448 range. A prefill chunk attends over the quantized values too (its own K/V round-tripped),
+so a token sees the same keys whether its prompt came in one chunk, many, or from the prefix
+cache. When the cache dtype is the compute dtype (the default) nothing of this runs.
 """
 
 from __future__ import annotations
@@ -27,8 +36,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AttentionMetadata", "PrefillChunk", "forward_context", "gather_blocks",
-           "get_forward_context", "paged_attention"]
+__all__ = ["AttentionMetadata", "PrefillChunk", "allocate_kv_cache", "dequantize_kv",
+           "forward_context", "gather_blocks", "get_forward_context", "kv_bytes_per_token",
+           "kv_cache_torch_dtype", "paged_attention", "quantize_kv"]
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+_INT8_MAX = 127
+_SCALE_BYTES = 2  # an int8 row ends in its bfloat16 scale
 
 
 @dataclass
@@ -72,9 +86,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
     """q [T, H, D], k/v [T, Hkv, D]; caches [Hkv, blocks, block_size, D]. Returns [T, H*D]."""
     meta = get_forward_context()
-    num_kv_heads, head_dim = k_cache.shape[0], k_cache.shape[-1]
-    k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    if k_cache.dtype != q.dtype:
+        _write_quantized(k_cache, meta.slot_mapping, k)
+        _write_quantized(v_cache, meta.slot_mapping, v)
+    else:
+        num_kv_heads, head_dim = k_cache.shape[0], k_cache.shape[-1]
+        k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping,
+                                                             k.transpose(0, 1))
+        v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping,
+                                                             v.transpose(0, 1))
     parts = []
     if meta.num_decodes:
         n = meta.num_decodes
@@ -90,8 +110,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     """[Hkv, blocks, block_size, D] at ``block_ids`` (any shape) -> [Hkv, n * block_size, D]."""
     num_kv_heads, _, block_size, head_dim = cache.shape
-    rows = cache.view(num_kv_heads, cache.shape[1], block_size * head_dim)
-    return rows.index_select(1, block_ids.reshape(-1)).view(num_kv_heads, -1, head_dim)
+    storage = _storage(cache)
+    rows = storage.view(num_kv_heads, cache.shape[1], block_size * head_dim)
+    out = rows.index_select(1, block_ids.reshape(-1)).view(num_kv_heads, -1, head_dim)
+    return out if storage is cache else out.view(cache.dtype)
+
+
+def _read(cache: torch.Tensor, block_ids: torch.Tensor, dtype: torch.dtype,
+          length: int | None = None) -> torch.Tensor:
+    """The blocks' first ``length`` slots in the compute dtype: [Hkv, n, D]."""
+    rows = gather_blocks(cache, block_ids)
+    if length is not None:
+        rows = rows[:, :length]
+    return rows if cache.dtype == dtype else dequantize_kv(rows, dtype)
 
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -100,8 +131,8 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     num_kv_heads = k_cache.shape[0]
     group = num_heads // num_kv_heads
     table = meta.decode_block_table
-    keys = gather_blocks(k_cache, table).view(num_kv_heads * batch, -1, head_dim)
-    values = gather_blocks(v_cache, table).view(num_kv_heads * batch, -1, head_dim)
+    keys = _read(k_cache, table, q.dtype).view(num_kv_heads * batch, -1, head_dim)
+    values = _read(v_cache, table, q.dtype).view(num_kv_heads * batch, -1, head_dim)
     # Query heads grouped under their KV head, (KV head, sequence) as the batch: [Hkv*B, G, D].
     grouped = q.view(batch, num_kv_heads, group, head_dim).transpose(0, 1).reshape(
         num_kv_heads * batch, group, head_dim)
@@ -117,8 +148,11 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        scale: float) -> torch.Tensor:
     end = chunk.start + chunk.num_tokens
     if chunk.context_blocks is not None:  # earlier tokens are cached: attend over the cache
-        k = gather_blocks(k_cache, chunk.context_blocks)[:, :end]
-        v = gather_blocks(v_cache, chunk.context_blocks)[:, :end]
+        k = _read(k_cache, chunk.context_blocks, q.dtype, end)
+        v = _read(v_cache, chunk.context_blocks, q.dtype, end)
+    elif k_cache.dtype != q.dtype:  # see the values the cache keeps, as later tokens will
+        k = dequantize_kv(quantize_kv(k, k_cache.dtype), q.dtype).transpose(0, 1)
+        v = dequantize_kv(quantize_kv(v, v_cache.dtype), q.dtype).transpose(0, 1)
     else:
         k, v = k.transpose(0, 1), v.transpose(0, 1)
     num_heads, num_kv_heads = q.shape[1], k.shape[0]
@@ -129,3 +163,70 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=chunk.mask,
         is_causal=chunk.mask is None, scale=scale)
     return out.squeeze(0).transpose(0, 1)
+
+
+# -- the cache's storage dtype -----------------------------------------------------------------
+
+
+def kv_cache_torch_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The storage dtype of ``--kv-cache-dtype`` ``name`` (auto: the model's)."""
+    dtypes = {"auto": model_dtype, "bfloat16": torch.bfloat16, "float32": torch.float32,
+              "int8": torch.int8, "fp8": torch.float8_e4m3fn}
+    if name not in dtypes:
+        raise ValueError(f"kv_cache_dtype={name!r} is invalid: allowed is one of "
+                         f"{', '.join(dtypes)}")
+    return dtypes[name]
+
+
+def _row_width(cache_dtype: torch.dtype, head_dim: int) -> int:
+    """Elements of one cached (token, KV head) row: int8 rows carry their scale."""
+    return head_dim + _SCALE_BYTES if cache_dtype == torch.int8 else head_dim
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
+                       cache_dtype: torch.dtype) -> int:
+    """Bytes of K and V one token occupies across all layers, scales included."""
+    row = _row_width(cache_dtype, head_dim) * cache_dtype.itemsize
+    return 2 * num_layers * num_kv_heads * row
+
+
+def allocate_kv_cache(num_kv_heads: int, num_blocks: int, block_size: int, head_dim: int,
+                      cache_dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """One layer's zeroed K (or V) cache: [Hkv, blocks, block_size, row]. Zeroed, so padded
+    decode rows read 0 (an int8 row's zero scale included), never NaN."""
+    shape = (num_kv_heads, num_blocks, block_size, _row_width(cache_dtype, head_dim))
+    return torch.zeros(shape, dtype=cache_dtype, device=device)
+
+
+def quantize_kv(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """[..., D] in the compute dtype -> rows as the cache stores them ([..., D + 2] for int8)."""
+    if cache_dtype == torch.int8:
+        amax = x.abs().amax(dim=-1, keepdim=True).float()
+        scale = (amax / _INT8_MAX).clamp_min(torch.finfo(torch.bfloat16).tiny).to(
+            torch.bfloat16)
+        q = (x.float() / scale.float()).round_().clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+        return torch.cat([q, scale.view(torch.int8)], dim=-1)
+    if cache_dtype == torch.float8_e4m3fn:  # out-of-range values would become NaN, not clip
+        return x.clamp(-FP8_MAX, FP8_MAX).to(cache_dtype)
+    return x.to(cache_dtype)
+
+
+def dequantize_kv(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cached rows -> [..., D] in ``dtype``; the inverse of `quantize_kv` up to its rounding."""
+    if rows.dtype == torch.int8:
+        head_dim = rows.shape[-1] - _SCALE_BYTES
+        scale = rows[..., head_dim:].contiguous().view(torch.bfloat16).to(dtype)
+        return rows[..., :head_dim].to(dtype) * scale
+    return rows.to(dtype)
+
+
+def _storage(cache: torch.Tensor) -> torch.Tensor:
+    """The cache as a dtype the CPU copy kernels know (they lack float8): same bytes."""
+    return cache.view(torch.uint8) if cache.dtype == torch.float8_e4m3fn else cache
+
+
+def _write_quantized(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """Quantize [T, Hkv, D] and store it at ``slots`` (block * block_size + offset)."""
+    num_kv_heads, row = cache.shape[0], cache.shape[-1]
+    rows = _storage(quantize_kv(x, cache.dtype)).transpose(0, 1)
+    _storage(cache).view(num_kv_heads, -1, row).index_copy_(1, slots, rows)
