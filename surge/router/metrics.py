@@ -36,6 +36,12 @@ __all__ = ["RouterMetrics"]
 PREFIX = "surge:router_"
 STATES = ("healthy", "unhealthy", "draining", "standby", "ejected_open", "ejected_half_open",
           "starting")
+# Label values shown at zero before they happen, so dashboards and alerts (deploy/) find the
+# series: why the router answered a request itself, and the transport kinds of failed attempts
+# (a replica's 5xx adds status_<code> when it happens).
+NO_REPLICA_REASONS = ("all_failed", "no_healthy_replica", "replicas_busy", "hold_queue_full",
+                      "hold_timeout")
+ERROR_KINDS = ("connect", "disconnect", "timeout")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
@@ -57,6 +63,8 @@ class RouterMetrics:
         self.no_replica = Counter(
             f"{PREFIX}no_replica", "Requests answered by the router itself because no "
             "replica could take them", ["reason"], registry=self.registry)
+        for reason in NO_REPLICA_REASONS:
+            self.no_replica.labels(reason)
         self.retries = Counter(
             f"{PREFIX}retries", "Attempts retried on another replica, all replicas together "
             "(per replica: surge:router_replica_retries_total)", registry=self.registry)
@@ -153,7 +161,8 @@ class _ReplicaCollector(Collector):
                                      "(connect, disconnect, timeout, status_5xx)",
                                      labels=["replica", "kind"])
         for replica in replicas:
-            for kind, count in sorted(replica.errors.items()):
+            counts = dict.fromkeys(ERROR_KINDS, 0) | replica.errors
+            for kind, count in sorted(counts.items()):
                 errors.add_metric([replica.name, kind], count)
         yield errors
 
