@@ -1,26 +1,28 @@
 """Check the capacity model (surge.bench.capacity) against a real 3-replica deployment.
 
-1. Profile: one `surge serve` replica, closed-loop `surge bench` sweep over --concurrency
-   (the curve the model is fed; saved as results/bench_capacity_profile.json).
+1. Profile: a closed-loop `surge bench` sweep over --concurrency per replica, taken by default
+   through the router of the running 3-replica deployment at concurrency 3, 6, 12 and divided
+   per replica (--profile-on deployment), or on one replica alone (--profile-on single).
+   Saved next to the results as *_profile.json.
 2. Predict: simulate --replicas replicas behind least_outstanding at each rate, the rates being
    --load-fractions of the deployment's modelled peak (replicas x one replica's peak).
-3. Measure: `surge serve --replicas N --policy least_outstanding` with the same per-replica
-   flags, open-loop Poisson arrivals at each rate; compare measured throughput and TTFT p99 with
-   the prediction (target: within 25%).
+3. Measure: the same `surge serve --replicas N --policy least_outstanding`, open-loop Poisson
+   arrivals at each rate; compare measured throughput and TTFT p99 with the prediction
+   (target: within 25%).
 
-Sizing for a small machine: the model is the tiny-llama preset (random weights, a few MB), each
-replica runs one torch thread and --max-num-seqs equal to the sweep's largest concurrency (so the
-model's batch cap is the server's). On 2 cores, 3 replicas (3 engine and 3 API processes, the
-router and the load generator) cannot run 3x one replica's peak: the host is the bottleneck.
-So the rates stay at a fraction of the modelled peak, where the replicas are busy part of the
-time and contend for cores only sometimes; near the peak the model (which assumes each replica
-has its own hardware) over-predicts what 2 shared cores deliver, and that is reported, not
-hidden. On hardware with a core (or GPU) per replica, the fractions can go up to ~0.9.
+Sizing for the 2-core machine: the smollm2-135m shape (random weights), 32-token prompts and 16
+output tokens, one torch thread and --max-num-seqs equal to the largest per-replica concurrency
+(so the model's batch cap is the server's). Three such replicas on 2 cores (3 engine and 3 API
+processes, the router and the load generator) cannot deliver 3x one replica: the host is
+shared. That is why the default profiles a replica inside the deployment, where it shares the
+cores as it will when measured; --profile-on single is right when each replica has its own
+hardware. docs/scaling.md has the measured comparison and what it means.
 
-    python benchmarks/bench_capacity.py                      # about 4 minutes on a quiet 2-core box
-    python benchmarks/bench_capacity.py --profile-requests 32 --requests 150   # a short check
+    python benchmarks/bench_capacity.py                        # about 6 minutes
+    python benchmarks/bench_capacity.py --profile-on single
+    python benchmarks/bench_capacity.py --profile-seconds 8 --measure-seconds 20   # short
 
-Writes results/bench_capacity.json (profile, predictions, measurements, ratios).
+Writes results/bench_capacity.json (predictions, measurements, ratios) and the profile.
 """
 
 from __future__ import annotations
