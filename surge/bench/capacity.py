@@ -174,20 +174,28 @@ class _Replica:
 
 
 def simulate(curve: ReplicaCurve, replicas: int, rate: float, *, num_requests: int = 20_000,
-             seed: int = 0, warmup_fraction: float = 0.1, work: str = "fixed") -> SimResult:
-    """Simulate ``replicas`` replicas under Poisson arrivals at ``rate`` req/s."""
+             seed: int = 0, warmup_fraction: float = 0.1, work: str = "fixed",
+             shared: float | None = None) -> SimResult:
+    """Simulate ``replicas`` replicas under Poisson arrivals at ``rate`` req/s.
+
+    ``shared``: the replicas share one host that runs at most this many of them at full speed
+    (e.g. 2 cores for one-thread replicas); with b replicas busy each runs at min(1, shared/b)
+    of its profiled speed, TTFT included. None: every replica has its own hardware.
+    """
     if replicas < 1 or not rate > 0 or num_requests < 10 or work not in _WORKS:
         raise ValueError(f"need replicas >= 1, rate > 0, num_requests >= 10 and work in {_WORKS}")
-    utilization = rate / (replicas * curve.peak_throughput)
+    if shared is not None and not shared > 0:
+        raise ValueError(f"shared must be > 0 (got {shared})")
+    peak = min(replicas, shared or replicas) * curve.peak_throughput
+    utilization = rate / peak
     if utilization >= 1.0:
-        return SimResult(replicas, rate, math.inf, math.inf, replicas * curve.peak_throughput,
-                         utilization, True)
+        return SimResult(replicas, rate, math.inf, math.inf, peak, utilization, True)
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, num_requests)).tolist()
     draws = rng.random(num_requests).tolist()
     works = (rng.exponential(1.0, num_requests) if work == "exponential"
              else np.ones(num_requests)).tolist()
-    ttft, done = _run(curve, replicas, arrivals, draws, works)
+    ttft, done = _run(curve, replicas, arrivals, draws, works, shared)
     first = int(num_requests * warmup_fraction)
     kept = np.asarray(ttft[first:])
     window = done[first:]
@@ -197,31 +205,43 @@ def simulate(curve: ReplicaCurve, replicas: int, rate: float, *, num_requests: i
 
 
 def _run(curve: ReplicaCurve, count: int, arrivals: list[float], draws: list[float],
-         works: list[float]) -> tuple[list[float], list[float]]:
+         works: list[float], shared: float | None = None) -> tuple[list[float], list[float]]:
     """The event loop: returns each request's TTFT and completion time."""
     pool = [_Replica() for _ in range(count)]
     ttft = [0.0] * len(arrivals)
     done = [0.0] * len(arrivals)
     events: list[tuple[float, int, int]] = []  # (completion time, replica, version)
-    upcoming, tie = 0, 0
+    upcoming, tie, busy, speed = 0, 0, 0, 1.0
 
     def advance(r: _Replica, now: float) -> None:
         n = len(r.finish)
         if n:
-            r.attained += (now - r.clock) * curve.rate(n) / n
+            r.attained += (now - r.clock) * speed * curve.rate(n) / n
         r.clock = now
 
     def admit(r: _Replica, job: int, now: float) -> None:
         heapq.heappush(r.finish, (r.attained + works[job], job))
-        ttft[job] = now - arrivals[job] + curve.ttft(len(r.finish), draws[job])
+        ttft[job] = now - arrivals[job] + curve.ttft(len(r.finish), draws[job]) / speed
 
     def schedule(index: int) -> None:
         r = pool[index]
         r.version += 1
         if r.finish:
             n = len(r.finish)
-            due = r.clock + max(r.finish[0][0] - r.attained, 0.0) * n / curve.rate(n)
+            due = r.clock + max(r.finish[0][0] - r.attained, 0.0) * n / (speed * curve.rate(n))
             heapq.heappush(events, (due, index, r.version))
+
+    def set_busy(change: int, now: float) -> None:
+        # The host's share per busy replica changed: every running replica's pace changes.
+        nonlocal busy, speed
+        busy += change
+        new = min(1.0, shared / busy) if shared and busy else 1.0
+        if new != speed:
+            for other in pool:
+                advance(other, now)
+            speed = new
+            for i in range(count):
+                schedule(i)
 
     while upcoming < len(arrivals) or events:
         if events and (upcoming >= len(arrivals) or events[0][0] <= arrivals[upcoming]):
@@ -234,6 +254,8 @@ def _run(curve: ReplicaCurve, count: int, arrivals: list[float], draws: list[flo
             done[job] = now
             if r.queue:
                 admit(r, r.queue.popleft(), now)
+            elif not r.finish:
+                set_busy(-1, now)
         else:
             now, job = arrivals[upcoming], upcoming
             upcoming += 1
@@ -242,6 +264,8 @@ def _run(curve: ReplicaCurve, count: int, arrivals: list[float], draws: list[flo
             tie = (index + 1) % count
             r = pool[index]
             advance(r, now)
+            if not r.finish:
+                set_busy(+1, now)
             if len(r.finish) < curve.max_batch:
                 admit(r, job, now)
             else:
@@ -252,7 +276,7 @@ def _run(curve: ReplicaCurve, count: int, arrivals: list[float], draws: list[flo
 
 def plan_replicas(curve: ReplicaCurve, rate: float, ttft_p99: float, *, max_replicas: int = 256,
                   num_requests: int = 20_000, seed: int = 0, work: str = "fixed",
-                  extra_rows: int = 2) -> Plan:
+                  extra_rows: int = 2, shared: float | None = None) -> Plan:
     """The smallest replica count whose simulated TTFT p99 is at most ``ttft_p99``."""
     if not rate > 0 or not ttft_p99 > 0 or max_replicas < 1:
         raise ValueError("need rate > 0, ttft_p99 > 0 and max_replicas >= 1")
@@ -264,7 +288,8 @@ def plan_replicas(curve: ReplicaCurve, rate: float, ttft_p99: float, *, max_repl
         return plan
     first = max(1, math.floor(rate / curve.peak_throughput))  # fewer cannot keep up
     for n in range(first, max_replicas + 1):
-        row = simulate(curve, n, rate, num_requests=num_requests, seed=seed, work=work)
+        row = simulate(curve, n, rate, num_requests=num_requests, seed=seed, work=work,
+                       shared=shared)
         plan.rows.append(row)
         if row.ttft_p99 <= ttft_p99:
             plan.replicas = n
@@ -274,7 +299,7 @@ def plan_replicas(curve: ReplicaCurve, rate: float, ttft_p99: float, *, max_repl
         return plan
     for n in range(plan.replicas + 1, min(plan.replicas + extra_rows, max_replicas) + 1):
         plan.rows.append(simulate(curve, n, rate, num_requests=num_requests, seed=seed,
-                                  work=work))
+                                  work=work, shared=shared))
     return plan
 
 

@@ -287,6 +287,9 @@ def _add_capacity(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--profile-replicas", type=int, default=1, metavar="N",
                    help="the profile was measured through a router over N replicas (concurrency "
                         "N, 2N, ...): its numbers are divided by N (default 1)")
+    p.add_argument("--shared", type=float, metavar="K",
+                   help="the replicas share one host that runs K of them at full speed (e.g. 2 "
+                        "cores for one-thread replicas; default: each has its own hardware)")
     p.add_argument("--max-batch", type=int, metavar="N",
                    help="requests a replica runs at once (default: the profile's largest "
                         "concurrency); more wait in its queue")
@@ -308,7 +311,7 @@ def run_capacity(args: argparse.Namespace) -> int:
                                          args.profile_replicas)
     plan = plan_replicas(curve, args.capacity_rate, args.ttft_p99,
                          max_replicas=args.max_replicas, num_requests=args.sim_requests,
-                         seed=args.capacity_seed, work=args.work)
+                         seed=args.capacity_seed, work=args.work, shared=args.shared)
     print(json.dumps(plan_as_dict(plan), indent=2) if args.capacity_json
           else format_plan(curve, plan))
     return 0 if plan.replicas is not None else 1

@@ -158,3 +158,21 @@ def test_a_profile_measured_through_a_router_is_divided_per_replica(tmp_path: Pa
     assert per.ttft_quantiles == whole.ttft_quantiles
     with pytest.raises(ValueError, match="not a multiple"):
         ReplicaCurve.from_bench_json(profile, replicas=3)
+
+
+def test_replicas_sharing_one_server_worth_of_host_behave_as_m_m_1() -> None:
+    # Two one-slot replicas on a host that runs one at full speed: together they complete mu
+    # requests/s whenever any is busy, so the number in the system is M/M/1's.
+    from surge.bench import capacity
+
+    mu, lam, n = 10.0, 6.0, 150_000
+    rng = np.random.default_rng(4)
+    arrivals = np.cumsum(rng.exponential(1.0 / lam, n)).tolist()
+    works = rng.exponential(1.0, n).tolist()
+    _, done = capacity._run(_no_ttft_curve({1: mu}), 2, arrivals, [0.5] * n, works, shared=1.0)
+    sojourn = np.asarray(done[n // 10:]) - np.asarray(arrivals[n // 10:])
+    assert float(np.mean(sojourn)) == pytest.approx(1 / (mu - lam), rel=0.06)
+    # and own hardware per replica is faster
+    _, alone = capacity._run(_no_ttft_curve({1: mu}), 2, arrivals, [0.5] * n, works)
+    assert np.mean(np.asarray(alone) - np.asarray(arrivals)) < 0.6 * np.mean(sojourn)
+    assert simulate(_no_ttft_curve({1: mu}), 3, 12.0, shared=1.0).overloaded
