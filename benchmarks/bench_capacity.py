@@ -89,38 +89,59 @@ def deployment(args: argparse.Namespace, model: str, replicas: int, work: Path
         yield url
 
 
-def predict(args: argparse.Namespace, curve: ReplicaCurve) -> list[dict[str, Any]]:
+def predict(args: argparse.Namespace, curve: ReplicaCurve, shared: float | None
+            ) -> list[dict[str, Any]]:
     for level, x in zip(curve.concurrency, curve.throughput, strict=True):
         p99 = curve.ttft(level, 0.99)
         print(f"   per replica at concurrency {level}: {x:.2f} req/s, TTFT p99 {p99:.3f} s")
-    peak = args.replicas * curve.peak_throughput
+    peak = min(args.replicas, shared or args.replicas) * curve.peak_throughput
     rates = [round(f * peak, 2) for f in args.load_fractions]
     print(f"2. predict: {args.replicas} replicas, modelled peak {peak:.1f} req/s; "
           f"rates {rates}", flush=True)
     predictions = []
     for rate in rates:
-        sim = simulate(curve, args.replicas, rate, num_requests=20_000)
+        sim = simulate(curve, args.replicas, rate, num_requests=20_000, shared=shared)
         predictions.append({"rate": rate, "throughput": sim.throughput,
                             "ttft_p99": sim.ttft_p99, "ttft_p50": sim.ttft_p50})
     return predictions
 
 
 def run(args: argparse.Namespace, model: str, work: Path, profile_path: Path
-        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    n = args.replicas
-    if args.profile_on == "single":
+        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float | None]:
+    n, mode = args.replicas, args.profile_on
+    if mode in ("single", "shared"):
         print("1. profile: one replica on its own", flush=True)
         with deployment(args, model, 1, work) as url:
             profile_path.write_text(json.dumps(sweep(args, url, 1)))
     with deployment(args, model, n, work) as url:
-        if args.profile_on == "deployment":
+        if mode == "deployment":
             print(f"1. profile: one replica of the {n}-replica deployment", flush=True)
             profile_path.write_text(json.dumps(sweep(args, url, n)))
-        curve = ReplicaCurve.from_bench_json(
-            profile_path, replicas=n if args.profile_on == "deployment" else 1)
-        predictions = predict(args, curve)
+        curve = ReplicaCurve.from_bench_json(profile_path, replicas=n if mode == "deployment"
+                                             else 1)
+        shared = None
+        if mode == "shared":
+            shared = host_share(args, url, curve)
+        predictions = predict(args, curve, shared)
         print(f"3. measure: {n} replicas behind least_outstanding, Poisson arrivals", flush=True)
-        return predictions, open_loop(args, url, [p["rate"] for p in predictions])
+        return predictions, open_loop(args, url, [p["rate"] for p in predictions]), shared
+
+
+def host_share(args: argparse.Namespace, url: str, curve: ReplicaCurve) -> float:
+    """How many replicas' worth of full speed the shared host delivers: all N replicas busy
+    at the top concurrency, against one replica alone there."""
+    top = max(args.concurrency)
+    level = args.replicas * top
+    print(f"   host share: closed loop at concurrency {level} over {args.replicas} replicas",
+          flush=True)
+    doc = run_benchmark(bench_config(args, url, concurrency=[level],
+                                     duration=args.profile_seconds, num_requests=None),
+                        progress=False)
+    together = doc["runs"][0]["summary"]["request_throughput"]
+    share = min(float(args.replicas), together / curve.rate(top))
+    print(f"   {together:.2f} req/s together vs {curve.rate(top):.2f} alone: the host runs "
+          f"{share:.2f} replicas at full speed", flush=True)
+    return share
 
 
 def compare(predicted: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
@@ -141,21 +162,25 @@ def main() -> None:
                         help="token ids drawn below this (at most the model's vocabulary)")
     parser.add_argument("--num-threads", type=int, default=1)
     parser.add_argument("--replicas", type=int, default=3)
-    parser.add_argument("--profile-on", choices=("deployment", "single"), default="deployment",
-                        help="measure the per-replica curve inside the N-replica deployment "
-                             "(default; right when replicas share a host) or on one replica "
-                             "alone (right when each replica has its own hardware)")
+    parser.add_argument("--profile-on", choices=("shared", "deployment", "single"),
+                        default="shared",
+                        help="shared (default): one replica alone, plus how many replicas' "
+                             "worth the shared host runs at once (surge bench capacity "
+                             "--shared); deployment: the curve measured inside the N-replica "
+                             "deployment; single: one replica alone, as if each had its own "
+                             "hardware")
     parser.add_argument("--concurrency", type=lambda s: [int(v) for v in s.split(",")],
                         default=[1, 2, 4])
-    parser.add_argument("--profile-seconds", type=float, default=20.0,
+    parser.add_argument("--profile-seconds", type=float, default=30.0,
                         help="closed-loop seconds per concurrency level")
     parser.add_argument("--load-fractions", type=lambda s: [float(v) for v in s.split(",")],
                         default=[0.25, 0.45], help="rates as fractions of the modelled peak")
-    parser.add_argument("--measure-seconds", type=float, default=60.0,
+    parser.add_argument("--measure-seconds", type=float, default=120.0,
                         help="open-loop seconds of arrivals per rate (at least 50 requests)")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--input-len", type=int, default=32)
-    parser.add_argument("--output-len", type=int, default=16)
+    parser.add_argument("--output-len", default="16",
+                        help="output tokens: 16, or uniform:8,24 (desynchronizes a closed loop)")
     parser.add_argument("--output", default="results/bench_capacity.json")
     args = parser.parse_args()
 
@@ -167,10 +192,11 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     profile_path = out.with_name(out.stem + "_profile.json")
     with tempfile.TemporaryDirectory() as tmp:
-        predictions, summaries = run(args, model, Path(tmp), profile_path)
+        predictions, summaries, shared = run(args, model, Path(tmp), profile_path)
     points = [compare(p, s) for p, s in zip(predictions, summaries, strict=True)]
     report(points)
-    result = {"args": vars(args), "profile": str(profile_path), "points": points,
+    result = {"args": vars(args), "profile": str(profile_path), "host_share": shared,
+              "points": points,
               "seconds": time.time() - started_at}
     out.write_text(json.dumps(result, indent=2))
     print(f"\nresults: {out}")
