@@ -226,11 +226,13 @@ async def _start_turn(rt: AppsRuntime, user: str, session_id: str, body: schemas
     messages = build_messages(rt.settings.chat_system_prompt, history, body.content,
                               rt.settings.chat_history_messages)
     # A message naming an order: the model calls the order-status tool first (surge.apps.chat).
-    lookup = await _lookup_order(rt, messages, body, session_id, request)
+    lookup = await _lookup_order(rt, messages, body, user, session_id, request)
     if lookup is not None:
         messages += tool_messages(lookup, answer_to=body.content)
+    # ``user`` scopes the model server's response cache (and its fair scheduling) to this
+    # user: nobody gets, or learns by an instant answer, another user's conversation.
     payload: dict[str, Any] = {"messages": messages, "max_tokens": body.max_tokens or limit,
-                               "temperature": body.temperature}
+                               "temperature": body.temperature, "user": user}
     if body.seed is not None:
         payload["seed"] = body.seed
     if body.model:
@@ -255,7 +257,7 @@ async def _start_turn(rt: AppsRuntime, user: str, session_id: str, body: schemas
 
 
 async def _lookup_order(rt: AppsRuntime, messages: list[dict[str, Any]],
-                        body: schemas.MessageCreate, session_id: str,
+                        body: schemas.MessageCreate, user: str, session_id: str,
                         request: Request) -> dict[str, Any] | None:
     """The order-status tool's call and result, when the message names an order and the apps
     have their database (the orders live there); the model writes the call (its arguments
@@ -266,7 +268,7 @@ async def _lookup_order(rt: AppsRuntime, messages: list[dict[str, Any]],
     payload: dict[str, Any] = {
         "messages": messages, "tools": [tool], "parallel_tool_calls": False,
         "tool_choice": {"type": "function", "function": {"name": ORDER_TOOL_NAME}},
-        "max_tokens": 64, "temperature": 0}
+        "max_tokens": 64, "temperature": 0, "user": user}
     if body.model:
         payload["model"] = body.model
     answer = await rt.backend.create_chat(payload, session_id,

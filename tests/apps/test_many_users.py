@@ -9,6 +9,7 @@ import json
 import httpx
 import pytest
 
+from surge.http.sse import aiter_sse_lines
 from tests.apps._client import API
 from tests.server._helpers import ServerProcess
 
@@ -22,7 +23,7 @@ async def _stream(http: httpx.AsyncClient, session: str, content: str,
     async with http.stream("POST", f"{API}/chat/sessions/{session}/messages", headers=headers,
                            json={"content": content, "max_tokens": 12}) as response:
         assert response.status_code == 200, await response.aread()
-        async for line in response.aiter_lines():
+        async for line in aiter_sse_lines(response):
             if line.startswith("data:"):
                 event = json.loads(line[5:])
                 text += event.get("text", "")

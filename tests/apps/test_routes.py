@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from surge.http.sse import iter_sse_lines
 from tests.apps._client import (
     API,
     LONG_ANSWER,
@@ -106,7 +107,7 @@ def test_hanging_up_stops_the_engine_and_keeps_the_partial_answer(http: httpx.Cl
     received = ""
     with http.stream("POST", f"{API}/chat/sessions/{session}/messages", json=LONG_ANSWER,
                      headers=user) as response:
-        for line in response.iter_lines():
+        for line in iter_sse_lines(response):
             event = json.loads(line[5:]) if line.startswith("data:") else {}
             received += event.get("text", "")
             if len(received) > 20:
@@ -124,7 +125,7 @@ def test_stop_endpoint_and_one_answer_at_a_time(http: httpx.Client) -> None:
     session = create_session(http, user)
     with http.stream("POST", f"{API}/chat/sessions/{session}/messages", json=LONG_ANSWER,
                      headers=user) as response:
-        lines = response.iter_lines()
+        lines = iter_sse_lines(response)
         assert json.loads(next(lines)[5:])["type"] == "start"
         busy = send_message(http, session, {"content": "again", "max_tokens": 4}, user)
         assert busy.status_code == 409 and busy.error["code"] == "answer_in_progress"
@@ -219,3 +220,22 @@ def _wait_for_messages(http: httpx.Client, session: str, user: dict[str, str],
             return messages
         time.sleep(0.05)  # polling interval
     raise AssertionError(f"only {len(messages)} messages stored, expected {count}")
+
+
+def test_one_users_chat_is_never_answered_from_anothers_cached_answer(
+        http: httpx.Client) -> None:
+    # The apps' server caches reproducible answers; a chat's entries belong to its user.
+    message = {"content": f"What are your opening hours? {time.time_ns()}", "temperature": 0,
+               "max_tokens": 8}
+
+    def hits() -> float:
+        return metric_value(http.get("/metrics").text, "surge:response_cache_hits_total",
+                            endpoint="chat", tier="local")
+
+    alice, bob = new_user(), new_user()
+    assert send_message(http, create_session(http, alice), message, alice).status_code == 200
+    before = hits()
+    assert send_message(http, create_session(http, bob), message, bob).status_code == 200
+    assert hits() == before  # Bob's answer was generated, not Alice's replayed
+    assert send_message(http, create_session(http, alice), message, alice).status_code == 200
+    assert hits() == before + 1  # Alice's own repeat is answered from her entry

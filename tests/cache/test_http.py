@@ -9,6 +9,7 @@ import uuid
 import httpx
 import pytest
 
+from surge.http.sse import iter_sse_lines
 from tests.cache._http import (
     CACHE,
     auth,
@@ -125,7 +126,7 @@ def test_an_aborted_stream_is_not_kept(cached_server: ServerProcess) -> None:
     with httpx.stream("POST", cached_server.url + CHAT, json=stream, headers=auth(),
                       timeout=60.0) as response:
         assert response.headers[CACHE] == "miss"
-        next(response.iter_lines())  # the first event, then hang up
+        next(iter_sse_lines(response))  # the first event, then hang up
     # The server saw the hang-up and aborted; the same request is not answered from cache.
     again = post(cached_server, CHAT, stream)
     assert again.headers[CACHE] == "miss" and events(again)[-1] == "[DONE]"

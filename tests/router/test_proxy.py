@@ -17,6 +17,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from surge.http.sse import iter_sse_lines
 from surge.router.app import RouterSettings, build_router
 from surge.router.health import HealthConfig
 from surge.router.policies import make_policy
@@ -310,7 +311,7 @@ def test_streams_are_forwarded_as_they_arrive(replicas: Callable[..., FakeReplic
     fake = replicas(stream)
     with _router([fake.url]) as router, router.client(timeout=WAIT) as client, \
             client.stream("POST", "/v1/completions", json={"stream": True}) as response:
-        lines = response.iter_lines()
+        lines = iter_sse_lines(response)
         assert next(lines) == 'data: {"n": 1}'  # arrived while the replica still works
         fake.call(go_on.set)
         rest = [line for line in lines if line]
@@ -346,7 +347,7 @@ def test_a_client_leaving_a_stream_cancels_the_replica_request(
     with _router([fake.url]) as router:
         with router.client(timeout=WAIT) as client, client.stream(
                 "POST", "/v1/completions", json={"stream": True}) as response:
-            assert next(response.iter_lines()).startswith("data:")
+            assert next(iter_sse_lines(response)).startswith("data:")
         # The client closed the connection mid-stream.
         assert cancelled.wait(WAIT), "the replica's request was not cancelled"
         _wait_until(lambda: router.status()["replicas"][0]["in_flight"] == 0,
@@ -382,7 +383,7 @@ def test_a_replica_failing_mid_stream_ends_it_with_an_error_event(
     fake, spare = replicas(dies), replicas()
     with _router([fake.url, spare.url]) as router, router.client(timeout=WAIT) as client:
         with client.stream("POST", "/v1/completions", json={"stream": True}) as response:
-            events = [line for line in response.iter_lines() if line]
+            events = [line for line in iter_sse_lines(response) if line]
         status = router.status()["replicas"][0]
     assert events[0] == 'data: {"n": 1}'  # the half event was never forwarded
     error = json.loads(events[1].removeprefix("data: "))["error"]

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from surge.http.sse import iter_sse_lines
 from tests.router._helpers import ClientLoad, process_alive
 from tests.server._helpers import metric_value
 
@@ -110,7 +111,7 @@ def test_a_client_leaving_a_stream_aborts_it_in_the_replica(router: Router) -> N
         name = response.headers["x-surge-replica"]
         replica_url = _replica_url(router, name)
         aborts_before = _aborts(replica_url)
-        lines = response.iter_lines()
+        lines = iter_sse_lines(response)
         assert any(next(lines).startswith("data:") for _ in range(4))
     # Hung up mid-stream: the replica aborts the request and frees its KV blocks.
     router.wait_for(lambda: _aborts(replica_url) > aborts_before and _idle(replica_url),

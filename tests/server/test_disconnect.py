@@ -9,6 +9,7 @@ import time
 import httpx
 import pytest
 
+from surge.http.sse import iter_sse_lines
 from tests.server._helpers import ServerProcess, metric_value
 
 # Long enough that the request cannot finish by itself while the test watches.
@@ -51,7 +52,7 @@ def test_stream_disconnect_aborts_in_engine(server: ServerProcess) -> None:
     with httpx.Client(base_url=server.url, timeout=30) as http, http.stream(
             "POST", "/v1/completions", json={"prompt": "tell a long story", "stream": True,
                                              **LONG}) as response:
-        lines = response.iter_lines()
+        lines = iter_sse_lines(response)
         data = [line for line in (next(lines) for _ in range(6)) if line.startswith("data:")]
         assert data, "no token arrived before hanging up"
     # The connection is closed here, mid-stream.

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from surge.http.sse import aiter_sse_lines, iter_sse_lines
 from tests.server._helpers import ServerProcess, metric_value, start_server
 
 pytestmark = pytest.mark.slow
@@ -52,7 +53,7 @@ def test_engine_crash_fails_in_flight_requests_then_restarts(
             plain = asyncio.ensure_future(http.post("/v1/completions", json=LONG))
             async with http.stream("POST", "/v1/completions",
                                    json={**LONG, "stream": True}) as stream:
-                lines = stream.aiter_lines()
+                lines = aiter_sse_lines(stream)
                 first = await anext(lines)
                 await _wait_running(http, 2)
                 os.kill(old_pid, signal.SIGKILL)
@@ -85,7 +86,7 @@ def test_no_engine_restart_fails_requests_and_exits_nonzero(
         pid = server.health().json()["engine_pid"]
         with httpx.stream("POST", f"{server.url}/v1/completions",
                           json={**LONG, "stream": True}, timeout=60) as stream:
-            lines = stream.iter_lines()
+            lines = iter_sse_lines(stream)
             next(lines)
             os.kill(pid, signal.SIGKILL)
             events = [line for line in lines if line.startswith("data: ")]
@@ -114,7 +115,7 @@ def test_sigterm_drains_in_flight_then_exits_zero(model_dir: Path, tmp_path: Pat
             async def events(body: dict[str, Any], started: asyncio.Event) -> list[dict]:
                 async with http.stream("POST", "/v1/completions", json=body) as response:
                     found = []
-                    async for line in response.aiter_lines():
+                    async for line in aiter_sse_lines(response):
                         started.set()
                         if line.startswith("data: {"):
                             found.append(json.loads(line[len("data: "):]))

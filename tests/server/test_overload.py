@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from surge.http.sse import aiter_sse_lines
 from tests.server._helpers import ServerProcess, metric_value, start_server
 
 BURST = 16
@@ -81,7 +82,7 @@ def test_a_full_queue_refuses_before_reading_the_body(
             async def streamed(started: asyncio.Event) -> None:
                 async with http.stream("POST", "/v1/completions",
                                        json={**BODY, "stream": True}) as response:
-                    async for _ in response.aiter_lines():
+                    async for _ in aiter_sse_lines(response):
                         started.set()
 
             long = [asyncio.ensure_future(streamed(event)) for event in running]

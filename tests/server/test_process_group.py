@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from surge.batch.config import DATA_DIR_ENV
+from surge.http.sse import aiter_sse_lines
 from tests.server._helpers import ServerProcess, _wait_for_port
 
 STREAMS = 8
@@ -58,7 +59,7 @@ def test_sigterm_to_the_process_group_drains_every_stream(model_dir: Path,
                 events = []
                 async with http.stream("POST", "/v1/completions", json=LONG) as response:
                     assert response.status_code == 200
-                    async for line in response.aiter_lines():
+                    async for line in aiter_sse_lines(response):
                         if line.startswith("data: "):
                             events.append(line)
                             if len(events) == 1:

@@ -12,6 +12,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from surge.http.sse import iter_sse_lines
 from tests.server._helpers import ServerProcess
 
 MESSAGES = [{"role": "system", "content": "Be brief."},
@@ -109,7 +110,7 @@ def test_a_stream_that_stops_ends_with_response_completed(client: httpx.Client) 
     with client.stream("POST", "/v1/responses", json=body) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        lines = [line for line in response.iter_lines() if line]
+        lines = [line for line in iter_sse_lines(response) if line]
     for name, data in zip(lines[::2], lines[1::2], strict=True):
         event = json.loads(data.removeprefix("data: "))
         assert name == f"event: {event['type']}"

@@ -13,6 +13,7 @@ import pytest
 
 from surge.cli import build_parser
 from surge.entrypoints.serve import settings_from_args
+from surge.http.sse import iter_sse_lines
 from tests.server._helpers import ServerProcess, metric_value, start_server
 
 RPM = 4
@@ -97,7 +98,7 @@ def test_stream_timeout_ends_with_an_error_event(locked_server: ServerProcess) -
                       json={**SLOW, "stream": True},
                       headers={"Authorization": "Bearer key-c"}, timeout=60) as response:
         assert response.status_code == 200
-        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+        events = [line for line in iter_sse_lines(response) if line.startswith("data: ")]
     last = json.loads(events[-1][len("data: "):])
     assert last["error"]["code"] == "request_timeout"
     assert "data: [DONE]" not in events

@@ -13,6 +13,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from surge.http.sse import iter_sse_lines
 from tests.server._helpers import ServerProcess
 
 MESSAGES = [{"role": "user", "content": "Who are you?"}]
@@ -52,7 +53,7 @@ def test_streamed_json_schema_chat_is_valid_json(client: httpx.Client) -> None:
     text = ""
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
-        for line in response.iter_lines():
+        for line in iter_sse_lines(response):
             if line.startswith("data: {"):
                 for choice in json.loads(line[6:])["choices"]:
                     text += choice["delta"].get("content") or ""

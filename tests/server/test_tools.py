@@ -16,6 +16,7 @@ import jsonschema
 import openai
 import pytest
 
+from surge.http.sse import iter_sse_lines
 from tests.server._helpers import ServerProcess, start_server
 
 WEATHER_SCHEMA = {"type": "object", "properties": {
@@ -86,7 +87,7 @@ def _stream(client: httpx.Client, body: dict) -> tuple[str | None, list[dict], s
     content, calls, finish, deltas = None, {}, "", []
     with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as reply:
         assert reply.status_code == 200
-        for line in reply.iter_lines():
+        for line in iter_sse_lines(reply):
             if not line.startswith("data: {"):
                 continue
             for choice in json.loads(line[6:])["choices"]:
@@ -275,7 +276,7 @@ def test_each_of_n_choices_streams_its_own_calls(client: httpx.Client) -> None:
     arguments = {0: "", 1: ""}
     finishes = {}
     with client.stream("POST", "/v1/chat/completions", json=body) as reply:
-        for line in reply.iter_lines():
+        for line in iter_sse_lines(reply):
             if not line.startswith("data: {"):
                 continue
             for choice in json.loads(line[6:])["choices"]:
