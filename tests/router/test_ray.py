@@ -91,7 +91,11 @@ def cluster() -> Iterator[Any]:
         yield cluster
     finally:
         ray.shutdown()
-        cluster.shutdown()
+        try:
+            cluster.shutdown()
+        except ValueError:  # a stopped router's last Ray call connected this driver again
+            ray.shutdown()
+            cluster.shutdown()
 
 
 def _router(deployment: str, initial: int, *, resources: dict[str, float],
