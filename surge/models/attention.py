@@ -131,16 +131,42 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     num_kv_heads = k_cache.shape[0]
     group = num_heads // num_kv_heads
     table = meta.decode_block_table
-    keys = _read(k_cache, table, q.dtype).view(num_kv_heads * batch, -1, head_dim)
-    values = _read(v_cache, table, q.dtype).view(num_kv_heads * batch, -1, head_dim)
     # Query heads grouped under their KV head, (KV head, sequence) as the batch: [Hkv*B, G, D].
     grouped = q.view(batch, num_kv_heads, group, head_dim).transpose(0, 1).reshape(
         num_kv_heads * batch, group, head_dim)
+    if k_cache.dtype == torch.int8:
+        out = _int8_decode(grouped, k_cache, v_cache, table, meta.decode_bias, scale)
+        return out.view(num_kv_heads, batch, group, head_dim).transpose(0, 1).reshape(
+            batch, num_heads, head_dim)
+    keys = _read(k_cache, table, q.dtype).view(num_kv_heads * batch, -1, head_dim)
+    values = _read(v_cache, table, q.dtype).view(num_kv_heads * batch, -1, head_dim)
     # Scores in the model dtype, softmax in float32: Hugging Face's eager order, in 3 kernels.
     scores = torch.baddbmm(meta.decode_bias, grouped, keys.transpose(1, 2), alpha=scale)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
     out = torch.bmm(probs, values).view(num_kv_heads, batch, group, head_dim)
     return out.transpose(0, 1).reshape(batch, num_heads, head_dim)
+
+
+def _int8_decode(grouped: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 table: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode attention over int8 rows with their scales applied to the scores and the
+    probabilities ([rows, G, L]: G/D the size of K or V) instead of to every cached value."""
+    rows, _, head_dim = grouped.shape
+    dtype = grouped.dtype
+    k_rows, v_rows = gather_blocks(k_cache, table), gather_blocks(v_cache, table)
+    keys = k_rows[..., :head_dim].to(dtype).view(rows, -1, head_dim)
+    values = v_rows[..., :head_dim].to(dtype).view(rows, -1, head_dim)
+    k_scale = _int8_scales(k_rows, dtype).view(rows, 1, -1)
+    v_scale = _int8_scales(v_rows, dtype).view(rows, 1, -1)
+    # A padded slot has scale 0 and bias -inf: multiply first, then add, so no 0 * -inf.
+    scores = torch.bmm(grouped, keys.transpose(1, 2)).mul_(k_scale * scale).add_(bias)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype).mul_(v_scale)
+    return torch.bmm(probs, values)
+
+
+def _int8_scales(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The bfloat16 scale at the end of each int8 row, as [..., 1] in ``dtype``."""
+    return rows[..., rows.shape[-1] - _SCALE_BYTES:].contiguous().view(torch.bfloat16).to(dtype)
 
 
 def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -214,9 +240,7 @@ def quantize_kv(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
 def dequantize_kv(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Cached rows -> [..., D] in ``dtype``; the inverse of `quantize_kv` up to its rounding."""
     if rows.dtype == torch.int8:
-        head_dim = rows.shape[-1] - _SCALE_BYTES
-        scale = rows[..., head_dim:].contiguous().view(torch.bfloat16).to(dtype)
-        return rows[..., :head_dim].to(dtype) * scale
+        return rows[..., :rows.shape[-1] - _SCALE_BYTES].to(dtype) * _int8_scales(rows, dtype)
     if rows.dtype == torch.float8_e4m3fn:  # a 256-entry table: 7x faster than .to() on CPU
         codes = rows.view(torch.uint8)
         table = _fp8_table(dtype, rows.device)
