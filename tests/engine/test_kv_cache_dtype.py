@@ -172,3 +172,18 @@ def test_cuda_quantized_cache(model_dir: Path, kv: str) -> None:
     assert layer.k_cache.dtype == kv_cache_torch_dtype(kv, torch.bfloat16)
     assert layer.k_cache.is_cuda
     assert all(len(o.outputs[0].token_ids) == GREEDY.max_tokens for o in outputs)
+
+
+def test_bfloat16_cache_under_a_float32_model(model_dir: Path) -> None:
+    """A narrower float cache is a cast on write and read: half the bytes of fp32, close output."""
+    blocks = {}
+    for kv in ("auto", "bfloat16"):
+        llm = LLM(model_dir, dtype="float32", kv_cache_dtype=kv, max_model_len=512,
+                  max_num_seqs=256, kv_cache_memory_bytes=1 << 20)
+        blocks[kv] = llm.engine.core.block_manager.num_blocks
+        assert llm.engine.core.loaded.model.attention_layers()[0].k_cache.dtype == (
+            torch.bfloat16 if kv == "bfloat16" else torch.float32)
+        del llm
+    assert blocks["bfloat16"] == 2 * blocks["auto"]
+    full, narrow = _greedy(model_dir, "auto", "float32"), _greedy(model_dir, "bfloat16", "float32")
+    assert sum(a == b for a, b in zip(full, narrow, strict=True)) >= len(PROMPTS) * 3 // 4
