@@ -127,7 +127,8 @@ class EngineCore:
         if self.runner.structured is None:
             tokenizer = load_tokenizer(self._model_dir).tokenizer
             self.runner.structured = StructuredOutputs(
-                tokenizer.to_str(), self.vocab_size, self.eos_token_ids)
+                tokenizer.to_str(), self.vocab_size, self.eos_token_ids,
+                overlap=_has_spare_core(self.loaded.device))
         return self.runner.structured
 
     def _admit_compiled(self) -> list[EngineCoreOutput]:
@@ -302,3 +303,9 @@ def _default_kv_budget(config: EngineConfig, device: torch.device) -> int:
         return int(free * config.kv_cache_fraction)
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return int(min(available * config.kv_cache_fraction, _CPU_DEFAULT_CAP_BYTES))
+
+
+def _has_spare_core(device: torch.device) -> bool:
+    """Whether grammar masks can be computed beside the forward pass without taking a core
+    from it: always on an accelerator; on the CPU only when torch leaves a core free."""
+    return device.type != "cpu" or (os.cpu_count() or 1) > torch.get_num_threads()

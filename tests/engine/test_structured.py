@@ -203,11 +203,12 @@ def test_unconstrained_outputs_are_unchanged_by_constrained_neighbours(
     assert mixed_llm.engine.core.runner.structured is not None
 
 
+@pytest.mark.parametrize("overlap", [True, False])  # a mask thread, or the step loop's own
 def test_identical_constraints_compile_once_and_states_are_independent(
-        model_dir: Path) -> None:
+        model_dir: Path, overlap: bool) -> None:
     tokenizer = load_tokenizer(model_dir)
     structured = StructuredOutputs(tokenizer.tokenizer.to_str(), tokenizer.vocab_size,
-                                   tokenizer.eos_token_ids)
+                                   tokenizer.eos_token_ids, overlap=overlap)
     spec = StructuredOutputsParams(choice=["ab", "cd"])
     first, second = structured.compile(spec).result(), structured.compile(spec).result()
     assert len(structured._compiled) == 1
