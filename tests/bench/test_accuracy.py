@@ -3,8 +3,8 @@
 Tolerances: the fake server sleeps at least the scripted time, and the measurement adds
 loopback and event-loop overhead (the server shares the generator's event loop; about 1.5 ms
 on average, 4 ms at most, on an idle 2-core machine). Medians must fall within
-[script - 0.5 ms, script + 5 ms]; each percentile of a scripted distribution within 8 ms above
-its scripted value (tails catch the odd stall of a shared machine). TPOT is a difference of two
+[script - 0.5 ms, script + 5 ms]; of a scripted distribution, 90% of the requests rank by rank
+(tails catch the odd stall of a shared machine, so no single percentile is held to it). TPOT is a difference of two
 timestamps with the same overhead, and the fake schedules tokens on absolute deadlines, so its
 median must match within 1 ms.
 """
@@ -22,7 +22,6 @@ from ._helpers import bench, bench_run
 
 BELOW = 0.0005  # the fake never answers early; allow clock granularity
 ABOVE = 0.005
-TAIL_ABOVE = 0.008
 
 
 def _assert_close_above(measured: float, scripted: float, above: float = ABOVE) -> None:
@@ -47,15 +46,24 @@ def test_percentiles_match_a_scripted_distribution() -> None:
     # 10 ms .. 200 ms, 10 ms apart (more than the tolerance, so a wrong percentile shows).
     # The warm-up opens the 20 connections and uses one full cycle of the script; the 40
     # measured requests then get each scripted value exactly twice.
-    scripted = [0.010 * k for k in range(1, 21)]
-    run = bench_run(FakeScript(ttft=scripted, tpot=0.0), output_len="1", concurrency=[20],
+    scripted = sorted([0.010 * k for k in range(1, 21)] * 2)
+    run = bench_run(FakeScript(ttft=scripted[::2], tpot=0.0), output_len="1", concurrency=[20],
                     num_requests=40, warmup=20)
     ttft = run["summary"]["latency"]["ttft"]
-    expected = np.percentile(scripted * 2, [50, 90, 99])
+    measured = sorted(record["ttft"] for record in run["records"])
+    # The summary is the exact statistics of what was measured, request by request.
+    expected = np.percentile(measured, [50, 90, 99])
     for name, value in zip(("p50", "p90", "p99"), expected, strict=True):
-        _assert_close_above(ttft[name], float(value), above=TAIL_ABOVE)
-    _assert_close_above(ttft["max"], 0.200, above=TAIL_ABOVE)
-    _assert_close_above(ttft["mean"], float(np.mean(scripted)), above=TAIL_ABOVE)
+        assert ttft[name] == pytest.approx(float(value), abs=1e-9)
+    assert ttft["max"] == pytest.approx(measured[-1]) and ttft["count"] == 40
+    # What was measured is the script: the k-th fastest request never beats the k-th scripted
+    # delay, and at least 90% of them land within the median tolerance. (A stall of a shared
+    # machine delays the odd request by 10 ms or more, which moves a percentile of a 40-sample
+    # run by a whole step; the per-rank comparison keeps the test about the measurement.)
+    excess = np.array(measured) - np.array(scripted)
+    assert excess.min() >= -BELOW, excess.min()
+    assert np.mean(excess <= ABOVE) >= 0.9, sorted(excess)[-8:]
+    assert float(np.median(excess)) <= ABOVE
 
 
 def test_poisson_arrivals_reach_the_server_at_the_requested_rate() -> None:
