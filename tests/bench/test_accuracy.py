@@ -3,10 +3,11 @@
 Tolerances: the fake server sleeps at least the scripted time, and the measurement adds
 loopback and event-loop overhead (the server shares the generator's event loop; about 1.5 ms
 on average, 4 ms at most, on an idle 2-core machine). Medians must fall within
-[script - 0.5 ms, script + 5 ms]; of a scripted distribution, 90% of the requests rank by rank
-(tails catch the odd stall of a shared machine, so no single percentile is held to it). TPOT is a difference of two
-timestamps with the same overhead, and the fake schedules tokens on absolute deadlines, so its
-median must match within 1 ms.
+[script - 0.5 ms, script + 5 ms]; so must 90% of a scripted distribution's requests, rank by
+rank (the odd stall of a shared machine moves a tail percentile by a whole script step, so
+no single percentile is held to it). TPOT is a difference of two timestamps with the same
+overhead, and the fake schedules tokens on absolute deadlines, so its median must match
+within 1 ms.
 """
 
 from __future__ import annotations
