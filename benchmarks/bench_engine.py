@@ -8,6 +8,7 @@ achieved memory bandwidth for W4, and the KV-cache bytes that 64 requests of 512
 
     python benchmarks/bench_engine.py                 # full run (about 6 minutes on 2 cores)
     python benchmarks/bench_engine.py --skip-lock     # without the slow lock baseline
+    python benchmarks/bench_engine.py --device cuda --skip-lock   # on a GPU, both sides
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ def main() -> None:
     w4_prompt = random_prompt(rng, W4_PROMPT)
     results: dict[str, dict[str, float]] = {}
     for dtype in args.dtypes:
-        results[f"surge {dtype}"] = bench_surge(model_dir, dtype, w1_prompts, w4_prompt)
-        hf = load_hf(model_dir, dtype)
+        results[f"surge {dtype}"] = bench_surge(model_dir, dtype, w1_prompts, w4_prompt,
+                                                args.device)
+        hf = load_hf(model_dir, dtype, args.device)
         results[f"hf padded batch {dtype}"] = {"w1": bench_hf_batch(hf, w1_prompts)}
         if not args.skip_lock:
             results[f"hf lock+generate {dtype}"] = {
@@ -60,6 +62,9 @@ def parse_args() -> argparse.Namespace:
                         choices=list(DTYPES))
     parser.add_argument("--skip-lock", action="store_true",
                         help="skip lock+generate (a) (16 sequential generate calls per dtype)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where Surge and the peers run (default: cpu)")
+    parser.add_argument("--no-plot", action="store_true", help="write the JSON only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/bench_engine.json")
     return parser.parse_args()
@@ -83,8 +88,8 @@ def random_prompt(rng: random.Random, length: int) -> list[int]:
 # -- Surge -----------------------------------------------------------------------------------
 
 def bench_surge(model_dir: Path, dtype: str, w1_prompts: list[list[int]],
-                w4_prompt: list[int]) -> dict[str, float]:
-    llm = LLM(model_dir, dtype=dtype)
+                w4_prompt: list[int], device: str = "cpu") -> dict[str, float]:
+    llm = LLM(model_dir, dtype=dtype, device=device)
     # Warm-up on other prompts of the same shapes (no prefix-cache hits on the timed run):
     # oneDNN builds its kernels for each new batch size once.
     rng = random.Random(1)
@@ -119,20 +124,23 @@ def matrix_bytes(model: torch.nn.Module) -> int:
 def timed_tokens(run, num_tokens: int) -> float:
     start = time.perf_counter()
     run()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the last kernels count too
     return num_tokens / (time.perf_counter() - start)
 
 
 # -- Hugging Face peers ----------------------------------------------------------------------
 
-def load_hf(model_dir: Path, dtype: str):
+def load_hf(model_dir: Path, dtype: str, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
-    return model.eval()
+    return model.to(device).eval()
 
 
 def hf_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 new_tokens: int) -> torch.Tensor:
+    input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
     with torch.inference_mode():
         return model.generate(input_ids=input_ids, attention_mask=attention_mask,
                               max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -194,7 +202,9 @@ def kv_bytes_for(model_dir: Path, num_requests: int, tokens: int) -> dict[str, f
 
 def report(results: dict[str, dict[str, float]], model_dir: Path,
            args: argparse.Namespace) -> None:
-    print(f"\nmodel {model_dir}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    where = (torch.cuda.get_device_name() if args.device == "cuda"
+             else f"{torch.get_num_threads()} threads")
+    print(f"\nmodel {model_dir}, {where}, torch {torch.__version__}")
     print(f"{'system':28s} {'W1 out tok/s':>13s} {'W4 tok/s':>10s} {'W4 GB/s':>9s}")
     for name, row in results.items():
         print(f"{name:28s} {row.get('w1', float('nan')):13.1f} {row.get('w4', float('nan')):10.1f}"
@@ -215,7 +225,11 @@ def report(results: dict[str, dict[str, float]], model_dir: Path,
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"results": results, "kv": kv,
-                               "threads": torch.get_num_threads()}, indent=2))
+                               "threads": torch.get_num_threads(), "device": where},
+                              indent=2))
+    if args.no_plot:
+        print(f"wrote {out}")
+        return
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
