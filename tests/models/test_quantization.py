@@ -223,7 +223,8 @@ PROMPTS = [[17, 99, 402, 8, 51, 3, 77, 1000, 12, 5, 65, 320, 43],
 
 
 def greedy(model_dir: Path, prompts: list[list[int]], **engine_args: object) -> list[list[int]]:
-    llm = LLM(model_dir, dtype="float32", seed=0, **engine_args)
+    # CPU: the weight-only kernels are PyTorch's CPU ones (a GPU machine must not pick cuda).
+    llm = LLM(model_dir, dtype="float32", device="cpu", seed=0, **engine_args)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     return [out.outputs[0].token_ids for out in llm.generate(prompts, params, use_tqdm=False)]
 
@@ -238,7 +239,7 @@ def test_quantized_model_greedy_is_stable_across_batching(
     chunked = greedy(model_dir, PROMPTS, quantization=quantization, max_num_batched_tokens=5,
                      block_size=4)
     assert together == alone == chunked
-    llm = LLM(model_dir, dtype="float32", quantization=quantization)
+    llm = LLM(model_dir, dtype="float32", device="cpu", quantization=quantization)
     layers = [m for m in llm.engine.core.loaded.model.modules() if isinstance(m, Linear)]
     assert sum(isinstance(m.method, UnquantizedLinearMethod) for m in layers) == 1  # the head
 
