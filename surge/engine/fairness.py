@@ -142,6 +142,10 @@ class TenantQueues:
     def __len__(self) -> int:
         return self._size
 
+    def tenants(self) -> list[str]:
+        """Tenants with a waiting request."""
+        return list(self._heaps)
+
     def num_waiting_of(self, tenant: str) -> int:
         return len(self._heaps.get(tenant, ()))
 

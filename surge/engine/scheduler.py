@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -436,8 +437,13 @@ class FairScheduler(Scheduler):
     Waiting requests are admitted from the tenant served least, counting what it was given
     earlier in the same step; running requests are served tenant by tenant from the least
     served, and under KV pressure the victim is the latest, lowest-priority request of the
-    most served. A waiting request never preempts a running one for a seat (that would
-    thrash as counters cross); it waits for one to free, as in the paper. Priorities order
+    most served. Seats (``max_num_seqs``) are shared by weight among the active tenants: a
+    waiting request may take the seat of the last running request only when its tenant stays
+    within its seat share and the victim's tenant stays at or above its own (so a light
+    tenant's request starts at once under a flood instead of waiting for a flood request to
+    finish). Each such move brings both tenants closer to their shares, so seats cannot
+    thrash back and forth; otherwise a waiting request waits for a seat to free, as in the
+    paper. Priorities order
     each tenant's requests only: the lower-priority prompt share is off, since one tenant's
     priorities must not slow another tenant down.
     """
@@ -484,7 +490,17 @@ class FairScheduler(Scheduler):
         return self._rank(waiting)[0] < self._rank(running)[0]
 
     def _may_displace(self, waiting: Request, running: Request) -> bool:
-        return False
+        if waiting.tenant == running.tenant:
+            return False  # within a tenant, its own order holds: the seat frees soon enough
+        seats = Counter(request.tenant for request in self.running)
+        active = set(seats) | set(self._queues.tenants()) | {waiting.tenant}
+        total_weight = sum(self.ledger.weight(tenant) for tenant in active)
+
+        def share(tenant: str) -> float:
+            return self.max_num_seqs * self.ledger.weight(tenant) / total_weight
+
+        return (seats[waiting.tenant] + 1 <= share(waiting.tenant)
+                and seats[running.tenant] - 1 >= share(running.tenant))
 
     def _most_urgent_priority(self) -> int | None:
         return None

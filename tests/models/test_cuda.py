@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from surge import LLM, SamplingParams
+from surge import LLM, SamplingParams, StructuredOutputsParams
 
 HAS_CUDA = torch.cuda.is_available()
 skip_without_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -58,6 +60,33 @@ def test_cuda_bfloat16_runs(tiny_checkpoint: Callable[[str], Path], cpu_outputs:
     seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=5, max_tokens=16)
     first = llm.generate(PROMPTS[0], seeded, use_tqdm=False)[0].outputs[0].token_ids
     assert llm.generate(PROMPTS[0], seeded, use_tqdm=False)[0].outputs[0].token_ids == first
+
+
+@pytest.mark.cuda
+@skip_without_cuda
+def test_cuda_structured_outputs_follow_their_grammars(
+        tiny_checkpoint: Callable[[str], Path]) -> None:
+    """On a GPU the grammar masks are computed on their own thread while the model runs (the
+    overlap path) and applied to logits on the device; every output is bounded by its grammar,
+    so each must finish and match whatever the random weights prefer."""
+    llm = LLM(tiny_checkpoint("tiny-llama"), device="cuda", dtype="float32", **ENGINE_ARGS)
+    assert llm.engine.core.loaded.device.type == "cuda"
+    constraints = [dict(regex=r"[0-9]{3}-[a-z]{2}"), dict(choice=["alpha", "beta", "gamma"]),
+                   dict(grammar='root ::= "cat" | "dog" " " [0-9]'),
+                   dict(json={"type": "object", "properties": {"n": {"type": "integer",
+                        "minimum": 0, "maximum": 99}}, "required": ["n"],
+                        "additionalProperties": False})]
+    params = [SamplingParams(temperature=t, seed=1, max_tokens=32,
+                             structured_outputs=StructuredOutputsParams(**c))
+              for c in constraints for t in (0.0, 1.0)]
+    outputs = [o.outputs[0] for o in llm.generate(["Hi"] * len(params), params,
+                                                  use_tqdm=False)]
+    assert all(o.finish_reason == "stop" for o in outputs), [o.text for o in outputs]
+    texts = [o.text for o in outputs]
+    assert all(re.fullmatch(r"[0-9]{3}-[a-z]{2}", t) for t in texts[0:2])
+    assert all(t in ("alpha", "beta", "gamma") for t in texts[2:4])
+    assert all(re.fullmatch(r"cat|dog [0-9]", t) for t in texts[4:6])
+    assert all(0 <= json.loads(t)["n"] <= 99 for t in texts[6:8])
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error raised when there is no GPU")
