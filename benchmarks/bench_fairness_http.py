@@ -73,6 +73,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--max-num-seqs", type=int, default=8)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="the engine's tokens per step (default: the server's, 512 on "
+                             "CPU); a light request arriving waits out the step in flight")
     parser.add_argument("--max-queued-requests", type=int, default=16,
                         help="the server's waiting-queue bound (per-tenant slices of it)")
     parser.add_argument("--num-threads", type=int, default=None,
@@ -109,12 +112,14 @@ class Server:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        threads = ["--num-threads", str(args.num_threads)] if args.num_threads else []
+        extra = ["--num-threads", str(args.num_threads)] if args.num_threads else []
+        if args.max_num_batched_tokens:
+            extra += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
         self.command = [sys.executable, "-m", "surge.cli", "serve", "--model", model,
                         "--port", str(self.port), "--dtype", args.dtype,
                         "--scheduling-policy", policy, "--tenant-header", "X-Tenant",
                         "--max-num-seqs", str(args.max_num_seqs),
-                        "--max-queued-requests", str(args.max_queued_requests), *threads]
+                        "--max-queued-requests", str(args.max_queued_requests), *extra]
         self.log_path = Path(tempfile.gettempdir()) / f"bench-fairness-http-{self.port}.log"
 
     def __enter__(self) -> Server:
