@@ -218,8 +218,16 @@ def summarize(records: list[Record], window: float) -> dict[str, dict[str, float
             "rejected_429": sum(r.status == 429 for r in mine),
             "finished": sum(r.finished for r in mine),
             "tokens_per_s": sum(r.num_output_tokens for r in mine) / window,
-            "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99)}
+            "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
+            "ttfts_by_arrival": [round(t, 3) for t in _by_arrival(admitted, window)]}
     return summary
+
+
+def _by_arrival(admitted: list[Record], window: float) -> list[float]:
+    """Each admitted request's TTFT in arrival order (where a tail came from)."""
+    ordered = sorted(admitted, key=lambda r: r.arrival.at)
+    return [(r.first_token if r.first_token is not None else window) - r.arrival.at
+            for r in ordered]
 
 
 def fairness(summary: dict[str, dict[str, float]], args: argparse.Namespace) -> float:

@@ -208,6 +208,13 @@ class Scheduler:
         """Whether a waiting request may preempt a running one for its seat or blocks."""
         return waiting.priority < running.priority
 
+    def _displacement_victim(self, waiting: Request) -> Request | None:
+        """The running request a waiting one may preempt for its seat or blocks, if any:
+        the lowest-ranked one."""
+        if self.running and self._may_displace(waiting, self.running[-1]):
+            return self.running[-1]
+        return None
+
     # -- one step ----------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
@@ -299,9 +306,10 @@ class Scheduler:
             if room == 0 or request in output.preempted:
                 break  # the rest ranks lower still; one preempted now waits a step at least
             if len(self.running) >= self.max_num_seqs:
-                if not self._outranks_last_running(request):
+                victim = self._displacement_victim(request)
+                if victim is None:
                     break
-                budget += self._preempt_last_running(output)
+                budget += self._preempt_for_seat(victim, output)
                 continue
             cached = self.kv.find_cached_prefix(request)
             num_cached = len(cached) * self.kv.block_size
@@ -310,9 +318,10 @@ class Scheduler:
                 # Undo the lookup's counters: the same request is looked up again next step.
                 self.kv.prefix_cache_queries -= request.num_tokens
                 self.kv.prefix_cache_hits -= num_cached
-                if not self._outranks_last_running(request):
+                victim = self._displacement_victim(request)
+                if victim is None:
                     break
-                budget += self._preempt_last_running(output)
+                budget += self._preempt_for_seat(victim, output)
                 continue
             self._waiting.pop()
             if request.first_scheduled_time is None:
@@ -329,13 +338,8 @@ class Scheduler:
                    num_tokens: int) -> None:
         output.chunks.append(ScheduledChunk(request, start, num_tokens))
 
-    def _outranks_last_running(self, request: Request) -> bool:
-        """Whether the waiting request may displace the last running one."""
-        return bool(self.running) and self._may_displace(request, self.running[-1])
-
-    def _preempt_last_running(self, output: SchedulerOutput) -> int:
-        """Preempt the lowest-ranked running request; return the budget its chunk held."""
-        victim = self.running[-1]
+    def _preempt_for_seat(self, victim: Request, output: SchedulerOutput) -> int:
+        """Preempt a running request for a waiting one; return the budget its chunk held."""
         freed = sum(c.num_tokens for c in output.chunks if c.request is victim)
         output.chunks = [c for c in output.chunks if c.request is not victim]
         self._preempt(victim, output)
@@ -437,13 +441,12 @@ class FairScheduler(Scheduler):
     Waiting requests are admitted from the tenant served least, counting what it was given
     earlier in the same step; running requests are served tenant by tenant from the least
     served, and under KV pressure the victim is the latest, lowest-priority request of the
-    most served. Seats (``max_num_seqs``) are shared by weight among the active tenants: a
-    waiting request may take the seat of the last running request only when its tenant stays
-    within its seat share and the victim's tenant stays at or above its own (so a light
-    tenant's request starts at once under a flood instead of waiting for a flood request to
-    finish). Each such move brings both tenants closer to their shares, so seats cannot
-    thrash back and forth; otherwise a waiting request waits for a seat to free, as in the
-    paper. Priorities order
+    most served. A tenant holding no seat (``max_num_seqs``) whose weighted share of the
+    seats is one at least takes one at once from the tenant furthest above its share, if
+    that tenant keeps its share (so a light tenant's request starts at once under a flood
+    instead of waiting for a flood request to finish); the donor keeps a seat, so it never
+    takes one back. Otherwise a waiting request waits for a seat to free, as in the paper.
+    Priorities order
     each tenant's requests only: the lower-priority prompt share is off, since one tenant's
     priorities must not slow another tenant down.
     """
@@ -489,18 +492,26 @@ class FairScheduler(Scheduler):
             return waiting.priority < running.priority
         return self._rank(waiting)[0] < self._rank(running)[0]
 
-    def _may_displace(self, waiting: Request, running: Request) -> bool:
-        if waiting.tenant == running.tenant:
-            return False  # within a tenant, its own order holds: the seat frees soon enough
+    def _displacement_victim(self, waiting: Request) -> Request | None:
+        """For a tenant holding no seat: the latest, lowest-priority running request of the
+        tenant furthest above its seat share, when the waiting tenant's share is a seat at
+        least and the victim's tenant keeps its share. Only a seatless tenant displaces: free
+        seats go by token counters, which may give a tenant more than its seat share for a
+        while, and taking those back would only preempt work that counters already balance.
+        """
         seats = Counter(request.tenant for request in self.running)
         active = set(seats) | set(self._queues.tenants()) | {waiting.tenant}
         total_weight = sum(self.ledger.weight(tenant) for tenant in active)
 
-        def share(tenant: str) -> float:
-            return self.max_num_seqs * self.ledger.weight(tenant) / total_weight
+        def excess(tenant: str) -> float:  # seats held beyond the weighted share
+            return seats[tenant] - self.max_num_seqs * self.ledger.weight(tenant) / total_weight
 
-        return (seats[waiting.tenant] + 1 <= share(waiting.tenant)
-                and seats[running.tenant] - 1 >= share(running.tenant))
+        if seats[waiting.tenant] > 0 or excess(waiting.tenant) > -1:
+            return None
+        donor = max(seats, key=excess)
+        if excess(donor) < 1:
+            return None
+        return max((r for r in self.running if r.tenant == donor), key=lambda r: r.sort_key)
 
     def _most_urgent_priority(self) -> int | None:
         return None

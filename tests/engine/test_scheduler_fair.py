@@ -243,7 +243,7 @@ def test_a_light_tenant_takes_a_seat_from_a_flood_at_once_and_seats_do_not_thras
     assert s.num_preemptions == 1 and "light" in finished
 
 
-def test_seats_go_by_weight_between_backlogged_tenants() -> None:
+def test_backlogged_tenants_hold_seats_by_weight_without_preemption() -> None:
     s = fair(max_num_seqs=6, weights={"gold": 2})
     keep_backlogged(s, ["bronze"], depth=12)
     step(s)
@@ -254,7 +254,8 @@ def test_seats_go_by_weight_between_backlogged_tenants() -> None:
         if number >= 20:  # once the counters met: seats held, step by step, near 1:2
             seats.update(r.tenant for r in s.running)
     assert 1.6 <= seats["gold"] / seats["bronze"] <= 2.4, seats
-    assert s.num_preemptions <= 3  # the moves that reached the shares, then none
+    # Counters share the seats; a preemption only when one tenant briefly held none.
+    assert s.num_preemptions <= 2
 
 
 def test_a_waiting_request_of_a_less_served_tenant_goes_before_a_running_prompt() -> None:
