@@ -32,7 +32,6 @@ from __future__ import annotations
 import bisect
 import heapq
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -441,11 +440,12 @@ class FairScheduler(Scheduler):
     Waiting requests are admitted from the tenant served least, counting what it was given
     earlier in the same step; running requests are served tenant by tenant from the least
     served, and under KV pressure the victim is the latest, lowest-priority request of the
-    most served. A tenant holding no seat (``max_num_seqs``) whose weighted share of the
-    seats is one at least takes one at once from the tenant furthest above its share, if
-    that tenant keeps its share (so a light tenant's request starts at once under a flood
-    instead of waiting for a flood request to finish); the donor keeps a seat, so it never
-    takes one back. Otherwise a waiting request waits for a seat to free, as in the paper.
+    most served. Seats (``max_num_seqs``) are shared by weight among the tenants running or
+    waiting: a free seat goes first to a waiting tenant a whole seat below its share, and
+    such a tenant takes a seat at once from the tenant furthest above its share if that one
+    keeps its share (so a light tenant's request starts at once under a flood instead of
+    waiting for a flood request to finish). Seats only ever move toward the shares, so they
+    cannot thrash; a tenant at its share waits for a seat to free, as in the paper.
     Priorities order
     each tenant's requests only: the lower-priority prompt share is off, since one tenant's
     priorities must not slow another tenant down.
@@ -477,7 +477,8 @@ class FairScheduler(Scheduler):
 
     def _new_waiting_queue(self) -> WaitingQueue:
         # Kept under its own type too: lifting asks it who is backlogged.
-        self._queues = TenantQueues(self._counter_with_pending)
+        self._queues = TenantQueues(self._counter_with_pending,
+                                    below_share=lambda t: self._seat_excess(t) <= -1)
         return self._queues
 
     def _counter_with_pending(self, tenant: str) -> float:
@@ -492,24 +493,22 @@ class FairScheduler(Scheduler):
             return waiting.priority < running.priority
         return self._rank(waiting)[0] < self._rank(running)[0]
 
+    def _seat_excess(self, tenant: str) -> float:
+        """Seats (``max_num_seqs``) ``tenant`` holds beyond its weighted share of them, the
+        share taken among the tenants running or waiting now."""
+        active = {r.tenant for r in self.running} | set(self._queues.tenants()) | {tenant}
+        total_weight = sum(self.ledger.weight(t) for t in active)
+        held = sum(r.tenant == tenant for r in self.running)
+        return held - self.max_num_seqs * self.ledger.weight(tenant) / total_weight
+
     def _displacement_victim(self, waiting: Request) -> Request | None:
-        """For a tenant holding no seat: the latest, lowest-priority running request of the
-        tenant furthest above its seat share, when the waiting tenant's share is a seat at
-        least and the victim's tenant keeps its share. Only a seatless tenant displaces: free
-        seats go by token counters, which may give a tenant more than its seat share for a
-        while, and taking those back would only preempt work that counters already balance.
-        """
-        seats = Counter(request.tenant for request in self.running)
-        active = set(seats) | set(self._queues.tenants()) | {waiting.tenant}
-        total_weight = sum(self.ledger.weight(tenant) for tenant in active)
-
-        def excess(tenant: str) -> float:  # seats held beyond the weighted share
-            return seats[tenant] - self.max_num_seqs * self.ledger.weight(tenant) / total_weight
-
-        if seats[waiting.tenant] > 0 or excess(waiting.tenant) > -1:
+        """The latest, lowest-priority running request of the tenant furthest above its
+        seat share, when the waiting tenant is a whole seat below its own and the donor
+        stays at or above its share."""
+        if self._seat_excess(waiting.tenant) > -1:
             return None
-        donor = max(seats, key=excess)
-        if excess(donor) < 1:
+        donor = max({r.tenant for r in self.running}, key=self._seat_excess, default=None)
+        if donor is None or self._seat_excess(donor) < 1:
             return None
         return max((r for r in self.running if r.tenant == donor), key=lambda r: r.sort_key)
 
