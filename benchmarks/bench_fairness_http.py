@@ -56,6 +56,7 @@ class Record:
     arrival: Arrival
     status: int | None = None  # None: no answer by the window's end
     first_token: float | None = None
+    send_lag: float | None = None  # sent this long after its scheduled arrival
     num_output_tokens: int = 0
     finished: bool = False
 
@@ -156,6 +157,7 @@ async def send(http: httpx.AsyncClient, record: Record, start: float,
                args: argparse.Namespace) -> None:
     body = {"prompt": record.arrival.prompt, "max_tokens": args.output_len,
             "temperature": 0, "ignore_eos": True, "stream": True}
+    record.send_lag = time.perf_counter() - start - record.arrival.at
     async with http.stream("POST", "/v1/completions", json=body,
                            headers={"X-Tenant": record.arrival.tenant}) as response:
         record.status = response.status_code
@@ -219,8 +221,39 @@ def summarize(records: list[Record], window: float) -> dict[str, dict[str, float
             "finished": sum(r.finished for r in mine),
             "tokens_per_s": sum(r.num_output_tokens for r in mine) / window,
             "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
-            "ttfts_by_arrival": [round(t, 3) for t in _by_arrival(admitted, window)]}
+            "ttfts_by_arrival": [round(t, 3) for t in _by_arrival(admitted, window)],
+            "send_lag_p99": percentile(sorted(r.send_lag for r in mine
+                                              if r.send_lag is not None) or [float("nan")], 99)}
     return summary
+
+
+def server_ttft_quantiles(url: str) -> dict[str, dict[str, float]]:
+    """The server's own TTFT per tenant (``surge:tenant_time_to_first_token_seconds``, from
+    the request's arrival at the API to its first token), p50 and p99 read off the histogram's
+    buckets (the upper bound of the bucket the quantile falls in): beside the client's TTFT it
+    tells server time from the load generator's and the network's."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    text = httpx.get(url + "/metrics", timeout=30).text
+    for family in text_string_to_metric_families(text):
+        if family.name != "surge:tenant_time_to_first_token_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                buckets.setdefault(sample.labels["tenant"], []).append(
+                    (float(sample.labels["le"]), sample.value))
+    return {tenant: {f"server_ttft_{name}": _bucket_quantile(sorted(rows), q)
+                     for name, q in (("p50", 0.5), ("p99", 0.99))}
+            for tenant, rows in buckets.items()}
+
+
+def _bucket_quantile(cumulative: list[tuple[float, float]], q: float) -> float:
+    total = cumulative[-1][1]
+    for bound, count in cumulative:
+        if total and count >= q * total:
+            return bound
+    return float("nan")
 
 
 def _by_arrival(admitted: list[Record], window: float) -> list[float]:
@@ -245,12 +278,15 @@ def report(summaries: dict[str, dict[str, dict[str, float]]], windows: dict[str,
           f"{args.output_len} tokens; windows: "
           + ", ".join(f"{k} {v:.1f} s" for k, v in windows.items()))
     print(f"{'run':6} {'tenant':6} {'sent':>5} {'admit':>5} {'429':>5} {'done':>5} "
-          f"{'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9}")
+          f"{'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'server p50':>10} {'server p99':>10}"
+          f" {'send lag p99':>12}")
     for name, summary in summaries.items():
         for tenant, s in summary.items():
             print(f"{name:6} {tenant:6} {s['sent']:5d} {s['admitted']:5d} "
                   f"{s['rejected_429']:5d} {s['finished']:5d} {s['tokens_per_s']:7.1f} "
-                  f"{s['ttft_p50']:8.2f}s {s['ttft_p99']:8.2f}s")
+                  f"{s['ttft_p50']:8.2f}s {s['ttft_p99']:8.2f}s "
+                  f"{s.get('server_ttft_p50', float('nan')):9.2f}s "
+                  f"{s.get('server_ttft_p99', float('nan')):9.2f}s {s['send_lag_p99']:11.3f}s")
     verdicts: dict[str, dict[str, float]] = {}
     for policy in args.policies:
         summary = summaries[policy]
@@ -286,7 +322,11 @@ def main() -> None:
     for name, policy, arrivals in runs:
         with Server(model, policy, args) as server:
             records, window = asyncio.run(run_load(server.url, arrivals, args))
+            server_ttft = server_ttft_quantiles(server.url)
         summaries[name], windows[name] = summarize(records, window), window
+        for tenant, quantiles in server_ttft.items():
+            if tenant in summaries[name]:
+                summaries[name][tenant].update(quantiles)
         print(f"{name}: {len(records)} sent, {sum(r.status == 429 for r in records)} got 429",
               flush=True)
     report(summaries, windows, workload, args)
