@@ -43,7 +43,7 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     for dtype in args.dtypes:
         results[f"surge {dtype}"] = bench_surge(model_dir, dtype, w1_prompts, w4_prompt,
-                                                args.device)
+                                                args.device, args.enforce_eager)
         hf = load_hf(model_dir, dtype, args.device)
         results[f"hf padded batch {dtype}"] = {"w1": bench_hf_batch(hf, w1_prompts)}
         if not args.skip_lock:
@@ -65,6 +65,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where Surge and the peers run (default: cpu)")
     parser.add_argument("--no-plot", action="store_true", help="write the JSON only")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="Surge without CUDA graphs (decode steps eager)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/bench_engine.json")
     return parser.parse_args()
@@ -88,8 +90,9 @@ def random_prompt(rng: random.Random, length: int) -> list[int]:
 # -- Surge -----------------------------------------------------------------------------------
 
 def bench_surge(model_dir: Path, dtype: str, w1_prompts: list[list[int]],
-                w4_prompt: list[int], device: str = "cpu") -> dict[str, float]:
-    llm = LLM(model_dir, dtype=dtype, device=device)
+                w4_prompt: list[int], device: str = "cpu", enforce_eager: bool = False
+                ) -> dict[str, float]:
+    llm = LLM(model_dir, dtype=dtype, device=device, enforce_eager=enforce_eager)
     # Warm-up on other prompts of the same shapes (no prefix-cache hits on the timed run):
     # oneDNN builds its kernels for each new batch size once.
     rng = random.Random(1)

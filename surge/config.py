@@ -58,6 +58,9 @@ class EngineConfig:
     kv_cache_fraction: float = 0.5
     kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
+    # On CUDA, decode steps replay captured graphs (surge.engine.cuda_graphs); True runs
+    # every step eagerly (vLLM's name for the same switch).
+    enforce_eager: bool = False
     allow_pickle: bool = False
     seed: int = 0
     # Torch intra-op threads of the engine; None leaves torch's default (all cores). Replicas
@@ -126,6 +129,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "(~2x the tokens per byte, quantized on write)")
     parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching",
                         action="store_false")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="on CUDA, run decode steps eagerly instead of replaying captured "
+                             "CUDA graphs (no effect on CPU)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow loading pickle (.bin) weights; they can run arbitrary code")
     parser.add_argument("--num-threads", type=int, default=None,

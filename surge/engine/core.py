@@ -72,7 +72,8 @@ class EngineCore:
             config.max_num_batched_tokens or _default_token_budget(self.loaded.device),
             tenant_weights=config.tenant_weights)
         self.runner = ModelRunner(self.loaded, num_blocks, config.block_size, config.seed,
-                                  config.kv_cache_dtype)
+                                  config.kv_cache_dtype, self.max_model_len,
+                                  cuda_graphs=not config.enforce_eager)
         self.num_steps = 0
         self.step_stats = StepStats()  # per-phase step times, for the breakdown metric
         self.profiler: StepProfiler | None = None  # POST /debug/profile, while it records

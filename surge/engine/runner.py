@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from surge.engine.cuda_graphs import DecodeGraphs, decode_bias
 from surge.engine.request import Request
 from surge.engine.sampler import RowPenalties, SampleResult, SamplingBatch, sample
 from surge.engine.scheduler import ScheduledChunk, SchedulerOutput
@@ -31,7 +32,8 @@ __all__ = ["ModelRunner"]
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, seed: int = 0,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", max_model_len: int | None = None,
+                 cuda_graphs: bool = True):
         self.model = loaded.model
         self.config = loaded.config
         self.device = loaded.device
@@ -46,6 +48,17 @@ class ModelRunner:
         self.structured: StructuredOutputs | None = None
         # (forward, sampling) seconds of the last execute, for the step breakdown metric.
         self.last_step_seconds = (0.0, 0.0)
+        # Decode steps replayed from CUDA graphs (see surge.engine.cuda_graphs); their padding
+        # rows write to one extra block past the managed ones.
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(
+                self.model, block_size=block_size, trash_slot=num_blocks * block_size,
+                max_blocks=-(-(max_model_len or self.config.max_position_embeddings)
+                             // block_size),
+                num_kv_heads=self.config.num_kv_heads,
+                sliding_window=self.config.sliding_window, dtype=self.dtype,
+                device=self.device)
         self._allocate_kv_cache()
 
     def _allocate_kv_cache(self) -> None:
@@ -53,8 +66,8 @@ class ModelRunner:
         # Zeroed eagerly on purpose: lazily mapped zero pages would be faulted in (and zeroed
         # by the kernel, 2 MiB at a time with transparent huge pages) on the first write to
         # each block, which made a fresh engine's prefill 15% slower on CPU.
-        shape = (self.config.num_kv_heads, self.num_blocks, self.block_size,
-                 self.config.head_dim)
+        num_blocks = self.num_blocks + (self.graphs is not None)  # the trash block
+        shape = (self.config.num_kv_heads, num_blocks, self.block_size, self.config.head_dim)
         for layer in self.model.attention_layers():
             layer.k_cache = allocate_kv_cache(*shape, self.kv_cache_dtype, self.device)
             layer.v_cache = allocate_kv_cache(*shape, self.kv_cache_dtype, self.device)
@@ -69,7 +82,6 @@ class ModelRunner:
         """Run one step; returns the sampled token of every request whose chunk completes."""
         started = time.perf_counter()
         chunks = sorted(output.chunks, key=lambda c: c.num_tokens != 1)  # decodes first
-        input_ids, positions, metadata = self._prepare(chunks)
         sampling = [(end - 1, chunk.request) for chunk, end in zip(
             chunks, _cumulative_ends(chunks), strict=True) if chunk.samples]
         requests = [request for _, request in sampling]
@@ -77,8 +89,7 @@ class ModelRunner:
         grammar_rows = [row for row, r in enumerate(requests) if r.grammar is not None]
         masks = (self.structured.fill_bitmask([requests[row].grammar for row in grammar_rows])
                  if grammar_rows and self.structured is not None else None)
-        with forward_context(metadata):
-            hidden = self.model(input_ids, positions)
+        hidden = self._forward(chunks)
         self._record_prompt_logprobs(chunks, hidden)
         forward_done = time.perf_counter()
         self.last_step_seconds = (forward_done - started, 0.0)
@@ -92,6 +103,19 @@ class ModelRunner:
         results = sample(logits, batch, self.generator)
         self.last_step_seconds = (forward_done - started, time.perf_counter() - forward_done)
         return {r.request_id: res for r, res in zip(requests, results, strict=True)}
+
+    def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Hidden states of every scheduled token: a captured graph for an all-decode step
+        that fits one, the eager model otherwise."""
+        if self.graphs is not None and all(c.num_tokens == 1 for c in chunks):
+            tables = [self._block_table(c.request.block_ids, c.start + 1) for c in chunks]
+            if self.graphs.fits(len(chunks), max(len(t) for t in tables)):
+                return self.graphs.run(
+                    [c.request.token_ids[c.start] for c in chunks], [c.start for c in chunks],
+                    [self._slot(c.request.block_ids, c.start) for c in chunks], tables)
+        input_ids, positions, metadata = self._prepare(chunks)
+        with forward_context(metadata):
+            return self.model(input_ids, positions)
 
     def _record_prompt_logprobs(self, chunks: list[ScheduledChunk], hidden: torch.Tensor
                                 ) -> None:
@@ -185,18 +209,12 @@ class ModelRunner:
                   for c, n in zip(decodes, lengths, strict=True)]
         max_blocks = max(len(t) for t in tables)
         padded = [t + [0] * (max_blocks - len(t)) for t in tables]
-        key_pos = torch.arange(max_blocks * self.block_size, device=self.device).unsqueeze(0)
-        lengths_t = self._tensor(lengths).unsqueeze(1)
-        allowed = key_pos < lengths_t
-        window = self.config.sliding_window
-        if window:
-            allowed &= key_pos > lengths_t - 1 - window
-        bias = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
-        bias.masked_fill_(~allowed, float("-inf"))
         meta.num_decodes = len(decodes)
         meta.decode_block_table = self._tensor(padded)
         # One row per (KV head, sequence), the batch order of the decode matmuls.
-        meta.decode_bias = bias.repeat(self.config.num_kv_heads, 1).unsqueeze(1)
+        meta.decode_bias = decode_bias(self._tensor(lengths), max_blocks * self.block_size,
+                                       self.config.sliding_window, self.config.num_kv_heads,
+                                       self.dtype)
 
     def _prefill_chunk(self, chunk: ScheduledChunk, token_start: int) -> PrefillChunk:
         end = chunk.start + chunk.num_tokens
