@@ -65,6 +65,10 @@ class EngineCore:
                                  model_config.max_position_embeddings)
         self.eos_token_ids = frozenset(model_config.eos_token_ids) | eos_token_ids(model_dir)
         num_blocks = plan_num_blocks(config, self.loaded, self.max_model_len)
+        # CUDA graphs' padding rows write to one extra block: it comes out of the budget.
+        cuda_graphs = (self.loaded.device.type == "cuda" and not config.enforce_eager
+                       and num_blocks > 1)
+        num_blocks -= cuda_graphs
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = make_scheduler(
@@ -73,7 +77,7 @@ class EngineCore:
             tenant_weights=config.tenant_weights)
         self.runner = ModelRunner(self.loaded, num_blocks, config.block_size, config.seed,
                                   config.kv_cache_dtype, self.max_model_len,
-                                  cuda_graphs=not config.enforce_eager)
+                                  cuda_graphs=cuda_graphs)
         self.num_steps = 0
         self.step_stats = StepStats()  # per-phase step times, for the breakdown metric
         self.profiler: StepProfiler | None = None  # POST /debug/profile, while it records
