@@ -22,27 +22,13 @@ from dataclasses import dataclass
 
 import torch
 
-from surge.models.attention import AttentionMetadata, forward_context
+from surge.models.attention import AttentionMetadata, decode_bias, forward_context
 
-__all__ = ["MAX_GRAPH_BATCH", "DecodeGraphs", "decode_bias"]
+__all__ = ["MAX_GRAPH_BATCH", "DecodeGraphs"]
 
 # Larger batches run eagerly: their launch overhead is shared by many tokens, and a padded
 # block table would make every sequence attend over the longest one's blocks.
 MAX_GRAPH_BATCH = 32
-
-
-def decode_bias(lengths: torch.Tensor, num_positions: int, window: int | None,
-                num_kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """The additive attention mask of decode rows: 0 where a row's query sees the key
-    position, -inf elsewhere, one row per (KV head, sequence): [Hkv * B, 1, num_positions]."""
-    key_pos = torch.arange(num_positions, device=lengths.device).unsqueeze(0)
-    lengths = lengths.unsqueeze(1)
-    allowed = key_pos < lengths
-    if window:
-        allowed &= key_pos > lengths - 1 - window
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=lengths.device)
-    bias.masked_fill_(~allowed, float("-inf"))
-    return bias.repeat(num_kv_heads, 1).unsqueeze(1)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from surge.engine.cuda_graphs import DecodeGraphs, decode_bias
+from surge.engine.cuda_graphs import DecodeGraphs
 from surge.engine.request import Request
 from surge.engine.sampler import RowPenalties, SampleResult, SamplingBatch, sample
 from surge.engine.scheduler import ScheduledChunk, SchedulerOutput
@@ -21,6 +21,7 @@ from surge.models.attention import (
     AttentionMetadata,
     PrefillChunk,
     allocate_kv_cache,
+    decode_bias,
     forward_context,
     kv_cache_torch_dtype,
 )

@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AttentionMetadata", "PrefillChunk", "allocate_kv_cache", "dequantize_kv",
-           "forward_context", "gather_blocks", "get_forward_context", "kv_bytes_per_token",
-           "kv_cache_torch_dtype", "paged_attention", "quantize_kv"]
+__all__ = ["AttentionMetadata", "PrefillChunk", "allocate_kv_cache", "decode_bias",
+           "dequantize_kv", "forward_context", "gather_blocks", "get_forward_context",
+           "kv_bytes_per_token", "kv_cache_torch_dtype", "paged_attention", "quantize_kv"]
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _INT8_MAX = 127
@@ -64,6 +64,20 @@ class AttentionMetadata:
 
 
 _context: AttentionMetadata | None = None
+
+
+def decode_bias(lengths: torch.Tensor, num_positions: int, window: int | None,
+                num_kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention mask of decode rows: 0 where a row's query sees the key
+    position, -inf elsewhere, one row per (KV head, sequence): [Hkv * B, 1, num_positions]."""
+    key_pos = torch.arange(num_positions, device=lengths.device).unsqueeze(0)
+    lengths = lengths.unsqueeze(1)
+    allowed = key_pos < lengths
+    if window:
+        allowed &= key_pos > lengths - 1 - window
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=lengths.device)
+    bias.masked_fill_(~allowed, float("-inf"))
+    return bias.repeat(num_kv_heads, 1).unsqueeze(1)
 
 
 @contextlib.contextmanager
