@@ -446,9 +446,8 @@ class FairScheduler(Scheduler):
     keeps its share (so a light tenant's request starts at once under a flood instead of
     waiting for a flood request to finish). Seats only ever move toward the shares, so they
     cannot thrash; a tenant at its share waits for a seat to free, as in the paper.
-    Priorities order
-    each tenant's requests only: the lower-priority prompt share is off, since one tenant's
-    priorities must not slow another tenant down.
+    Priorities order each tenant's requests only: the lower-priority prompt share is off,
+    since one tenant's priorities must not slow another tenant down.
     """
 
     policy = "fair"
