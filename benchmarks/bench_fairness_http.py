@@ -229,31 +229,19 @@ def summarize(records: list[Record], window: float) -> dict[str, dict[str, float
 
 def server_ttft_quantiles(url: str) -> dict[str, dict[str, float]]:
     """The server's own TTFT per tenant (``surge:tenant_time_to_first_token_seconds``, from
-    the request's arrival at the API to its first token), p50 and p99 read off the histogram's
-    buckets (the upper bound of the bucket the quantile falls in): beside the client's TTFT it
-    tells server time from the load generator's and the network's."""
-    from prometheus_client.parser import text_string_to_metric_families
+    the request's arrival at the API to its first token), p50 and p99 read off the histogram
+    as the status page reads it: beside the client's TTFT it tells server time from the load
+    generator's and the network's."""
+    from surge.apps.status import bucket_quantile, parse_metrics
 
-    buckets: dict[str, list[tuple[float, float]]] = {}
-    text = httpx.get(url + "/metrics", timeout=30).text
-    for family in text_string_to_metric_families(text):
-        if family.name != "surge:tenant_time_to_first_token_seconds":
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_bucket"):
-                buckets.setdefault(sample.labels["tenant"], []).append(
-                    (float(sample.labels["le"]), sample.value))
-    return {tenant: {f"server_ttft_{name}": _bucket_quantile(sorted(rows), q)
+    snapshot = parse_metrics(httpx.get(url + "/metrics", timeout=30).text)
+    return {tenant: {f"server_ttft_{name}": _or_nan(bucket_quantile(q, buckets))
                      for name, q in (("p50", 0.5), ("p99", 0.99))}
-            for tenant, rows in buckets.items()}
+            for tenant, buckets in snapshot.tenant_ttft.items()}
 
 
-def _bucket_quantile(cumulative: list[tuple[float, float]], q: float) -> float:
-    total = cumulative[-1][1]
-    for bound, count in cumulative:
-        if total and count >= q * total:
-            return bound
-    return float("nan")
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def _by_arrival(admitted: list[Record], window: float) -> list[float]:
