@@ -3,11 +3,11 @@
 Tolerances: the fake server sleeps at least the scripted time, and the measurement adds
 loopback and event-loop overhead (the server shares the generator's event loop; about 1.5 ms
 on average, 4 ms at most, on an idle 2-core machine). Medians must fall within
-[script - 0.5 ms, script + 5 ms]; so must 90% of a scripted distribution's requests, rank by
-rank (the odd stall of a shared machine moves a tail percentile by a whole script step, so
-no single percentile is held to it). TPOT is a difference of two timestamps with the same
-overhead, and the fake schedules tokens on absolute deadlines, so its median must match
-within 1 ms.
+[script - 0.5 ms, script + 5 ms]; so must 90% of a scripted distribution's values, each
+matched by a measured request (the odd stall of a shared machine moves a tail percentile by
+a whole script step, so no single percentile is held to it). TPOT is a difference of two
+timestamps with the same overhead, and the fake schedules tokens on absolute deadlines, so
+its median must match within 1 ms.
 """
 
 from __future__ import annotations
@@ -57,13 +57,19 @@ def test_percentiles_match_a_scripted_distribution() -> None:
     for name, value in zip(("p50", "p90", "p99"), expected, strict=True):
         assert ttft[name] == pytest.approx(float(value), abs=1e-9)
     assert ttft["max"] == pytest.approx(measured[-1]) and ttft["count"] == 40
-    # What was measured is the script: the k-th fastest request never beats the k-th scripted
-    # delay, and at least 90% of them land within the median tolerance. (A stall of a shared
-    # machine delays the odd request by 10 ms or more, which moves a percentile of a 40-sample
-    # run by a whole step; the per-rank comparison keeps the test about the measurement.)
+    # What was measured is the script: no request beats the fastest scripted delay, and at
+    # least 90% of the scripted delays are each matched by a measured request within the
+    # median tolerance. The windows are 10 ms apart and 5.5 ms wide, so a measurement matches
+    # one scripted value at most. (A stall of a shared machine delays the odd request by tens
+    # of milliseconds, which shifts every rank between its scripted and measured value by one;
+    # matching values instead of ranks costs such a stall one match, not a run of them.)
+    assert measured[0] >= scripted[0] - BELOW, measured[0]
+    matched = sum(
+        min(scripted.count(value), sum(value - BELOW <= m <= value + ABOVE for m in measured))
+        for value in sorted(set(scripted))
+    )
+    assert matched >= 0.9 * len(scripted), (matched, np.round(measured, 4).tolist())
     excess = np.array(measured) - np.array(scripted)
-    assert excess.min() >= -BELOW, excess.min()
-    assert np.mean(excess <= ABOVE) >= 0.9, sorted(excess)[-8:]
     assert float(np.median(excess)) <= ABOVE
 
 
