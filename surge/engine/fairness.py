@@ -130,12 +130,12 @@ class TenantLedger:
 class TenantQueues:
     """Waiting requests, one heap per tenant by (priority, arrival); the next one is the head
     of the tenant with the smallest ``counter(tenant)`` (ties: the earliest head), tenants
-    for which ``below_share`` holds (below their share of the seats) first."""
+    for which ``may_take_seat`` holds (a seat given to them stays theirs) first."""
 
     def __init__(self, counter: Callable[[str], float],
-                 below_share: Callable[[str], bool] = lambda tenant: False):
+                 may_take_seat: Callable[[str], bool] = lambda tenant: True):
         self._counter = counter
-        self._below_share = below_share
+        self._may_take_seat = may_take_seat
         self._heaps: dict[str, list[tuple[tuple[int, float, int], Request]]] = {}
         self._size = 0
         # The tenant whose queue emptied last: a tenant returning while none waits is lifted
@@ -189,7 +189,7 @@ class TenantQueues:
     def _next_tenant(self) -> str | None:
         if not self._heaps:
             return None
-        return min(self._heaps, key=lambda t: (not self._below_share(t), self._counter(t),
+        return min(self._heaps, key=lambda t: (not self._may_take_seat(t), self._counter(t),
                                                self._heaps[t][0][0][1:]))
 
     def _drop_if_empty(self, tenant: str) -> None:

@@ -441,11 +441,12 @@ class FairScheduler(Scheduler):
     earlier in the same step; running requests are served tenant by tenant from the least
     served, and under KV pressure the victim is the latest, lowest-priority request of the
     most served. Seats (``max_num_seqs``) are shared by weight among the tenants running or
-    waiting: a free seat goes first to a waiting tenant a whole seat below its share, and
-    such a tenant takes a seat at once from the tenant furthest above its share if that one
-    keeps its share (so a light tenant's request starts at once under a flood instead of
-    waiting for a flood request to finish). Seats only ever move toward the shares, so they
-    cannot thrash; a tenant at its share waits for a seat to free, as in the paper.
+    waiting: a waiting tenant takes a seat at once from the tenant holding the most seats per
+    weight if that one would still hold at least as many per weight as the taker (so a light
+    tenant's request starts at once under a flood instead of waiting for a flood request to
+    finish), and a free seat never goes to a tenant another waiting tenant could take it
+    back from. Seats only ever move toward equal seats per weight, so they cannot thrash; a
+    tenant at its share waits for a seat to free, as in the paper.
     Priorities order each tenant's requests only: the lower-priority prompt share is off,
     since one tenant's priorities must not slow another tenant down.
     """
@@ -477,7 +478,7 @@ class FairScheduler(Scheduler):
     def _new_waiting_queue(self) -> WaitingQueue:
         # Kept under its own type too: lifting asks it who is backlogged.
         self._queues = TenantQueues(self._counter_with_pending,
-                                    below_share=lambda t: self._seat_excess(t) <= -1)
+                                    may_take_seat=self._may_take_free_seat)
         return self._queues
 
     def _counter_with_pending(self, tenant: str) -> float:
@@ -492,22 +493,34 @@ class FairScheduler(Scheduler):
             return waiting.priority < running.priority
         return self._rank(waiting)[0] < self._rank(running)[0]
 
-    def _seat_excess(self, tenant: str) -> float:
-        """Seats (``max_num_seqs``) ``tenant`` holds beyond its weighted share of them, the
-        share taken among the tenants running or waiting now."""
-        active = {r.tenant for r in self.running} | set(self._queues.tenants()) | {tenant}
-        total_weight = sum(self.ledger.weight(t) for t in active)
-        held = sum(r.tenant == tenant for r in self.running)
-        return held - self.max_num_seqs * self.ledger.weight(tenant) / total_weight
+    def _seats_per_weight(self, tenant: str) -> float:
+        return sum(r.tenant == tenant for r in self.running) / self.ledger.weight(tenant)
+
+    def _seat_donor(self, tenant: str) -> str | None:
+        """The running tenant ``tenant`` may take a seat from: the one holding the most seats
+        per unit of weight, if after the move it still holds at least as many per weight as
+        ``tenant`` then does. (So seats only move toward equal seats per weight, and a moved
+        seat is never taken back while nothing else changes: no thrashing.)"""
+        donor = max({r.tenant for r in self.running} - {tenant}, key=self._seats_per_weight,
+                    default=None)
+        if donor is None:
+            return None
+        after = (self._seats_per_weight(tenant) + 1 / self.ledger.weight(tenant),
+                 self._seats_per_weight(donor) - 1 / self.ledger.weight(donor))
+        return donor if after[0] <= after[1] else None
+
+    def _may_take_free_seat(self, tenant: str) -> bool:
+        """Whether a free seat given to ``tenant`` stays its own: no other waiting tenant
+        would then hold fewer seats per weight, with one more, than ``tenant`` without it
+        (that tenant would take the seat back at once, as ``_seat_donor`` allows)."""
+        held = self._seats_per_weight(tenant)
+        return all(self._seats_per_weight(other) + 1 / self.ledger.weight(other) > held
+                   for other in self._queues.tenants() if other != tenant)
 
     def _displacement_victim(self, waiting: Request) -> Request | None:
-        """The latest, lowest-priority running request of the tenant furthest above its
-        seat share, when the waiting tenant is a whole seat below its own and the donor
-        stays at or above its share."""
-        if self._seat_excess(waiting.tenant) > -1:
-            return None
-        donor = max({r.tenant for r in self.running}, key=self._seat_excess, default=None)
-        if donor is None or self._seat_excess(donor) < 1:
+        """The latest, lowest-priority running request of the waiting tenant's seat donor."""
+        donor = self._seat_donor(waiting.tenant)
+        if donor is None:
             return None
         return max((r for r in self.running if r.tenant == donor), key=lambda r: r.sort_key)
 

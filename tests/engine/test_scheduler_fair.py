@@ -243,6 +243,27 @@ def test_a_light_tenant_takes_a_seat_from_a_flood_at_once_and_seats_do_not_thras
     assert s.num_preemptions == 1 and "light" in finished
 
 
+def test_a_light_tenant_above_a_fractional_share_still_takes_a_seat_from_a_flood() -> None:
+    # Three tenants, 8 seats: 8/3 each. "b" holds 1 and "c" 2, so the flood holds 5; "c" is
+    # less than a whole seat below 8/3, yet with a third seat it still holds fewer than the
+    # flood keeps (4), so it takes one at once instead of waiting for a flood request to end.
+    s = fair(max_num_seqs=8, max_num_batched_tokens=64)
+    s.add_request(request("b", max_tokens=50, name="b1"))
+    for name in ("c1", "c2"):
+        s.add_request(request("c", max_tokens=50, name=name))
+    step(s)
+    keep_backlogged(s, ["flood"], depth=8)
+    step(s)
+    assert Counter(r.tenant for r in s.running) == {"flood": 5, "c": 2, "b": 1}
+    s.add_request(request("c", max_tokens=50, name="c3"))
+    out, _ = step(s)
+    assert [r.tenant for r in out.preempted] == ["flood"]
+    assert "c3" in [c.request.request_id for c in out.chunks]
+    for _ in range(10):  # 4 flood, 3 c, 1 b: nobody can gain a seat without dropping below
+        keep_backlogged(s, ["flood"], depth=8)
+        assert step(s)[0].preempted == []
+
+
 def test_backlogged_tenants_hold_seats_by_weight_without_preemption() -> None:
     s = fair(max_num_seqs=6, weights={"gold": 2})
     keep_backlogged(s, ["bronze"], depth=12)
