@@ -49,6 +49,9 @@ class ModelRunner:
         self.structured: StructuredOutputs | None = None
         # (forward, sampling) seconds of the last execute, for the step breakdown metric.
         self.last_step_seconds = (0.0, 0.0)
+        # Seconds the step loop spent computing grammar masks or waiting for them, in all:
+        # what every request in a step with a constrained one pays (benchmarks read it).
+        self.grammar_seconds = 0.0
         # Decode steps replayed from CUDA graphs (see surge.engine.cuda_graphs); their padding
         # rows write to one extra block past the managed ones.
         self.graphs: DecodeGraphs | None = None
@@ -86,10 +89,14 @@ class ModelRunner:
         sampling = [(end - 1, chunk.request) for chunk, end in zip(
             chunks, _cumulative_ends(chunks), strict=True) if chunk.samples]
         requests = [request for _, request in sampling]
-        # Grammar masks are computed on a worker thread while the model runs.
+        # Grammar masks are computed on a worker thread while the model runs (or here, when
+        # no core is free for that thread).
         grammar_rows = [row for row, r in enumerate(requests) if r.grammar is not None]
-        masks = (self.structured.fill_bitmask([requests[row].grammar for row in grammar_rows])
-                 if grammar_rows and self.structured is not None else None)
+        masks = None
+        if grammar_rows and self.structured is not None:
+            grammar_started = time.perf_counter()
+            masks = self.structured.fill_bias([requests[row].grammar for row in grammar_rows])
+            self.grammar_seconds += time.perf_counter() - grammar_started
         hidden = self._forward(chunks)
         self._record_prompt_logprobs(chunks, hidden)
         forward_done = time.perf_counter()
@@ -100,7 +107,9 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[rows]).float()
         batch = self._sampling_batch(requests)
         if masks is not None:
-            batch.grammar_rows, batch.grammar_allowed = grammar_rows, masks.result()
+            waited = time.perf_counter()
+            batch.grammar_rows, batch.grammar_bias = grammar_rows, masks.result()
+            self.grammar_seconds += time.perf_counter() - waited
         results = sample(logits, batch, self.generator)
         self.last_step_seconds = (forward_done - started, time.perf_counter() - forward_done)
         return {r.request_id: res for r, res in zip(requests, results, strict=True)}

@@ -13,9 +13,9 @@ Lifecycle of a constrained request:
 1. ``StructuredOutputs.compile(params)`` starts compiling on a worker thread (cached by the
    constraint's canonical text) and returns a future; the engine core keeps the request out
    of the scheduler until the future is done, so a slow compile never stalls the step loop.
-2. Each step, ``fill_bitmask`` computes the allowed tokens of every constrained row in one
+2. Each step, ``fill_bias`` computes the allowed tokens of every constrained row in one
    call (on a worker thread, overlapping the forward pass, when a core is free for it; on
-   the step loop's thread otherwise).
+   the step loop's thread otherwise), as an additive bias the sampler adds to the logits.
 3. ``GrammarState.accept`` advances the matcher with the sampled token; a stopped matcher
    finishes the request. EOS is allowed by the mask only once the grammar is complete.
 """
@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 # Distinct constraints kept compiled; a compiled matcher is a few hundred KiB at most.
 _CACHE_SIZE = 256
+# float32 -inf as int32 bits (0xFF800000).
+_MINUS_INF_BITS = np.int32(-8388608)
 
 
 class GrammarError(ValueError):
@@ -162,10 +164,11 @@ class StructuredOutputs:
         template.add_done_callback(lambda done: _copy_into(done, state))
         return state
 
-    def fill_bitmask(self, states: list[GrammarState]) -> Future[torch.Tensor]:
-        """Allowed tokens of each state's next position, bool [len(states), vocab]: one
-        grammar-engine call for all rows, then unpacked, both on the mask thread (so the step
-        loop only applies it) -- or, without ``overlap``, right here."""
+    def fill_bias(self, states: list[GrammarState]) -> Future[torch.Tensor]:
+        """The allowed tokens of each state's next position as a float32 bias
+        [len(states), vocab], 0 where allowed and -inf elsewhere: one grammar-engine call for
+        all rows, then unpacked, both on the mask thread (so the step loop only adds it) --
+        or, without ``overlap``, right here."""
         if self._overlap:
             return self._masker.submit(self._fill, states)
         done: Future[torch.Tensor] = Future()
@@ -198,7 +201,11 @@ class StructuredOutputs:
     def _fill(self, states: list[GrammarState]) -> torch.Tensor:
         """Unpacked with numpy, not torch: a torch op on this thread starts OpenMP workers
         that fight the forward pass's for the same cores (measured: ~1 ms alone, 40 ms on a
-        busy 2-core machine, and the forward slowed too); numpy's unpack is one thread."""
+        busy 2-core machine, and the forward slowed too); numpy's unpack is one thread.
+
+        A bias, not a bool mask: adding it to the logits took 0.05 ms for 16 rows of 49152
+        where ``torch.where`` or ``masked_fill`` with the bool mask took 1.4 ms (2 cores), and
+        building it here costs 0.16 ms."""
         import torch
 
         words = np.full((len(states), -(-self._vocab_size // 32)), -1, dtype=np.int32)
@@ -207,7 +214,12 @@ class StructuredOutputs:
             words.ctypes.data, words.shape[1] * 4, len(states))
         # Bit j of word i allows id 32 * i + j: little-endian words, bits little-first.
         bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")
-        return torch.from_numpy(bits[:, :self._vocab_size].view(np.bool_))
+        # Allowed (1): (1 - 1) & x = 0, the bits of 0.0; not allowed (0): -1 & x = x, the
+        # bits of -inf.
+        bias = bits[:, :self._vocab_size].astype(np.int32)
+        bias -= 1
+        bias &= _MINUS_INF_BITS
+        return torch.from_numpy(bias.view(np.float32))
 
     def _remember(self, key: str, template: Future[llguidance.LLMatcher]) -> None:
         if len(self._compiled) >= _CACHE_SIZE:  # drop the oldest entry (insertion order)

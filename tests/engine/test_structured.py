@@ -216,11 +216,13 @@ def test_identical_constraints_compile_once_and_states_are_independent(
     first, second = structured.compile(spec).result(), structured.compile(spec).result()
     assert len(structured._compiled) == 1
     first.accept(tokenizer.encode("a", add_special_tokens=False)[0])
-    masks = structured.fill_bitmask([first, second]).result()
-    assert masks.shape == (2, tokenizer.vocab_size) and masks.dtype == torch.bool
-    allowed_first = {tokenizer.decode([i]) for i in masks[0].nonzero().flatten().tolist()}
+    bias = structured.fill_bias([first, second]).result()
+    assert bias.shape == (2, tokenizer.vocab_size) and bias.dtype == torch.float32
+    # Each id is either allowed (0) or not (-inf): nothing in between.
+    assert torch.equal(torch.isneginf(bias), bias != 0)
+    allowed_first = {tokenizer.decode([i]) for i in (bias[0] == 0).nonzero().flatten().tolist()}
     assert "b" in allowed_first and "c" not in allowed_first
-    assert not torch.equal(masks[0], masks[1])  # advancing one left the other at the start
+    assert not torch.equal(bias[0], bias[1])  # advancing one left the other at the start
     structured.shutdown()
 
 
@@ -248,13 +250,17 @@ def test_structured_outputs_params_need_exactly_one_constraint() -> None:
     assert SamplingParams(structured_outputs={"regex": "a+"}).structured_outputs.regex == "a+"
 
 
+def _bias(allowed: list[list[bool]]) -> torch.Tensor:
+    return torch.where(torch.tensor(allowed), 0.0, float("-inf"))
+
+
 def test_sampler_masks_only_constrained_rows() -> None:
     logits = torch.tensor([[0.0, 5.0, 1.0, 2.0], [0.0, 5.0, 1.0, 2.0]])
     # Row 1 may pick ids 2 and 3 only.
     batch = SamplingBatch([0.0, 0.0], [0, 0], [1.0, 1.0], [0.0, 0.0], [None, None],
                           [None, None], grammar_rows=[1],
-                          grammar_allowed=torch.tensor([[False, False, True, True]]))
+                          grammar_bias=_bias([[False, False, True, True]]))
     assert [r.token_id for r in sample(logits, batch)] == [1, 3]
-    batch.grammar_rows, batch.grammar_allowed = [0, 1], torch.tensor(
+    batch.grammar_rows, batch.grammar_bias = [0, 1], _bias(
         [[True, False, True, False], [False, False, True, True]])
     assert [r.token_id for r in sample(logits, batch)] == [2, 3]
