@@ -204,6 +204,9 @@ def test_unconstrained_outputs_are_unchanged_by_constrained_neighbours(
                                use_tqdm=False)
     assert [o.outputs[0].token_ids for o in mixed[:3]] == alone
     assert mixed_llm.engine.core.runner.structured is not None
+    # The step loop's time on masks is counted where there were masks, and only there.
+    assert alone_llm.engine.core.runner.grammar_seconds == 0.0
+    assert mixed_llm.engine.core.runner.grammar_seconds > 0.0
 
 
 @pytest.mark.parametrize("overlap", [True, False])  # a mask thread, or the step loop's own
