@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -493,28 +494,32 @@ class FairScheduler(Scheduler):
             return waiting.priority < running.priority
         return self._rank(waiting)[0] < self._rank(running)[0]
 
-    def _seats_per_weight(self, tenant: str) -> float:
-        return sum(r.tenant == tenant for r in self.running) / self.ledger.weight(tenant)
+    def _seats_per_weight(self) -> dict[str, float]:
+        """Seats held per unit of weight, by running tenant (one pass over the running
+        requests: this is asked for every waiting tenant at every peek)."""
+        held = Counter(r.tenant for r in self.running)
+        return {tenant: count / self.ledger.weight(tenant) for tenant, count in held.items()}
 
     def _seat_donor(self, tenant: str) -> str | None:
         """The running tenant ``tenant`` may take a seat from: the one holding the most seats
         per unit of weight, if after the move it still holds at least as many per weight as
         ``tenant`` then does. (So seats only move toward equal seats per weight, and a moved
         seat is never taken back while nothing else changes: no thrashing.)"""
-        donor = max({r.tenant for r in self.running} - {tenant}, key=self._seats_per_weight,
-                    default=None)
+        per_weight = self._seats_per_weight()
+        donor = max(per_weight.keys() - {tenant}, key=per_weight.__getitem__, default=None)
         if donor is None:
             return None
-        after = (self._seats_per_weight(tenant) + 1 / self.ledger.weight(tenant),
-                 self._seats_per_weight(donor) - 1 / self.ledger.weight(donor))
+        after = (per_weight.get(tenant, 0.0) + 1 / self.ledger.weight(tenant),
+                 per_weight[donor] - 1 / self.ledger.weight(donor))
         return donor if after[0] <= after[1] else None
 
     def _may_take_free_seat(self, tenant: str) -> bool:
         """Whether a free seat given to ``tenant`` stays its own: no other waiting tenant
         would then hold fewer seats per weight, with one more, than ``tenant`` without it
         (that tenant would take the seat back at once, as ``_seat_donor`` allows)."""
-        held = self._seats_per_weight(tenant)
-        return all(self._seats_per_weight(other) + 1 / self.ledger.weight(other) > held
+        per_weight = self._seats_per_weight()
+        held = per_weight.get(tenant, 0.0)
+        return all(per_weight.get(other, 0.0) + 1 / self.ledger.weight(other) > held
                    for other in self._queues.tenants() if other != tenant)
 
     def _displacement_victim(self, waiting: Request) -> Request | None:
