@@ -121,6 +121,33 @@ NEAR_MISSES: list[tuple[str, str]] = [
      "How do I read a file line by line in Java?"),
     ("What is recursion?", "What is iteration?"),
 ]
+# Word order (added with the role guard, surge.cache.semantic.roles_swapped): paraphrases
+# that move a phrase or say "to ... from" for "from ... to", and near misses that swap what
+# stands on either side of "to", "from" or "than". Mean pooling scores both kinds alike.
+ORDER_PARAPHRASES: list[tuple[str, str]] = [
+    ("How do I reverse a list in Python?", "In Python, how do I reverse a list?"),
+    ("How do I migrate from MySQL to PostgreSQL?",
+     "How do I move my data to PostgreSQL from MySQL?"),
+    ("How do I convert a list to a string in Python?",
+     "In Python, how can I turn a list into a string?"),
+    ("What is the difference between TCP and UDP?",
+     "What is the difference between UDP and TCP?"),
+    ("How do I push a commit to a remote branch in git?",
+     "In git, how do I push my commit to the remote branch?"),
+    ("How do I copy a file from one directory to another in Linux?",
+     "In Linux, how do I copy a file to another directory?"),
+]
+ORDER_NEAR_MISSES: list[tuple[str, str]] = [
+    ("How do I convert Celsius to Fahrenheit in Python?",
+     "How do I convert Fahrenheit to Celsius in Python?"),
+    ("Is Python faster than Java?", "Is Java faster than Python?"),
+    ("How do I copy a file from my laptop to a server?",
+     "How do I copy a file from a server to my laptop?"),
+    ("How do I migrate from MySQL to PostgreSQL?", "How do I migrate from PostgreSQL to MySQL?"),
+    ("How do I convert a list to a dictionary in Python?",
+     "How do I convert a dictionary to a list in Python?"),
+    ("How do I cast a float to an int in C?", "How do I cast an int to a float in C?"),
+]
 HIT_LATENCY_REQUESTS = 200
 # Answers are cut at --max-tokens (a tutor's answers run longer): kept on purpose here.
 CONFIGS = {"no cache": [], "exact": ["--response-cache", "--response-cache-keep-length"],
@@ -131,6 +158,9 @@ _LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+)")
 
 def main() -> None:
     args = parse_args()
+    if args.precision_only:
+        print(json.dumps(semantic_precision(args.threshold), indent=2))
+        return
     rng = random.Random(args.seed)
     workload = build_workload(rng, args.requests, args.paraphrase_share)
     report: dict[str, Any] = {"requests": len(workload), "concurrency": args.concurrency,
@@ -162,6 +192,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--paraphrase-share", type=float, default=0.2)
     parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--precision-only", action="store_true",
+                        help="only the semantic tier's precision on the labelled pairs "
+                             "(needs no LLM)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench_cache.json")
     args = parser.parse_args()
@@ -276,29 +309,43 @@ async def hit_latency(url: str, question: str, args: argparse.Namespace) -> dict
 
 
 def semantic_precision(threshold: float) -> dict[str, Any]:
-    """The similarity of each labelled pair by the default embedding model."""
-    from surge.cache.semantic import unit
+    """Each labelled pair's similarity by the default embedding model, and whether the role
+    guard refuses it; a pair is matched when it is at or above the threshold and not refused.
+    The curve is given with the guard and without it."""
+    from surge.cache.semantic import roles_swapped, unit
     from surge.hub import resolve_model
     from surge.models.pooling_models import TextEmbedder
 
     embedder = TextEmbedder(resolve_model("all-minilm-l6-v2"))
 
-    def similarity(a: str, b: str) -> float:
-        first, second = embedder.embed_batch(embedder.tokenize([a, b]))
-        return float(unit(first) @ unit(second))
+    def scored(pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        vectors = embedder.embed_batch(embedder.tokenize([text for pair in pairs
+                                                          for text in pair]))
+        return [(float(unit(vectors[2 * i]) @ unit(vectors[2 * i + 1])), roles_swapped(a, b))
+                for i, (a, b) in enumerate(pairs)]
 
-    positives = [similarity(q, p) for q, paraphrases in FAQ for p in paraphrases]
-    positives += [similarity(a, b) for a, b in MORE_PARAPHRASES]
-    negatives = [similarity(a, b) for a, b in NEGATIVES + NEAR_MISSES]
-    caught = sum(s >= threshold for s in positives)
-    wrong = sum(s >= threshold for s in negatives)
-    curve = {f"{t:.2f}": {"paraphrases_caught": sum(s >= t for s in positives) / len(positives),
-                          "wrong_pairs_matched": sum(s >= t for s in negatives) / len(negatives)}
-             for t in np.arange(0.80, 0.99, 0.02)}
+    positives = scored([(q, p) for q, paraphrases in FAQ for p in paraphrases]
+                       + MORE_PARAPHRASES + ORDER_PARAPHRASES)
+    negatives = scored(NEGATIVES + NEAR_MISSES + ORDER_NEAR_MISSES)
+
+    def matched(pairs: list[tuple[float, bool]], t: float, guard: bool = True) -> int:
+        return sum(s >= t and not (guard and swapped) for s, swapped in pairs)
+
+    caught, wrong = matched(positives, threshold), matched(negatives, threshold)
+    unguarded = matched(negatives, threshold, guard=False)
+    curve = {f"{t:.2f}": {
+        "paraphrases_caught": matched(positives, t) / len(positives),
+        "wrong_pairs_matched": matched(negatives, t) / len(negatives),
+        "without_guard": {"paraphrases_caught": matched(positives, t, False) / len(positives),
+                          "wrong_pairs_matched": matched(negatives, t, False) / len(negatives)},
+    } for t in np.arange(0.80, 0.99, 0.02)}
     return {"threshold": threshold, "pairs": {"paraphrases": len(positives),
                                               "near_misses": len(negatives)},
             "paraphrases_caught": caught / len(positives),
-            "wrong_hit_share": wrong / max(caught + wrong, 1), "curve": curve}
+            "wrong_hit_share": wrong / max(caught + wrong, 1),
+            "wrong_hit_share_without_guard": unguarded / max(
+                matched(positives, threshold, False) + unguarded, 1),
+            "curve": curve}
 
 
 def _quantile(values: list[float], q: float) -> float:

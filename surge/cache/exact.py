@@ -237,12 +237,12 @@ class ExactCache:
                                   "variant": query.model_variant,
                                   "version": model_fingerprint(query.model_dir),
                                   "request": exact}, earlier)
-        return _Probe(scope, vector)
+        return _Probe(scope, vector, text)
 
     async def _semantic_answer(self, probe: _Probe) -> CachedAnswer | None:
         assert self.semantic is not None
         try:
-            found = await self.semantic.nearest(probe.scope, probe.vector)
+            found = await self.semantic.nearest(probe.scope, probe.vector, probe.text)
             if found is None:
                 return None
             answer = self.local.get(found[0])
@@ -269,7 +269,7 @@ class ExactCache:
             if self.shared is not None:
                 await self.shared.set(self.settings.key_prefix + key, encoded, ttl)
             if probe is not None and self.semantic is not None:
-                await self.semantic.add(probe.scope, probe.vector, key)
+                await self.semantic.add(probe.scope, probe.vector, key, probe.text)
         except SharedTierDown:
             self.metrics.shared_errors.labels("set").inc()
 
@@ -289,6 +289,7 @@ class ExactCache:
 class _Probe:
     scope: str
     vector: Any  # np.ndarray, unit length
+    text: str  # what was compared by meaning
 
 
 @dataclass

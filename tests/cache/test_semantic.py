@@ -14,7 +14,13 @@ from prometheus_client import CollectorRegistry
 
 from surge.cache.exact import CacheSettings, ExactCache
 from surge.cache.metrics import CacheMetrics
-from surge.cache.semantic import SemanticIndex, SemanticSettings, compared_text, unit
+from surge.cache.semantic import (
+    SemanticIndex,
+    SemanticSettings,
+    compared_text,
+    roles_swapped,
+    unit,
+)
 from surge.cache.shared import RedisTier
 from surge.hub import resolve_model
 from surge.models.pooling_models import TextEmbedder
@@ -28,6 +34,8 @@ CHAT = "/v1/chat/completions"
 QUESTION = "How do I reverse a list in Python?"
 PARAPHRASE = "How can I reverse a Python list?"
 UNRELATED = "How do I reverse a string in Python?"  # close in words, not in meaning
+TO_INTEGER = "How do I convert a string to an integer in Python?"
+TO_STRING = "How do I convert an integer to a string in Python?"  # 0.996 to TO_INTEGER
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +97,11 @@ def test_replicas_share_the_semantic_index_through_redis(minilm: TextEmbedder,
         assert found is not None and found[0] == "answer-key" and found[1] >= 0.9
         assert await reader.nearest("scope", await embed(UNRELATED)) is None
         assert await reader.nearest("another scope", await embed(PARAPHRASE)) is None
+        # The compared text travels with the vector, so every replica refuses swapped roles.
+        await writer.add("scope", await embed(TO_INTEGER), "to-integer", TO_INTEGER)
+        swapped = await embed(TO_STRING)
+        assert float(swapped @ await embed(TO_INTEGER)) > 0.99
+        assert await reader.nearest("scope", swapped, TO_STRING) is None
         for tier in tiers:
             await tier.close()
 
@@ -143,5 +156,55 @@ def test_the_exact_cache_answers_a_paraphrase_only_in_the_same_scope(
         assert (await cache.lookup(_request(), query(earlier))).status == "miss"
         assert (await cache.lookup(_request("key-b"), query(_messages(("user", PARAPHRASE))))
                 ).status == "miss"
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    (TO_INTEGER, TO_STRING),
+    ("Is Python faster than Java?", "Is Java faster than Python?"),
+    ("How do I copy a file from my laptop to a server?",
+     "How do I copy a file from a server to my laptop?"),
+    ("Convert Celsius to Fahrenheit", "convert fahrenheit to celsius"),
+])
+def test_the_same_things_in_opposite_roles_are_different_questions(first: str,
+                                                                   second: str) -> None:
+    assert roles_swapped(first, second) and roles_swapped(second, first)
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    (TO_INTEGER, "How can I turn a string into an int in Python?"),
+    (QUESTION, "In Python, how do I reverse a list?"),
+    ("How do I migrate from MySQL to PostgreSQL?",
+     "How do I move my data to PostgreSQL from MySQL?"),
+    ("What is the difference between TCP and UDP?",
+     "What is the difference between UDP and TCP?"),
+    ("How do I copy a file from one directory to another in Linux?",
+     "In Linux, how do I copy a file to another directory?"),
+    ("How do I push to a remote branch?", "How do I pull from a remote branch?"),
+])
+def test_moving_a_phrase_or_a_symmetric_pair_keeps_the_question(first: str,
+                                                                 second: str) -> None:
+    assert not roles_swapped(first, second)
+
+
+def test_a_long_text_is_compared_in_bounded_work() -> None:
+    text = " ".join(f"from word{i} to word{i + 1}" for i in range(2000))
+    assert not roles_swapped(text, text)
+
+
+def test_the_nearest_entry_with_swapped_roles_gives_way_to_the_next() -> None:
+    async def no_embedding(text: str) -> None:
+        return None
+
+    async def main() -> None:
+        index = SemanticIndex(SemanticSettings(threshold=0.9), no_embedding, 60.0)
+        query = unit(np.array([1.0, 0.0, 0.0]))
+        await index.add("scope", unit(np.array([1.0, 0.01, 0.0])), "swapped", TO_STRING)
+        await index.add("scope", unit(np.array([1.0, 0.3, 0.0])), "same", TO_INTEGER)
+        found = await index.nearest("scope", query, TO_INTEGER)
+        assert found is not None and found[0] == "same" and 0.9 <= found[1] < 0.99
+        await index.add("scope", unit(np.array([1.0, 0.0, 0.0])), "unknown text")  # old entry
+        assert (await index.nearest("scope", query, TO_INTEGER))[0] == "unknown text"
 
     asyncio.run(main())
