@@ -8,6 +8,7 @@ event of a stream whose 200 was already sent. No FastAPI here: the raw-ASGI rout
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -95,6 +96,25 @@ async def send_error(send: Send, error: APIError) -> None:
     start, body = error_messages(error)
     await send(start)
     await send(body)
+
+
+async def send_error_preencoded(send: Send, error: APIError) -> None:
+    """``send_error`` from bytes encoded once per distinct answer: overload refusals repeat
+    the same few messages thousands of times a second."""
+    status, headers, body = _encoded(error.status, error.message, error.error_type,
+                                     error.param, error.code,
+                                     tuple(sorted(error.headers.items())))
+    await send({"type": "http.response.start", "status": status, "headers": list(headers)})
+    await send({"type": "http.response.body", "body": body})
+
+
+@functools.lru_cache(maxsize=256)
+def _encoded(status: int, message: str, error_type: str, param: str | None, code: str | None,
+             extra: tuple[tuple[str, str], ...]
+             ) -> tuple[int, tuple[tuple[bytes, bytes], ...], bytes]:
+    start, body = error_messages(APIError(status, message, param=param, code=code,
+                                          error_type=error_type, headers=dict(extra)))
+    return status, tuple(start["headers"]), body["body"]
 
 
 # -- FastAPI's validation errors, said as a person would ------------------------------------

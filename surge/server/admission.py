@@ -195,6 +195,11 @@ class AdmissionController:
     def queued_tokens(self) -> int:
         return self._all.queued_tokens
 
+    def is_full(self) -> bool:
+        """Whether the shared queue is at its bound: only then may ``refuse_if_full``
+        refuse (a tenant's own limits are checked by ``admit``)."""
+        return self._all.num_queued >= self.max_queued_requests
+
     def num_queued_of(self, tenant: str) -> int:
         state = self._tenants.get(tenant)
         return state.num_queued if state is not None else 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -47,6 +48,11 @@ class ServerLifecycle:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
         async with self.services.running():
+            # What start-up made (modules, the app, the tokenizer) lives as long as the
+            # server: frozen, the garbage collector stops walking it at every full
+            # collection, which under a flood of short requests stalled the event loop.
+            gc.collect()
+            gc.freeze()
             yield
 
     def begin_drain(self) -> None:
