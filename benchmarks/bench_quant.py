@@ -8,6 +8,11 @@ perplexity on the built-in held-out corpus and agreement with bf16 (next-token t
 greedy prompt-suite answers identical). Prints ratios to bf16; writes JSON and a PNG.
 
     python benchmarks/bench_quant.py                       # full run (about 10 minutes idle)
+    python benchmarks/bench_quant.py --llama-cpp DIR       # with llama.cpp beside each mode
+
+With llama.cpp's tools (see benchmarks/llama_cpp_peer.py) each mode is also measured on
+llama.cpp at the same precision (bf16 / BF16, int8 / Q8_0, int4 / Q4_1) with the same thread
+count, in the same run, and the report gives Surge's ratio to it.
     python benchmarks/bench_quant.py --quick --threads 1 --out /tmp/bench_quant_smoke.json
 
 Run it on a quiet machine (`uptime` load below the core count): timings of a loaded one say
@@ -26,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from llama_cpp_peer import PEER_TYPES, LlamaCpp, find_llama_cpp
 
 from surge import LLM, SamplingParams
 from surge.models.layers import RMSNorm
@@ -52,14 +58,20 @@ def main() -> None:
     w1_prompts = [random_prompt(rng, W1_PROMPT) for _ in range(W1_REQUESTS)]
     w4_prompt = random_prompt(rng, W4_PROMPT)
     results: dict[str, dict[str, Any]] = {}
+    peer = None if args.no_peer else find_llama_cpp(args.llama_cpp)
+    if peer is None and not args.no_peer:
+        print("llama.cpp not found (--llama-cpp DIR or $SURGE_LLAMA_CPP): no peer columns")
     for mode in args.modes:
         label = LABELS[mode] + (f"-g{args.group_size}" if mode == "int4" else "")
         print(f"-- {label}: speed", flush=True)
         results[label] = bench_speed(model, mode, args, w1_prompts, w4_prompt)
+        if peer is not None and model.endswith(".gguf"):
+            print(f"-- {label}: llama.cpp {PEER_TYPES[mode]}", flush=True)
+            results[label] |= bench_peer(peer, Path(model), mode, args)
         if not args.no_eval:
             print(f"-- {label}: quality (surge eval)", flush=True)
             results[label] |= bench_quality(model, mode, args)
-    report(results, model, args)
+    report(results, model, args, peer.version() if peer is not None else None)
 
 
 def parse_args() -> argparse.Namespace:
@@ -78,9 +90,23 @@ def parse_args() -> argparse.Namespace:
                              "threads waiting on each other")
     parser.add_argument("--quick", action="store_true",
                         help="tiny workloads, 1 round, 3 prompts: checks that it runs")
+    parser.add_argument("--llama-cpp", default=None,
+                        help="directory of llama.cpp's llama-bench, llama-batched-bench and "
+                             "llama-quantize (default: $SURGE_LLAMA_CPP, else PATH)")
+    parser.add_argument("--no-peer", action="store_true", help="skip llama.cpp")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/bench_quant.json")
     return parser.parse_args()
+
+
+def bench_peer(peer: LlamaCpp, model: Path, mode: str, args: argparse.Namespace
+               ) -> dict[str, Any]:
+    """llama.cpp on the same GGUF at this mode's precision, same threads and workloads."""
+    gguf = peer.gguf_of(model, PEER_TYPES[mode], Path(args.out).parent / "llama_cpp_models")
+    threads = torch.get_num_threads()
+    w4 = peer.single_stream(gguf, W4_PROMPT, W4_OUTPUT, threads, args.rounds)
+    w1 = peer.burst(gguf, W1_REQUESTS, W1_PROMPT, W1_OUTPUT, threads, args.rounds)
+    return {"peer_type": PEER_TYPES[mode], "peer_w4_tok_s": w4, "peer_w1_tok_s": w1}
 
 
 def default_model() -> Path:
@@ -204,7 +230,8 @@ def quick_suite() -> Path:
 
 # -- report ----------------------------------------------------------------------------------
 
-COLUMNS = (("w4_tok_s", "W4 tok/s", "{:.1f}"), ("w1_tok_s", "W1 tok/s", "{:.1f}"),
+COLUMNS = (("w4_tok_s", "W4 tok/s", "{:.1f}"), ("peer_w4_tok_s", "llama.cpp W4", "{:.1f}"),
+           ("w1_tok_s", "W1 tok/s", "{:.1f}"), ("peer_w1_tok_s", "llama.cpp W1", "{:.1f}"),
            ("w4_gb_s", "W4 GB/s", "{:.1f}"),
            ("resident_weight_bytes", "resident MB", "{:.0f}"),
            ("step_weight_bytes", "read/step MB", "{:.0f}"),
@@ -214,7 +241,8 @@ COLUMNS = (("w4_tok_s", "W4 tok/s", "{:.1f}"), ("w1_tok_s", "W1 tok/s", "{:.1f}"
 MEGA = {"resident_weight_bytes", "step_weight_bytes"}
 
 
-def report(results: dict[str, dict[str, Any]], model: str, args: argparse.Namespace) -> None:
+def report(results: dict[str, dict[str, Any]], model: str, args: argparse.Namespace,
+           peer_version: str | None) -> None:
     load = os.getloadavg()[0]
     print(f"\nmodel {model}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"load average {load:.1f}, best of {args.rounds} rounds")
@@ -232,9 +260,16 @@ def report(results: dict[str, dict[str, Any]], model: str, args: argparse.Namesp
         print("\nratios to bf16:")
         for label, row in ratios.items():
             print(f"  {label}: " + ", ".join(f"{key} x{value:.3f}" for key, value in row.items()))
+    peer = peer_ratios(results)
+    if peer:
+        print(f"\nratios to llama.cpp ({peer_version}), same precision, same run:")
+        for label, row in peer.items():
+            print(f"  {label} / {results[label]['peer_type']}: "
+                  + ", ".join(f"{key} x{value:.3f}" for key, value in row.items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": model, "results": results, "ratios_to_bf16": ratios,
+                               "ratios_to_llama_cpp": peer, "llama_cpp": peer_version,
                                "threads": torch.get_num_threads(), "load_average": load,
                                "rounds": args.rounds}, indent=2))
     plot(results, out.with_suffix(".png"))
@@ -249,6 +284,11 @@ def bf16_ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float
     return {label: {key: row[key] / base[key] for key in keys
                     if row.get(key) and base.get(key)}
             for label, row in results.items() if label != "bf16"}
+
+
+def peer_ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    return {label: {key: row[key] / row[f"peer_{key}"] for key in ("w4_tok_s", "w1_tok_s")}
+            for label, row in results.items() if row.get("peer_w4_tok_s")}
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
