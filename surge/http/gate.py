@@ -60,9 +60,7 @@ class RequestGate:
             return await self.app(scope, receive, send)
         try:
             if scope["path"].startswith(self.auth_prefixes):
-                state = scope.setdefault("state", {})
-                state[KEY_ID_STATE] = self._authenticate(scope)
-                state[KEY_OWNER_STATE] = self.auth.owner(state[KEY_ID_STATE])
+                _note_caller(scope, self.auth, self._authenticate(scope))
             if (refusal := self.shed(scope, None)) is not None:
                 raise refusal
             if scope["method"] in BODY_METHODS:
@@ -92,7 +90,8 @@ class FastRefusals:
     pre-encoded bytes, before request records, logging, routing or validation cost anything.
     Under a flood of clients that ignore Retry-After a refusal then costs little more than
     parsing its HTTP, and the engine keeps its CPU. Anything else passes on untouched (a body
-    read here is replayed), so the gate inside still answers 401, 413 and 400 as usual."""
+    read here is replayed), so the gate inside still answers 401 and 400 as usual; a body
+    over the limit gets the gate's 413 from here."""
 
     def __init__(self, app: ASGIApp, *, auth: ApiKeyAuth, max_body_bytes: int,
                  paths: Collection[str], busy: Callable[[], bool], shed: Shed,
@@ -112,12 +111,9 @@ class FastRefusals:
             return await self.app(scope, receive, send)
         refusal = self.shed(scope, None)
         if refusal is None:
-            declared = header(scope, b"content-length")
-            if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-                return await self.app(scope, receive, send)  # the gate answers 413
             try:
                 body = await read_body(scope, receive, self.max_body_bytes, self.on_reject)
-            except APIError as exc:  # a chunked body past the limit: 413, as the gate would
+            except APIError as exc:  # too large: the 413 the gate would send
                 return await send_error(send, exc)
             if body is None:
                 return  # the client left while sending
@@ -133,10 +129,15 @@ class FastRefusals:
             key = self.auth.authenticate(header(scope, b"authorization"))
         except AuthError:
             return False
-        state = scope.setdefault("state", {})
-        state[KEY_ID_STATE] = key
-        state[KEY_OWNER_STATE] = self.auth.owner(key)
+        _note_caller(scope, self.auth, key)
         return True
+
+
+def _note_caller(scope: Scope, auth: ApiKeyAuth, key: str | None) -> None:
+    """Leave the caller's key id and owner name where ``key_id`` and ``key_owner`` read them."""
+    state = scope.setdefault("state", {})
+    state[KEY_ID_STATE] = key
+    state[KEY_OWNER_STATE] = auth.owner(key)
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int,

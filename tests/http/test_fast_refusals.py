@@ -41,9 +41,9 @@ def _context(max_queued: int = 2) -> RequestContext:
                           ServerMetrics(model_name="m"), None)
 
 
-def _refusals(app: App, context: RequestContext, keys: list[str] | None = None
-              ) -> FastRefusals:
-    return FastRefusals(app, auth=ApiKeyAuth(keys or []), max_body_bytes=1 << 20,
+def _refusals(app: App, context: RequestContext, keys: list[str] | None = None,
+              max_body_bytes: int = 1 << 20) -> FastRefusals:
+    return FastRefusals(app, auth=ApiKeyAuth(keys or []), max_body_bytes=max_body_bytes,
                         paths=_QUEUED_ROUTES, busy=context.admission.is_full,
                         shed=_shed_when_full(context))
 
@@ -110,5 +110,17 @@ def test_a_bad_key_is_left_to_the_gate_and_other_routes_pass() -> None:
     assert _call(asgi, path="/v1/embeddings")[0] == 200  # not a generation queue
     assert _call(asgi, headers=[(b"authorization", f"Bearer {KEY}".encode())])[0] == 429
     assert len(app.bodies) == 2
+    for ticket in tickets:
+        context.release(ticket)
+
+
+def test_a_body_over_the_limit_gets_413_not_a_replay() -> None:
+    """The body is read to learn its ``user``: one over the limit is refused as the gate would."""
+    app, context = App(), _context()
+    tickets = [context.admit(1) for _ in range(2)]
+    named = json.dumps({"model": "m", "prompt": "x" * 100, "user": "light"}).encode()
+    status, body, _ = _call(_refusals(app, context, max_body_bytes=64), body=named)
+    assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
+    assert app.bodies == []
     for ticket in tickets:
         context.release(ticket)
