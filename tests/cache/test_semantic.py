@@ -74,6 +74,11 @@ def test_a_paraphrase_gets_the_answer_of_its_tenant_and_scope_only(
                 ).headers[CACHE] == "miss"
     sampled = {**_asking(asked, PARAPHRASE), "temperature": 1.0}
     assert post(semantic_server, CHAT, sampled).headers[CACHE] == "bypass"
+    # 0.996 similar, the opposite question: answered by the model, not from the cache.
+    to_integer = stopping(semantic_server, _asking(chat(QUESTION), TO_INTEGER))
+    assert post(semantic_server, CHAT, to_integer).headers[CACHE] == "miss"
+    assert post(semantic_server, CHAT, to_integer).headers[CACHE] == "hit"  # it was kept
+    assert post(semantic_server, CHAT, _asking(to_integer, TO_STRING)).headers[CACHE] == "miss"
 
 
 @pytest.fixture(scope="module")
