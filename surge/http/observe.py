@@ -254,6 +254,10 @@ class ObservedRequests:
             if message["type"] == "http.response.start":
                 record.status = message["status"]
                 record.response_start = time.monotonic()
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                # The answer is complete when its last bytes are handed over: a proxy in
+                # front may have them (and end its own span) before this coroutine resumes.
+                record.end = time.monotonic()
             await send(message)
 
         try:
@@ -262,7 +266,8 @@ class ObservedRequests:
             record.status = record.status or 500
             raise
         finally:
-            record.end = time.monotonic()
+            if record.end is None:  # failed or abandoned before the answer was complete
+                record.end = time.monotonic()
             record.status = record.status or 499  # nothing was sent: the client left
             _RECORD.reset(token)
             self.observer.finish(record, scope)
