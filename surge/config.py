@@ -76,6 +76,9 @@ class EngineConfig:
     scheduling_policy: str = "priority"
     # Tenant name -> weight (> 0) for the fair policy; tenants not named weigh 1.
     tenant_weights: dict[str, float] = field(default_factory=dict)
+    # Fair policy: weighted tokens a tenant returning from idle may be served ahead of the
+    # backlogged tenants (its burst borrows seats); None: one step's token budget; 0: none.
+    fair_burst_tokens: int | None = None
 
     def __post_init__(self) -> None:
         require(self.dtype in DTYPES, "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
@@ -104,6 +107,8 @@ class EngineConfig:
         require(self.scheduling_policy in SCHEDULING_POLICIES, "scheduling_policy",
                 self.scheduling_policy, f"one of {', '.join(SCHEDULING_POLICIES)}")
         self.tenant_weights = check_tenant_weights(self.tenant_weights)
+        require(self.fair_burst_tokens is None or self.fair_burst_tokens >= 0,
+                "fair_burst_tokens", self.fair_burst_tokens, "an integer >= 0")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EngineConfig:
@@ -149,6 +154,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="fcfs: arrival order; priority: by request priority, then "
                              "arrival; fair: share the engine between tenants by weight "
                              f"(default: {d.scheduling_policy})")
+    parser.add_argument("--fair-burst-tokens", type=int, default=None,
+                        help="fair policy: weighted tokens a tenant back from idle may be "
+                             "served ahead of backlogged tenants, borrowing their seats, so "
+                             "its burst starts at once (default: the step's token budget; "
+                             "0: the paper's rule, no credit)")
 
 
 def check_tenant_weights(weights: Mapping[str, float]) -> dict[str, float]:

@@ -74,7 +74,7 @@ class EngineCore:
         self.scheduler = make_scheduler(
             config.scheduling_policy, self.block_manager, config.max_num_seqs,
             config.max_num_batched_tokens or _default_token_budget(self.loaded.device),
-            tenant_weights=config.tenant_weights)
+            tenant_weights=config.tenant_weights, fair_burst_tokens=config.fair_burst_tokens)
         self.runner = ModelRunner(self.loaded, num_blocks, config.block_size, config.seed,
                                   config.kv_cache_dtype, self.max_model_len,
                                   cuda_graphs=cuda_graphs)

@@ -7,8 +7,15 @@ paper). The next waiting request comes from the tenant with the smallest counter
 backlogged tenants receive service in proportion to their weights, whatever rate each sends
 at. A tenant with nothing waiting when a request arrives has its counter lifted to the
 smallest counter among the backlogged tenants (or, when none is, to the counter of the tenant
-that was backlogged last): time spent idle is not credit to spend later in a burst. Counters
-never decrease.
+that was backlogged last), less a bounded burst credit: time spent idle is not credit to spend
+later, beyond that one burst. Counters never decrease.
+
+The burst credit is Surge's addition to the paper. Under the paper's rule a light tenant comes
+back level with the flood, so a burst of its requests queues behind the flood's for seats even
+though it is served far less than its share; with the credit it may borrow seats (preempting a
+request of a tenant served more) until its counter reaches the level it returned to. What one
+return can take ahead of the backlogged tenants is bounded by the credit (plus the requests it
+admitted while borrowing); a tenant that stays backlogged is never lifted, so it never borrows.
 
 ``TenantLedger`` keeps the counters and the tokens served per tenant (under every policy: the
 server exports them as metrics). ``TenantQueues`` holds waiting requests, one heap per tenant
@@ -44,14 +51,16 @@ IDLE_TENANTS_IN_STATS = 64
 
 
 class _Account:
-    __slots__ = ("num_requests", "served_output_tokens", "served_prompt_tokens",
-                 "virtual_tokens")
+    __slots__ = ("credit_until", "num_requests", "served_output_tokens",
+                 "served_prompt_tokens", "virtual_tokens")
 
     def __init__(self) -> None:
         self.virtual_tokens = 0.0
         self.served_prompt_tokens = 0
         self.served_output_tokens = 0
         self.num_requests = 0  # in the engine: waiting, running or preempted
+        # The counter below which the tenant may borrow seats (the level of its last lift).
+        self.credit_until = float("-inf")
 
 
 class TenantLedger:
@@ -85,10 +94,17 @@ class TenantLedger:
         account.served_prompt_tokens += prompt_tokens
         account.served_output_tokens += output_tokens
 
-    def lift(self, tenant: str, level: float) -> None:
-        """Raise the tenant's counter to ``level``; never lowers it."""
+    def lift(self, tenant: str, level: float, credit: float = 0.0) -> None:
+        """Raise the tenant's counter to ``level`` less ``credit`` weighted tokens (never
+        lowers it); until the counter is back at ``level`` the tenant has credit."""
         account = self._account(tenant)
-        account.virtual_tokens = max(account.virtual_tokens, level)
+        account.virtual_tokens = max(account.virtual_tokens, level - credit / self.weight(tenant))
+        account.credit_until = level
+
+    def credit_until(self, tenant: str) -> float:
+        """The counter below which the tenant has burst credit (-inf: none)."""
+        account = self._accounts.get(tenant)
+        return account.credit_until if account is not None else float("-inf")
 
     def request_added(self, tenant: str) -> None:
         self._account(tenant).num_requests += 1

@@ -28,9 +28,10 @@ _ids = iter(range(10**9))
 
 def fair(num_blocks: int = 256, block_size: int = 4, max_num_seqs: int = 4,
          max_num_batched_tokens: int = 32, weights: dict[str, float] | None = None,
-         policy: str = "fair") -> Scheduler:
+         policy: str = "fair", burst_tokens: int | None = None) -> Scheduler:
     return make_scheduler(policy, BlockManager(num_blocks, block_size, False), max_num_seqs,
-                          max_num_batched_tokens, tenant_weights=weights, clock=FakeClock())
+                          max_num_batched_tokens, tenant_weights=weights,
+                          fair_burst_tokens=burst_tokens, clock=FakeClock())
 
 
 def request(tenant: str, num_prompt: int = 8, max_tokens: int = 8, priority: int = 0,
@@ -101,6 +102,18 @@ def test_the_policy_flag_reaches_the_engine_config_and_defaults_to_priority() ->
         EngineConfig(tenant_weights={"a": -1})
 
 
+def test_the_burst_credit_flag_reaches_the_scheduler_and_refuses_a_negative_one() -> None:
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert EngineConfig.from_args(parser.parse_args([])).fair_burst_tokens is None
+    config = EngineConfig.from_args(parser.parse_args(["--fair-burst-tokens", "0"]))
+    assert config.fair_burst_tokens == 0
+    with pytest.raises(ValueError, match="fair_burst_tokens=-1 is invalid"):
+        EngineConfig(fair_burst_tokens=-1)
+    assert fair(max_num_batched_tokens=48).burst_tokens == 48  # default: one step's budget
+    assert fair(burst_tokens=0).burst_tokens == 0
+
+
 def test_fcfs_ignores_priorities() -> None:
     s = fair(policy="fcfs", max_num_seqs=1)
     for name, priority in [("first", 5), ("second", 0), ("third", -3)]:
@@ -140,8 +153,9 @@ def test_backlogged_tenants_with_weights_1_to_2_get_service_1_to_2() -> None:
 
 def test_a_flood_does_not_delay_a_light_tenant_behind_its_queue() -> None:
     # "flood" queued 40 requests first; under the priority policy "light" would wait for all.
+    # (Without burst credit, as in the paper: with it, "light" would borrow the one seat.)
     for policy, expected_wait in [("fair", 1), ("priority", 40)]:
-        s = fair(policy=policy, max_num_seqs=1)
+        s = fair(policy=policy, max_num_seqs=1, burst_tokens=0)
         for _ in range(40):
             s.add_request(request("flood", max_tokens=2))
         step(s)
@@ -151,8 +165,10 @@ def test_a_flood_does_not_delay_a_light_tenant_behind_its_queue() -> None:
         assert order.index("light") == expected_wait, policy
 
 
-def test_an_idle_tenant_is_lifted_on_return_and_cannot_starve_the_others() -> None:
-    s = fair(max_num_seqs=4)
+@pytest.mark.parametrize("burst_tokens", [0, 32])
+def test_an_idle_tenant_is_lifted_on_return_and_cannot_starve_the_others(
+        burst_tokens: int) -> None:
+    s = fair(max_num_seqs=4, burst_tokens=burst_tokens)
     for _ in range(200):
         keep_backlogged(s, ["a", "b"])
         step(s)
@@ -163,7 +179,8 @@ def test_an_idle_tenant_is_lifted_on_return_and_cannot_starve_the_others() -> No
     for r in burst:
         s.add_request(r)
     lifted = counters(s)["idle"]
-    assert lifted == min(before["a"], before["b"])  # lifted to the least served backlogged
+    # Lifted to the least served backlogged tenant, less the burst credit.
+    assert lifted == min(before["a"], before["b"]) - burst_tokens
 
     admitted: list[str] = []
     for _ in range(60):
@@ -177,14 +194,14 @@ def test_an_idle_tenant_is_lifted_on_return_and_cannot_starve_the_others() -> No
 
 
 def test_a_tenant_returning_to_an_empty_queue_is_lifted_to_the_last_backlogged() -> None:
-    s = fair()
+    s = fair(burst_tokens=4)
     for _ in range(5):
         s.add_request(request("a"))
     run_all(s)
     served_a = counters(s)["a"]
     assert served_a > 0
     s.add_request(request("b"))  # nobody waits now: "a" was the last one backlogged
-    assert counters(s)["b"] == served_a
+    assert counters(s)["b"] == served_a - 4
 
 
 def test_priorities_order_requests_within_a_tenant_not_across_tenants() -> None:
@@ -214,8 +231,9 @@ def test_under_kv_pressure_the_victim_is_from_the_tenant_most_over_its_share() -
         assert all(r.status is RequestStatus.FINISHED for r in s.requests.values())
 
 
-def test_a_waiting_request_beyond_its_seat_share_never_preempts_for_a_seat() -> None:
-    s = fair(max_num_seqs=1)  # two tenants: half a seat each, so nobody may take the one seat
+def test_without_credit_a_request_beyond_its_seat_share_never_preempts_for_a_seat() -> None:
+    # Two tenants: half a seat each, so nobody may take the one seat (nor borrow it: no credit).
+    s = fair(max_num_seqs=1, burst_tokens=0)
     s.add_request(request("heavy", max_tokens=4, name="heavy"))
     step(s)
     s.add_request(request("light", max_tokens=1, name="light"))
@@ -264,8 +282,10 @@ def test_a_light_tenant_above_a_fractional_share_still_takes_a_seat_from_a_flood
         assert step(s)[0].preempted == []
 
 
-def test_backlogged_tenants_hold_seats_by_weight_without_preemption() -> None:
-    s = fair(max_num_seqs=6, weights={"gold": 2})
+@pytest.mark.parametrize("burst_tokens", [0, None])
+def test_backlogged_tenants_hold_seats_by_weight_without_preemption(
+        burst_tokens: int | None) -> None:
+    s = fair(max_num_seqs=6, weights={"gold": 2}, burst_tokens=burst_tokens)
     keep_backlogged(s, ["bronze"], depth=12)
     step(s)
     seats = Counter[str]()
@@ -276,12 +296,57 @@ def test_backlogged_tenants_hold_seats_by_weight_without_preemption() -> None:
             seats.update(r.tenant for r in s.running)
     assert 1.6 <= seats["gold"] / seats["bronze"] <= 2.4, seats
     # Free seats go to a tenant below its seat share first; without that, counters hand
-    # bronze seats beyond its share and gold preempts them back, over and over.
-    assert s.num_preemptions <= 2
+    # bronze seats beyond its share and gold preempts them back, over and over. (With burst
+    # credit, gold arriving borrows one seat more, once.)
+    assert s.num_preemptions <= (2 if burst_tokens == 0 else 3)
+
+
+@pytest.mark.parametrize(("burst_tokens", "light_seats"), [(0, 2), (30, 3)])
+def test_a_returning_tenant_borrows_seats_for_its_burst_within_its_credit(
+        burst_tokens: int, light_seats: int) -> None:
+    s = fair(max_num_seqs=4, max_num_batched_tokens=64, burst_tokens=burst_tokens)
+    for _ in range(20):
+        keep_backlogged(s, ["flood"], depth=8)
+        step(s)
+    level = counters(s)["flood"]
+    for number in range(4):
+        s.add_request(request("light", 8, max_tokens=20, name=f"light-{number}"))
+    assert counters(s)["light"] == level - burst_tokens  # lifted, less the credit
+    out, _ = step(s)
+    # Without credit "light" takes its share, 2 of the 4 seats. With 30 tokens of credit it
+    # borrows a third: each request admitted charges 10 (8 prompt tokens and a sampled one
+    # at 2), and it borrows while its counter is below the level it returned to.
+    assert Counter(r.tenant for r in s.running) == {"light": light_seats,
+                                                   "flood": 4 - light_seats}
+    assert len(out.preempted) == light_seats and {r.tenant for r in out.preempted} == {"flood"}
+    # Charged 10 per request admitted: with credit, back at the level (spent), so the fourth
+    # request waits.
+    assert counters(s)["light"] == level - burst_tokens + 10 * light_seats
+    for _ in range(18):  # the flood stays backlogged; the borrowed seat is not taken back
+        keep_backlogged(s, ["flood"], depth=8)
+        assert step(s)[0].preempted == []
+    assert Counter(r.tenant for r in s.running)["light"] == light_seats
+
+
+def test_backlogged_tenants_never_borrow_whatever_their_requests_cost() -> None:
+    # Long prompts of varied length move the counters of two floods apart by more than a
+    # request at times; they are never lifted, so they have no credit and never preempt
+    # each other (borrowing on counters alone preempted at every other step here).
+    rng = random.Random(0)
+    s = fair(max_num_seqs=4, max_num_batched_tokens=32, num_blocks=512)
+    for _ in range(300):
+        for tenant in ("a", "b"):
+            waiting = s.tenant_stats().get(tenant)
+            for _ in range(6 - (waiting.num_waiting if waiting else 0)):
+                s.add_request(request(tenant, rng.randint(20, 60), max_tokens=4))
+        step(s)
+    assert s.num_preemptions == 0
+    ratio = weighted_service(s, "a") / weighted_service(s, "b")
+    assert ratio == pytest.approx(1.0, rel=0.1)
 
 
 def test_a_waiting_request_of_a_less_served_tenant_goes_before_a_running_prompt() -> None:
-    s = fair(max_num_batched_tokens=8)
+    s = fair(max_num_batched_tokens=8, burst_tokens=0)
     s.add_request(request("heavy", 40, max_tokens=1, name="heavy"))
     step(s)  # heavy's prompt runs 8 tokens a step; its counter is now 8
     s.add_request(request("light", 4, max_tokens=1, name="light"))
@@ -340,7 +405,7 @@ def test_weights_can_be_changed_while_running_and_bad_ones_are_refused() -> None
 
 def test_idle_tenants_beyond_the_cap_are_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fairness, "MAX_IDLE_TENANTS", 3)
-    s = fair()
+    s = fair(burst_tokens=0)
     for index in range(6):
         s.add_request(request(f"t{index}", max_tokens=1))
         run_all(s)
