@@ -13,7 +13,9 @@ a 429 has none and is counted apart). Reported per policy and tenant: requests s
 
 - the light tenants' TTFT p99 over their TTFT p99 when they run alone (target: at most 2x);
 - Jain's index of each tenant's service over its max-min fair share of what was served
-  (target >= 0.95);
+  (water-filling the demands: a light tenant's service alone, the flood's offered load; 1.0
+  is perfectly fair; target >= 0.95), and the light tenants' service over that share
+  (target: within 10%);
 - total output throughput of fair over fcfs (target >= 0.95).
 
     python benchmarks/bench_fairness_http.py                      # ~4 min, quiet machine
@@ -37,7 +39,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from bench_fairness import LIGHT, TENANTS, jain, max_min_fair, percentile
+from bench_fairness import (
+    LIGHT,
+    TENANTS,
+    fairness_index,
+    percentile,
+    service_over_share,
+    tenant_demands,
+)
 
 from surge.http.sse import aiter_sse_lines
 
@@ -81,6 +90,8 @@ def parse_args() -> argparse.Namespace:
                         help="the server's waiting-queue bound (per-tenant slices of it)")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch threads of the engine (default: torch's)")
+    parser.add_argument("--fair-burst-tokens", type=int, default=None,
+                        help="the fair policy's burst credit (default: the server's)")
     parser.add_argument("--policies", nargs="+", default=["fcfs", "fair"],
                         choices=["fcfs", "priority", "fair"])
     parser.add_argument("--skip-alone", action="store_true",
@@ -116,6 +127,8 @@ class Server:
         extra = ["--num-threads", str(args.num_threads)] if args.num_threads else []
         if args.max_num_batched_tokens:
             extra += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+        if args.fair_burst_tokens is not None:
+            extra += ["--fair-burst-tokens", str(args.fair_burst_tokens)]
         self.command = [sys.executable, "-m", "surge.cli", "serve", "--model", model,
                         "--port", str(self.port), "--dtype", args.dtype,
                         "--scheduling-policy", policy, "--tenant-header", "X-Tenant",
@@ -251,14 +264,6 @@ def _by_arrival(admitted: list[Record], window: float) -> list[float]:
             for r in ordered]
 
 
-def fairness(summary: dict[str, dict[str, float]], args: argparse.Namespace) -> float:
-    rates = {"A": args.light_rate * args.flood, "B": args.light_rate, "C": args.light_rate}
-    demands = {t: rates[t] * args.output_len for t in summary}
-    served = {t: s["tokens_per_s"] for t, s in summary.items()}
-    shares = max_min_fair(demands, sum(served.values()))
-    return jain([served[t] / shares[t] for t in served])
-
-
 def report(summaries: dict[str, dict[str, dict[str, float]]], windows: dict[str, float],
            workload: list[Arrival], args: argparse.Namespace) -> None:
     print(f"\n{len(workload)} requests in {args.duration:.0f} s; A at {args.flood:g}x the rate "
@@ -278,7 +283,10 @@ def report(summaries: dict[str, dict[str, dict[str, float]]], windows: dict[str,
     verdicts: dict[str, dict[str, float]] = {}
     for policy in args.policies:
         summary = summaries[policy]
-        verdicts[policy] = {"jain": fairness(summary, args),
+        demands = tenant_demands(summary, summaries.get("alone"), args)
+        verdicts[policy] = {"jain": fairness_index(summary, demands),
+                            "light_service_over_share": min(
+                                service_over_share(summary, demands)[t] for t in LIGHT),
                             "total_tokens_per_s": sum(s["tokens_per_s"]
                                                       for s in summary.values())}
         if "alone" in summaries:
