@@ -205,8 +205,10 @@ class TenantQueues:
     def _next_tenant(self) -> str | None:
         if not self._heaps:
             return None
-        return min(self._heaps, key=lambda t: (not self._may_take_seat(t), self._counter(t),
-                                               self._heaps[t][0][0][1:]))
+        # Least served first; asking whether a seat stays costs a pass over the waiting
+        # tenants, so it is asked in that order and usually of the first one only.
+        order = sorted(self._heaps, key=lambda t: (self._counter(t), self._heaps[t][0][0][1:]))
+        return next((tenant for tenant in order if self._may_take_seat(tenant)), order[0])
 
     def _drop_if_empty(self, tenant: str) -> None:
         if not self._heaps[tenant]:

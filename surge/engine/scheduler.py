@@ -477,6 +477,8 @@ class FairScheduler(Scheduler):
         # Running requests admitted on credit: their seats are not counted in a tenant's
         # share, nor taken back, so the seats a burst borrowed stay with it to the end.
         self._borrowed: set[str] = set()
+        # Seats per weight, recounted only when a request enters or leaves the running set.
+        self._seats: dict[str, float] | None = None
         super().__init__(block_manager, max_num_seqs, max_num_batched_tokens, clock=clock,
                          tenant_weights=tenant_weights)
 
@@ -500,6 +502,10 @@ class FairScheduler(Scheduler):
                                     may_take_seat=self._may_take_free_seat)
         return self._queues
 
+    def set_tenant_weights(self, weights: Mapping[str, float]) -> None:
+        super().set_tenant_weights(weights)
+        self._seats = None  # counted per unit of the old weights
+
     def _counter_with_pending(self, tenant: str) -> float:
         return self.ledger.virtual_tokens(tenant) + self._pending.get(tenant, 0.0)
 
@@ -513,10 +519,12 @@ class FairScheduler(Scheduler):
         return self._rank(waiting)[0] < self._rank(running)[0]
 
     def _seats_per_weight(self) -> dict[str, float]:
-        """Seats held per unit of weight, by running tenant, borrowed ones aside (one pass
-        over the running requests: this is asked for every waiting tenant at every peek)."""
-        held = Counter(r.tenant for r in self.running if r.request_id not in self._borrowed)
-        return {tenant: count / self.ledger.weight(tenant) for tenant, count in held.items()}
+        """Seats held per unit of weight, by running tenant, borrowed ones aside."""
+        if self._seats is None:
+            held = Counter(r.tenant for r in self.running if r.request_id not in self._borrowed)
+            self._seats = {tenant: count / self.ledger.weight(tenant)
+                           for tenant, count in held.items()}
+        return self._seats
 
     def _seat_donor(self, tenant: str) -> str | None:
         """The running tenant ``tenant`` may take a seat from. With burst credit: of the
@@ -571,10 +579,12 @@ class FairScheduler(Scheduler):
         lenders = {r.tenant for r in self.running} - {request.tenant}
         if any(self._may_borrow(request.tenant, lender) for lender in lenders):
             self._borrowed.add(request.request_id)
+        self._seats = None
         super()._admit(request)
 
     def _leave_running(self, request: Request) -> None:
         self._borrowed.discard(request.request_id)
+        self._seats = None
         super()._leave_running(request)
 
     def _most_urgent_priority(self) -> int | None:

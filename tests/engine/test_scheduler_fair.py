@@ -301,6 +301,19 @@ def test_backlogged_tenants_hold_seats_by_weight_without_preemption(
     assert s.num_preemptions <= (2 if burst_tokens == 0 else 3)
 
 
+def test_a_new_weight_moves_seats_at_the_next_step() -> None:
+    s = fair(max_num_seqs=4, burst_tokens=0)
+    for _ in range(10):
+        keep_backlogged(s, ["a", "b"], depth=6)
+        step(s)
+    assert Counter(r.tenant for r in s.running) == {"a": 2, "b": 2}
+    s.set_tenant_weights({"b": 3})
+    keep_backlogged(s, ["a", "b"], depth=6)
+    out, _ = step(s)  # b now holds 2 seats for weight 3 against a's 2 for 1: it takes one
+    assert [r.tenant for r in out.preempted] == ["a"]
+    assert Counter(r.tenant for r in s.running) == {"a": 1, "b": 3}
+
+
 @pytest.mark.parametrize(("burst_tokens", "light_seats"), [(0, 2), (30, 3)])
 def test_a_returning_tenant_borrows_seats_for_its_burst_within_its_credit(
         burst_tokens: int, light_seats: int) -> None:
