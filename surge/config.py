@@ -77,7 +77,7 @@ class EngineConfig:
     # Tenant name -> weight (> 0) for the fair policy; tenants not named weigh 1.
     tenant_weights: dict[str, float] = field(default_factory=dict)
     # Fair policy: weighted tokens a tenant returning from idle may be served ahead of the
-    # backlogged tenants (its burst borrows seats); None: one step's token budget; 0: none.
+    # backlogged tenants (its burst borrows seats); None: two steps' token budget; 0: none.
     fair_burst_tokens: int | None = None
 
     def __post_init__(self) -> None:
@@ -157,7 +157,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fair-burst-tokens", type=int, default=None,
                         help="fair policy: weighted tokens a tenant back from idle may be "
                              "served ahead of backlogged tenants, borrowing their seats, so "
-                             "its burst starts at once (default: the step's token budget; "
+                             "its burst starts at once (default: two steps' token budget; "
                              "0: the paper's rule, no credit)")
 
 
