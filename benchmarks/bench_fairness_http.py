@@ -253,6 +253,20 @@ def server_ttft_quantiles(url: str) -> dict[str, dict[str, float]]:
             for tenant, buckets in snapshot.tenant_ttft.items()}
 
 
+def engine_counters(url: str) -> dict[str, float]:
+    """The engine's preemptions and prefix-cache hit rate over the run (what fairness costs:
+    a preempted request recomputes what the prefix cache no longer holds)."""
+    totals: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        for name in ("num_preemptions", "prefix_cache_queries", "prefix_cache_hits"):
+            if line.startswith(f"surge:{name}_total{{"):
+                totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    queries = totals.get("prefix_cache_queries", 0.0)
+    return {"preemptions": totals.get("num_preemptions", 0.0),
+            "prefix_cache_hit_rate": totals.get("prefix_cache_hits", 0.0) / queries
+            if queries else float("nan")}
+
+
 def _or_nan(value: float | None) -> float:
     return float("nan") if value is None else value
 
@@ -265,7 +279,8 @@ def _by_arrival(admitted: list[Record], window: float) -> list[float]:
 
 
 def report(summaries: dict[str, dict[str, dict[str, float]]], windows: dict[str, float],
-           workload: list[Arrival], args: argparse.Namespace) -> None:
+           engines: dict[str, dict[str, float]], workload: list[Arrival],
+           args: argparse.Namespace) -> None:
     print(f"\n{len(workload)} requests in {args.duration:.0f} s; A at {args.flood:g}x the rate "
           f"of B and C ({args.light_rate:g}/s each); prompt {args.prompt_len}, output "
           f"{args.output_len} tokens; windows: "
@@ -299,7 +314,7 @@ def report(summaries: dict[str, dict[str, dict[str, float]]], windows: dict[str,
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "tenants": summaries, "windows": windows,
-                               "verdicts": verdicts}, indent=2))
+                               "engines": engines, "verdicts": verdicts}, indent=2))
     print(f"wrote {out}")
 
 
@@ -314,18 +329,20 @@ def main() -> None:
     runs = [] if args.skip_alone else [("alone", "fcfs", [a for a in workload
                                                           if a.tenant in LIGHT])]
     runs += [(policy, policy, workload) for policy in args.policies]
-    summaries, windows = {}, {}
+    summaries, windows, engines = {}, {}, {}
     for name, policy, arrivals in runs:
         with Server(model, policy, args) as server:
             records, window = asyncio.run(run_load(server.url, arrivals, args))
             server_ttft = server_ttft_quantiles(server.url)
+            engines[name] = engine_counters(server.url)
         summaries[name], windows[name] = summarize(records, window), window
         for tenant, quantiles in server_ttft.items():
             if tenant in summaries[name]:
                 summaries[name][tenant].update(quantiles)
-        print(f"{name}: {len(records)} sent, {sum(r.status == 429 for r in records)} got 429",
-              flush=True)
-    report(summaries, windows, workload, args)
+        print(f"{name}: {len(records)} sent, {sum(r.status == 429 for r in records)} got 429, "
+              f"{engines[name]['preemptions']:.0f} preemptions, prefix-cache hit rate "
+              f"{engines[name]['prefix_cache_hit_rate']:.3f}", flush=True)
+    report(summaries, windows, engines, workload, args)
 
 
 if __name__ == "__main__":
