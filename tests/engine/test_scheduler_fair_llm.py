@@ -110,3 +110,31 @@ def test_weights_set_on_a_running_engine_apply_to_new_service(model_dir: Path,
     assert config.tenant_weights == {}  # the caller's config is not changed
     if kind == "engine process":
         assert client_config.tenant_weights == {"gold": 3.0}  # what a restart starts with
+
+
+@pytest.mark.slow
+def test_a_burst_borrowing_seats_changes_no_token(model_dir: Path) -> None:
+    # "b" comes back with burst credit while "a" holds both seats mid-decode: it borrows
+    # them, preempting "a", whose requests are recomputed. Outputs match fcfs, token for token.
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    results = {}
+    for policy in ("fair", "fcfs"):
+        llm = LLM(model_dir, dtype="float32", max_num_seqs=2, max_model_len=128,
+                  scheduling_policy=policy)
+        for index in range(4):
+            llm.engine.add_request(_prompt(index), params, request_id=f"a{index}", tenant="a")
+        outputs: dict[str, list[int]] = {}
+        for number in range(200):
+            if number == 5:
+                for index in range(4, 6):
+                    llm.engine.add_request(_prompt(index), params, request_id=f"b{index}",
+                                           tenant="b")
+            for output in llm.engine.step():
+                if output.finished:
+                    outputs[output.request_id] = output.outputs[0].token_ids
+            if not llm.engine.has_unfinished_requests():
+                break
+        results[policy] = (outputs, llm.engine.core.stats().num_preemptions)
+    (fair_outputs, fair_preemptions), (fcfs_outputs, fcfs_preemptions) = results.values()
+    assert fair_preemptions >= 2 and fcfs_preemptions == 0
+    assert len(fair_outputs) == 6 and fair_outputs == fcfs_outputs
