@@ -102,9 +102,11 @@ def parse_args() -> argparse.Namespace:
                         help="skip the light tenants' run alone (the TTFT baseline)")
     parser.add_argument("--simulate", action="store_true",
                         help="drive the scheduler alone on a virtual clock (no model)")
-    parser.add_argument("--step-ms", type=float, default=20.0,
+    # SmolLM2 in float32 on 2 cores, 8 seats: ~90 output tokens/s, as bench_fairness_http
+    # measures (faster steps, 20 ms + 0.5 ms a token, never showed its light-tenant bursts).
+    parser.add_argument("--step-ms", type=float, default=50.0,
                         help="--simulate: fixed time of a step")
-    parser.add_argument("--token-ms", type=float, default=0.5,
+    parser.add_argument("--token-ms", type=float, default=1.5,
                         help="--simulate: time per token of a step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/bench_fairness.json")
