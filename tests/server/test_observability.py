@@ -8,7 +8,8 @@ import secrets
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -115,6 +116,19 @@ def _request_lines(log: str) -> list[dict]:
     return [line for line in lines if line.get("logger") == "surge.request"]
 
 
+def _request_lines_once(observed: ServerProcess, seen: Callable[[list[dict]], bool],
+                        timeout: float = 10.0) -> list[dict]:
+    """The request lines, once ``seen`` holds of them: a request's line is written after its
+    last byte reaches the client (it carries the whole request's timings), so a client that
+    reads the log right after an answer can be a moment early."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = _request_lines(observed.log())
+        if seen(lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)  # polling a file another process appends to, with a deadline
+
+
 def test_one_json_line_per_request_without_the_prompt(http: httpx.Client,
                                                      observed: ServerProcess) -> None:
     secret = "my very private prompt text 7d1c"
@@ -125,7 +139,8 @@ def test_one_json_line_per_request_without_the_prompt(http: httpx.Client,
     refused = httpx.post(f"{observed.url}/v1/completions", json={"prompt": secret},
                          headers={"Authorization": "Bearer wrong"})
     assert refused.status_code == 401
-    lines = _request_lines(observed.log())
+    lines = _request_lines_once(observed, lambda lines: any(
+        other["status"] == 401 for other in lines))
     (line,) = [line for line in lines if line["request_id"] == answer["id"]]
     assert line["status"] == 200 and line["model"] == "tiny" and line["path"] == \
         "/v1/completions"
