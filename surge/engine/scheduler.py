@@ -477,8 +477,8 @@ class FairScheduler(Scheduler):
         # with it; one step's budget let two seeds' bursts of 6-7 requests wait (1.9x, 3.5x).
         self.burst_tokens = (BURST_STEPS * max_num_batched_tokens if burst_tokens is None
                              else burst_tokens)
-        # Running requests admitted on credit: their seats are not counted in a tenant's
-        # share, nor taken back, so the seats a burst borrowed stay with it to the end.
+        # Running requests admitted while their tenant had credit: their seats are not counted
+        # in its share, nor taken back, so the seats a burst borrowed stay with it to the end.
         self._borrowed: set[str] = set()
         # Seats per weight, recounted only when a request enters or leaves the running set.
         self._seats: dict[str, float] | None = None
@@ -550,9 +550,11 @@ class FairScheduler(Scheduler):
 
     def _may_borrow(self, borrower: str, lender: str) -> bool:
         """Whether ``borrower`` has burst credit left and was served less than ``lender``."""
-        counter = self._counter_with_pending(borrower)
-        return (counter < self.ledger.credit_until(borrower)
-                and counter < self._counter_with_pending(lender))
+        return (self._has_credit(borrower) and self._counter_with_pending(borrower)
+                < self._counter_with_pending(lender))
+
+    def _has_credit(self, tenant: str) -> bool:
+        return self._counter_with_pending(tenant) < self.ledger.credit_until(tenant)
 
     def _may_take_free_seat(self, tenant: str) -> bool:
         """Whether a free seat given to ``tenant`` stays its own: no other waiting tenant
@@ -579,8 +581,9 @@ class FairScheduler(Scheduler):
                    key=lambda r: r.sort_key)
 
     def _admit(self, request: Request) -> None:
-        lenders = {r.tenant for r in self.running} - {request.tenant}
-        if any(self._may_borrow(request.tenant, lender) for lender in lenders):
+        # On credit, whoever it displaced: the lender may have just left the running set for
+        # it, and a seat counted as its own could be taken back by a tenant served less.
+        if self._has_credit(request.tenant):
             self._borrowed.add(request.request_id)
         self._seats = None
         super()._admit(request)

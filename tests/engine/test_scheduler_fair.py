@@ -345,6 +345,25 @@ def test_a_returning_tenant_borrows_seats_for_its_burst_within_its_credit(
     assert Counter(r.tenant for r in s.running)["light"] == light_seats
 
 
+def test_a_seat_borrowed_from_the_lenders_last_request_is_not_taken_by_a_third() -> None:
+    # "b" borrows both seats, the second one the flood's last: the flood is then not running,
+    # yet that seat is still borrowed. "c", back with credit and served less than "b", must
+    # not take it from "b" (it counted as b's own once, and "c" preempted it).
+    s = fair(max_num_seqs=2, max_num_batched_tokens=64, burst_tokens=200)
+    for _ in range(20):
+        keep_backlogged(s, ["flood"], depth=4)
+        step(s)
+    for number in range(2):
+        s.add_request(request("b", 8, max_tokens=20, name=f"b-{number}"))
+    out, _ = step(s)
+    assert [r.tenant for r in out.preempted] == ["flood", "flood"]
+    s.add_request(request("c", 8, max_tokens=4, name="c"))
+    assert counters(s)["c"] < counters(s)["b"]
+    for _ in range(10):
+        assert step(s)[0].preempted == []
+    assert Counter(r.tenant for r in s.running) == {"b": 2}
+
+
 def test_backlogged_tenants_never_borrow_whatever_their_requests_cost() -> None:
     # Long prompts of varied length move the counters of two floods apart by more than a
     # request at times; they are never lifted, so they have no credit and never preempt
