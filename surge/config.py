@@ -61,6 +61,9 @@ class EngineConfig:
     # On CUDA, decode steps replay captured graphs (surge.engine.cuda_graphs); True runs
     # every step eagerly (vLLM's name for the same switch).
     enforce_eager: bool = False
+    # On CPU, decode steps of up to this many sequences run a torch.compile'd forward
+    # (surge.engine.compiled_decode), compiled at start-up; 0 runs every step eagerly.
+    compile_max_batch: int = 0
     allow_pickle: bool = False
     seed: int = 0
     # Torch intra-op threads of the engine; None leaves torch's default (all cores). Replicas
@@ -96,6 +99,8 @@ class EngineConfig:
                  "(0, 1]")
         require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed",
                  self.seed, "an integer")
+        require(isinstance(self.compile_max_batch, int) and self.compile_max_batch >= 0,
+                "compile_max_batch", self.compile_max_batch, "an integer >= 0 (0: off)")
         require(self.num_threads is None or self.num_threads >= 1, "num_threads",
                  self.num_threads, "an integer >= 1")
         require(self.chat_template is None or Path(self.chat_template).is_file(),
@@ -137,6 +142,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enforce-eager", action="store_true",
                         help="on CUDA, run decode steps eagerly instead of replaying captured "
                              "CUDA graphs (no effect on CPU)")
+    parser.add_argument("--compile-max-batch", type=int, default=d.compile_max_batch,
+                        metavar="N",
+                        help="on CPU, compile decode steps of up to N sequences with "
+                             "torch.compile at start-up (about 30 s per power-of-two batch "
+                             "size; needs a C++ compiler): single-stream decode ~1.4x faster "
+                             "(default: 0, eager)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow loading pickle (.bin) weights; they can run arbitrary code")
     parser.add_argument("--num-threads", type=int, default=None,

@@ -65,10 +65,13 @@ class EngineCore:
                                  model_config.max_position_embeddings)
         self.eos_token_ids = frozenset(model_config.eos_token_ids) | eos_token_ids(model_dir)
         num_blocks = plan_num_blocks(config, self.loaded, self.max_model_len)
-        # CUDA graphs' padding rows write to one extra block: it comes out of the budget.
+        # CUDA graphs' and compiled steps' padding rows write to one extra block: it comes
+        # out of the budget.
         cuda_graphs = (self.loaded.device.type == "cuda" and not config.enforce_eager
                        and num_blocks > 1)
-        num_blocks -= cuda_graphs
+        compile_max_batch = (_compile_max_batch(config, self.loaded.device)
+                             if num_blocks > 1 else 0)
+        num_blocks -= cuda_graphs or compile_max_batch > 0
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = make_scheduler(
@@ -77,7 +80,8 @@ class EngineCore:
             tenant_weights=config.tenant_weights, fair_burst_tokens=config.fair_burst_tokens)
         self.runner = ModelRunner(self.loaded, num_blocks, config.block_size, config.seed,
                                   config.kv_cache_dtype, self.max_model_len,
-                                  cuda_graphs=cuda_graphs)
+                                  cuda_graphs=cuda_graphs,
+                                  compile_max_batch=compile_max_batch)
         self.num_steps = 0
         self.step_stats = StepStats()  # per-phase step times, for the breakdown metric
         self.profiler: StepProfiler | None = None  # POST /debug/profile, while it records
@@ -296,6 +300,17 @@ def plan_num_blocks(config: EngineConfig, loaded: LoadedModel, max_model_len: in
         raise ValueError(f"the KV-cache budget of {budget} bytes holds no block of "
                          f"{bytes_per_block} bytes; raise kv_cache_memory_bytes")
     return int(num_blocks)
+
+
+def _compile_max_batch(config: EngineConfig, device: torch.device) -> int:
+    """The largest decode batch to compile (0: none), or ValueError where it cannot run."""
+    if not config.compile_max_batch:
+        return 0
+    if device.type != "cpu":
+        raise ValueError(f"compile_max_batch={config.compile_max_batch} is invalid on "
+                         f"{device.type}: compiled decode steps are for the CPU (on CUDA, "
+                         "decode steps replay CUDA graphs unless --enforce-eager)")
+    return min(config.compile_max_batch, config.max_num_seqs)
 
 
 def _default_token_budget(device: torch.device) -> int:

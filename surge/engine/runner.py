@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from surge.engine.compiled_decode import CompiledDecode
 from surge.engine.cuda_graphs import DecodeGraphs
 from surge.engine.request import Request
 from surge.engine.sampler import RowPenalties, SampleResult, SamplingBatch, sample
@@ -34,7 +35,7 @@ __all__ = ["ModelRunner"]
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, seed: int = 0,
                  kv_cache_dtype: str = "auto", max_model_len: int | None = None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, compile_max_batch: int = 0):
         self.model = loaded.model
         self.config = loaded.config
         self.device = loaded.device
@@ -63,14 +64,25 @@ class ModelRunner:
                 num_kv_heads=self.config.num_kv_heads,
                 sliding_window=self.config.sliding_window, dtype=self.dtype,
                 device=self.device)
+        # CPU decode steps of up to compile_max_batch sequences run compiled (see
+        # surge.engine.compiled_decode); their padding rows write to the same extra block.
+        self.compiled: CompiledDecode | None = None
+        if compile_max_batch and self.device.type == "cpu":
+            self.compiled = CompiledDecode(
+                self.model, max_batch=compile_max_batch, block_size=block_size,
+                trash_slot=num_blocks * block_size, num_kv_heads=self.config.num_kv_heads,
+                sliding_window=self.config.sliding_window, dtype=self.dtype)
         self._allocate_kv_cache()
+        if self.compiled is not None:
+            self.compiled.compile()
 
     def _allocate_kv_cache(self) -> None:
         # Zeroed, not empty: padded decode rows read stale slots, and 0 * NaN would leak NaN.
         # Zeroed eagerly on purpose: lazily mapped zero pages would be faulted in (and zeroed
         # by the kernel, 2 MiB at a time with transparent huge pages) on the first write to
         # each block, which made a fresh engine's prefill 15% slower on CPU.
-        num_blocks = self.num_blocks + (self.graphs is not None)  # the trash block
+        padded = self.graphs is not None or self.compiled is not None
+        num_blocks = self.num_blocks + padded  # the trash block
         shape = (self.config.num_kv_heads, num_blocks, self.block_size, self.config.head_dim)
         for layer in self.model.attention_layers():
             layer.k_cache = allocate_kv_cache(*shape, self.kv_cache_dtype, self.device)
@@ -115,12 +127,15 @@ class ModelRunner:
         return {r.request_id: res for r, res in zip(requests, results, strict=True)}
 
     def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Hidden states of every scheduled token: a captured graph for an all-decode step
-        that fits one, the eager model otherwise."""
-        if self.graphs is not None and all(c.num_tokens == 1 for c in chunks):
+        """Hidden states of every scheduled token: a captured CUDA graph or a compiled
+        forward for an all-decode step that fits one, the eager model otherwise."""
+        padded = self.graphs or self.compiled
+        if padded is not None and all(c.num_tokens == 1 for c in chunks):
             tables = [self._block_table(c.request.block_ids, c.start + 1) for c in chunks]
-            if self.graphs.fits(len(chunks), max(len(t) for t in tables)):
-                return self.graphs.run(
+            fits = (self.graphs.fits(len(chunks), max(len(t) for t in tables))
+                    if self.graphs is not None else padded.fits(len(chunks)))
+            if fits:
+                return padded.run(
                     [c.request.token_ids[c.start] for c in chunks], [c.start for c in chunks],
                     [self._slot(c.request.block_ids, c.start) for c in chunks], tables)
         input_ids, positions, metadata = self._prepare(chunks)

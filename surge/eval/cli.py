@@ -41,6 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "(default auto: the model dtype)")
     p.add_argument("--against-kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="KV-cache storage of the baseline (default auto)")
+    p.add_argument("--compile-max-batch", type=int, default=0, metavar="N",
+                   help="compile the model's decode steps of up to N sequences, as surge serve "
+                        "--compile-max-batch does (the baseline stays eager; default 0: off)")
     p.add_argument("--text", default=None, metavar="FILE",
                    help="UTF-8 text for perplexity (default: the held-out split of Python's "
                         "reference documentation, pydoc_data.topics)")
@@ -72,7 +75,7 @@ def run_eval(args: argparse.Namespace) -> int:
                           progress=args.progress)
     model = ModelSpec(args.model, args.dtype, args.device,
                       _quantization(args.quantization, args.quantization_group_size),
-                      args.kv_cache_dtype)
+                      args.kv_cache_dtype, args.compile_max_batch)
     against = (ModelSpec(args.against, args.against_dtype or args.dtype, args.device,
                          _quantization(args.against_quantization, args.quantization_group_size),
                          args.against_kv_cache_dtype)

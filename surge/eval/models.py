@@ -29,6 +29,8 @@ class ModelSpec:
 
     ``options`` go to both `load_model` and `LLM` (for example a future ``quantization``).
     ``kv_cache_dtype`` is the storage of the KV cache, in the engine and in perplexity's scorer.
+    ``compile_max_batch`` compiles the engine's decode steps (generation only: perplexity
+    scores whole windows, which never decode).
     """
 
     model: str
@@ -36,11 +38,14 @@ class ModelSpec:
     device: str = "auto"
     options: dict[str, Any] = field(default_factory=dict)
     kv_cache_dtype: str = "auto"
+    compile_max_batch: int = 0
 
     def describe(self) -> dict[str, Any]:
         kv = {} if self.kv_cache_dtype == "auto" else {"kv_cache_dtype": self.kv_cache_dtype}
+        compiled = ({"compile_max_batch": self.compile_max_batch} if self.compile_max_batch
+                    else {})
         return {"model": self.model, "dtype": self.dtype, "device": self.device, **self.options,
-                **kv}
+                **kv, **compiled}
 
 
 class EvalModel:
@@ -65,7 +70,8 @@ class EvalModel:
                             max_num_seqs=GENERATION_SEQS,
                             kv_cache_memory_bytes=GENERATION_KV_BYTES,
                             max_model_len=self.context_length,
-                            kv_cache_dtype=self.spec.kv_cache_dtype, **self.spec.options)
+                            kv_cache_dtype=self.spec.kv_cache_dtype,
+                            compile_max_batch=self.spec.compile_max_batch, **self.spec.options)
         return self._llm
 
     @property

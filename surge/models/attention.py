@@ -104,6 +104,28 @@ def get_forward_context() -> AttentionMetadata:
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
     """q [T, H, D], k/v [T, Hkv, D]; caches [Hkv, blocks, block_size, D]. Returns [T, H*D]."""
+    if torch.compiler.is_compiling():
+        # Opaque to torch.compile: what it reads (block tables, lengths) changes shape every
+        # step, and a graph that saw them would recompile for each.
+        return _paged_attention_op(q, k, v, k_cache, v_cache, scale)
+    return _paged_attention(q, k, v, k_cache, v_cache, scale)
+
+
+@torch.library.custom_op("surge::paged_attention", mutates_args=("k_cache", "v_cache"))
+def _paged_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    return _paged_attention(q, k, v, k_cache, v_cache, scale)
+
+
+@_paged_attention_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+      v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+
+
+def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
     meta = get_forward_context()
     if k_cache.dtype != q.dtype:
         _write_quantized(k_cache, meta.slot_mapping, k)
