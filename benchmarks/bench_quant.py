@@ -71,6 +71,14 @@ def main() -> None:
         if not args.no_eval:
             print(f"-- {label}: quality (surge eval)", flush=True)
             results[label] |= bench_quality(model, mode, args)
+        if args.compile_max_batch:
+            # Speed only: compiling changes decode steps, never the perplexity's prefill.
+            print(f"-- {label}+compile: speed (--compile-max-batch "
+                  f"{args.compile_max_batch})", flush=True)
+            compiled = bench_speed(model, mode, args, w1_prompts, w4_prompt,
+                                   args.compile_max_batch)
+            peer_columns = {k: v for k, v in results[label].items() if k.startswith("peer_")}
+            results[f"{label}+compile"] = compiled | peer_columns
     report(results, model, args, peer.version() if peer is not None else None)
 
 
@@ -94,6 +102,9 @@ def parse_args() -> argparse.Namespace:
                         help="directory of llama.cpp's llama-bench, llama-batched-bench and "
                              "llama-quantize (default: $SURGE_LLAMA_CPP, else PATH)")
     parser.add_argument("--no-peer", action="store_true", help="skip llama.cpp")
+    parser.add_argument("--compile-max-batch", type=int, default=0, metavar="N",
+                        help="also measure each mode with decode steps of up to N sequences "
+                             "compiled (surge serve --compile-max-batch N), as a +compile row")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/bench_quant.json")
     return parser.parse_args()
@@ -122,11 +133,12 @@ def random_prompt(rng: random.Random, length: int) -> list[int]:
 # -- speed -----------------------------------------------------------------------------------
 
 def bench_speed(model: str, mode: str, args: argparse.Namespace, w1_prompts: list[list[int]],
-                w4_prompt: list[int]) -> dict[str, Any]:
+                w4_prompt: list[int], compile_max_batch: int = 0) -> dict[str, Any]:
     start = time.perf_counter()
     # No prefix cache: every round prefills its prompts again.
     llm = LLM(model, dtype="bfloat16", quantization=mode,
-              quantization_group_size=args.group_size, enable_prefix_caching=False)
+              quantization_group_size=args.group_size, enable_prefix_caching=False,
+              compile_max_batch=compile_max_batch)
     load_seconds = time.perf_counter() - start
     # Warm-up on other prompts of the same shapes (no prefix-cache hits on the timed runs).
     rng = random.Random(args.seed + 1)
@@ -237,7 +249,8 @@ COLUMNS = (("w4_tok_s", "W4 tok/s", "{:.1f}"), ("peer_w4_tok_s", "llama.cpp W4",
            ("step_weight_bytes", "read/step MB", "{:.0f}"),
            ("perplexity", "perplexity", "{:.3f}"), ("prompt_accuracy", "prompt acc", "{:.2f}"),
            ("top1_match_vs_bf16", "top1=bf16", "{:.3f}"), ("kl_vs_bf16", "KL", "{:.4f}"),
-           ("identical_answers_vs_bf16", "same answers", "{:.2f}"))
+           ("identical_answers_vs_bf16", "same answers", "{:.2f}"),
+           ("load_seconds", "load s", "{:.0f}"))
 MEGA = {"resident_weight_bytes", "step_weight_bytes"}
 
 
@@ -246,7 +259,7 @@ def report(results: dict[str, dict[str, Any]], model: str, args: argparse.Namesp
     load = os.getloadavg()[0]
     print(f"\nmodel {model}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"load average {load:.1f}, best of {args.rounds} rounds")
-    print(f"{'mode':10s}" + "".join(f"{title:>14s}" for _, title, _ in COLUMNS))
+    print(f"{'mode':17s}" + "".join(f"{title:>14s}" for _, title, _ in COLUMNS))
     for label, row in results.items():
         cells = []
         for key, _, fmt in COLUMNS:
@@ -254,7 +267,7 @@ def report(results: dict[str, dict[str, Any]], model: str, args: argparse.Namesp
             if value is not None and key in MEGA:
                 value /= 1e6
             cells.append("-" if value is None else fmt.format(value))
-        print(f"{label:10s}" + "".join(f"{cell:>14s}" for cell in cells))
+        print(f"{label:17s}" + "".join(f"{cell:>14s}" for cell in cells))
     ratios = bf16_ratios(results)
     if ratios:
         print("\nratios to bf16:")
