@@ -36,6 +36,11 @@ def user_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("surge"))
 
 
+# Compiled decode buckets 1, 2, ..., 64: seven graphs, within torch.compile's 8 per code
+# object. Larger batches share the Python cost among many tokens and gain little.
+MAX_COMPILED_BATCH = 64
+
+
 @dataclass
 class EngineConfig:
     """Knobs of the engine, named as vLLM names them.
@@ -99,8 +104,9 @@ class EngineConfig:
                  "(0, 1]")
         require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed",
                  self.seed, "an integer")
-        require(isinstance(self.compile_max_batch, int) and self.compile_max_batch >= 0,
-                "compile_max_batch", self.compile_max_batch, "an integer >= 0 (0: off)")
+        require(isinstance(self.compile_max_batch, int)
+                and 0 <= self.compile_max_batch <= MAX_COMPILED_BATCH, "compile_max_batch",
+                self.compile_max_batch, f"an integer from 0 (off) to {MAX_COMPILED_BATCH}")
         require(self.num_threads is None or self.num_threads >= 1, "num_threads",
                  self.num_threads, "an integer >= 1")
         require(self.chat_template is None or Path(self.chat_template).is_file(),

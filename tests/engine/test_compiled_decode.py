@@ -12,6 +12,7 @@ import pytest
 from surge import LLM, SamplingParams
 from surge.config import EngineConfig, add_engine_args
 from surge.engine.compiled_decode import batch_buckets
+from surge.testing.make_model import write_checkpoint
 
 ENGINE_ARGS = {"device": "cpu", "dtype": "float32", "enable_prefix_caching": False,
                "kv_cache_memory_bytes": 8 << 20}
@@ -25,9 +26,10 @@ def test_batch_buckets_are_powers_of_two_then_the_limit() -> None:
 
 
 def test_compile_max_batch_is_validated_by_name() -> None:
-    with pytest.raises(ValueError, match=r"compile_max_batch=-1 is invalid: allowed is an "
-                                         r"integer >= 0"):
-        EngineConfig(compile_max_batch=-1)
+    for bad in (-1, 65):
+        with pytest.raises(ValueError, match=rf"compile_max_batch={bad} is invalid: allowed "
+                                             r"is an integer from 0 \(off\) to 64"):
+            EngineConfig(compile_max_batch=bad)
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
     assert EngineConfig.from_args(parser.parse_args([])).compile_max_batch == 0
@@ -61,3 +63,22 @@ def test_compiled_decode_gives_the_eager_tokens(tiny_checkpoint: Callable[[str],
         assert ([o.outputs[0].token_ids for o in got]
                 == [o.outputs[0].token_ids for o in want]), f"batch of {size}"
     assert sorted(set(batches)) == [1, 2, 3, 4]  # 5 ran eagerly
+
+
+@pytest.mark.slow
+def test_engines_in_one_process_each_run_their_own_weights(
+        tiny_checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
+    """A compiled graph holds its model's weights as constants: a second engine of the same
+    shape (other weights, or the same checkpoint quantized) must run its own graph, not the
+    first one's."""
+    first = tiny_checkpoint("tiny-llama")
+    other = write_checkpoint("tiny-llama", tmp_path / "other", seed=1)
+    prompts = [[5, 9, 33, 2, 17]]
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    engines = [(first, {}), (other, {}), (first, {"dtype": "bfloat16", "quantization": "int8"})]
+    for model, extra in engines:
+        args = ENGINE_ARGS | extra
+        compiled = LLM(model, compile_max_batch=1, **args)
+        got = compiled.generate(prompts, greedy, use_tqdm=False)[0].outputs[0].token_ids
+        want = LLM(model, **args).generate(prompts, greedy, use_tqdm=False)[0].outputs[0]
+        assert got == want.token_ids, (model, extra)
