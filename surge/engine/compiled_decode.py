@@ -21,6 +21,8 @@ by many tokens.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 import types
 from collections.abc import Callable
@@ -30,7 +32,7 @@ import torch._inductor.config as inductor_config
 
 from surge.models.attention import AttentionMetadata, decode_bias, forward_context
 
-__all__ = ["CompiledDecode", "batch_buckets"]
+__all__ = ["CompiledDecode", "batch_buckets", "cpp_compiler"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +113,11 @@ def batch_buckets(max_batch: int) -> list[int]:
     if max_batch > 1:
         buckets.append(max_batch)
     return buckets
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler inductor would use for CPU code ($CXX, else g++), or None."""
+    return shutil.which(os.environ.get("CXX") or "g++")
 
 
 def _with_own_code(function: Forward) -> Forward:

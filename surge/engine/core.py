@@ -15,6 +15,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 import torch
 
 from surge.config import EngineConfig
+from surge.engine.compiled_decode import cpp_compiler
 from surge.engine.kv_cache import BlockManager
 from surge.engine.memory import bound_kernel_caches
 from surge.engine.profiler import StepProfiler
@@ -310,6 +311,10 @@ def _compile_max_batch(config: EngineConfig, device: torch.device) -> int:
         raise ValueError(f"compile_max_batch={config.compile_max_batch} is invalid on "
                          f"{device.type}: compiled decode steps are for the CPU (on CUDA, "
                          "decode steps replay CUDA graphs unless --enforce-eager)")
+    if cpp_compiler() is None:
+        raise ValueError(f"compile_max_batch={config.compile_max_batch} is invalid here: "
+                         "torch.compile builds CPU code with a C++ compiler, and neither $CXX "
+                         "nor g++ is on PATH (install g++, or leave compile_max_batch at 0)")
     return min(config.compile_max_batch, config.max_num_seqs)
 
 

@@ -11,9 +11,11 @@ import pytest
 
 from surge import LLM, SamplingParams
 from surge.config import EngineConfig, add_engine_args
-from surge.engine.compiled_decode import batch_buckets
+from surge.engine.compiled_decode import batch_buckets, cpp_compiler
 from surge.testing.make_model import write_checkpoint
 
+needs_compiler = pytest.mark.skipif(cpp_compiler() is None,
+                                    reason="torch.compile needs a C++ compiler (g++)")
 ENGINE_ARGS = {"device": "cpu", "dtype": "float32", "enable_prefix_caching": False,
                "kv_cache_memory_bytes": 8 << 20}
 
@@ -38,6 +40,7 @@ def test_compile_max_batch_is_validated_by_name() -> None:
 
 
 @pytest.mark.slow
+@needs_compiler
 def test_compiled_decode_gives_the_eager_tokens(tiny_checkpoint: Callable[[str], Path]
                                                 ) -> None:
     """Batches of 1, 2, 3 (padded to 4) and 4 decode compiled, 5 eagerly; the greedy tokens
@@ -66,6 +69,7 @@ def test_compiled_decode_gives_the_eager_tokens(tiny_checkpoint: Callable[[str],
 
 
 @pytest.mark.slow
+@needs_compiler
 def test_engines_in_one_process_each_run_their_own_weights(
         tiny_checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
     """A compiled graph holds its model's weights as constants: a second engine of the same
@@ -82,3 +86,11 @@ def test_engines_in_one_process_each_run_their_own_weights(
         got = compiled.generate(prompts, greedy, use_tqdm=False)[0].outputs[0].token_ids
         want = LLM(model, **args).generate(prompts, greedy, use_tqdm=False)[0].outputs[0]
         assert got == want.token_ids, (model, extra)
+
+
+def test_without_a_cpp_compiler_compiling_is_refused_by_name(
+        tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(ValueError, match=r"compile_max_batch=2 is invalid here: torch.compile "
+                                         r"builds CPU code with a C\+\+ compiler"):
+        LLM(tiny_checkpoint("tiny-llama"), compile_max_batch=2, **ENGINE_ARGS)
