@@ -9,6 +9,7 @@ greedy prompt-suite answers identical). Prints ratios to bf16; writes JSON and a
 
     python benchmarks/bench_quant.py                       # full run (about 10 minutes idle)
     python benchmarks/bench_quant.py --llama-cpp DIR       # with llama.cpp beside each mode
+    python benchmarks/bench_quant.py --compile-max-batch 16  # + each mode compiled (+2.5 min)
 
 With llama.cpp's tools (see benchmarks/llama_cpp_peer.py) each mode is also measured on
 llama.cpp at the same precision (bf16 / BF16, int8 / Q8_0, int4 / Q4_1) with the same thread

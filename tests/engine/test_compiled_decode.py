@@ -12,6 +12,7 @@ import pytest
 from surge import LLM, SamplingParams
 from surge.config import EngineConfig, add_engine_args
 from surge.engine.compiled_decode import batch_buckets, cpp_compiler
+from surge.models.quantization import WeightOnlyLinearMethod
 from surge.testing.make_model import write_checkpoint
 
 needs_compiler = pytest.mark.skipif(cpp_compiler() is None,
@@ -94,3 +95,22 @@ def test_without_a_cpp_compiler_compiling_is_refused_by_name(
     with pytest.raises(ValueError, match=r"compile_max_batch=2 is invalid here: torch.compile "
                                          r"builds CPU code with a C\+\+ compiler"):
         LLM(tiny_checkpoint("tiny-llama"), compile_max_batch=2, **ENGINE_ARGS)
+
+
+@pytest.mark.slow
+@needs_compiler
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_compiled_quantized_layers_on_both_kernel_paths(
+        tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch,
+        quantization: str) -> None:
+    """From 2 tokens on a quantized layer dequantizes into the shared scratch buffer and runs
+    the dense GEMM; compiled, that buffer must be written and read each step as eagerly."""
+    monkeypatch.setattr(WeightOnlyLinearMethod, "choose_threshold",
+                        lambda self, layer: setattr(layer, "kernel_threshold", 2))
+    model = tiny_checkpoint("tiny-llama")
+    args = ENGINE_ARGS | {"dtype": "bfloat16", "quantization": quantization}
+    prompts = [[5, 9, 33, 2, 17], [40, 41, 42], list(range(3, 40))]
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    want = LLM(model, **args).generate(prompts, greedy, use_tqdm=False)
+    got = LLM(model, compile_max_batch=4, **args).generate(prompts, greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
