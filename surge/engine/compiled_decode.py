@@ -5,17 +5,20 @@ about 1,500 ops a step, 121 of them the linears that read the weights, and the r
 rope, residual adds, views, casts) cost ~7 us each in dispatch and allocation. Compiled with
 ``torch.compile`` (inductor, ``cpp_wrapper``: the wrapper is C++ too, not Python; freezing: the
 prepacked weights are constants, so their oneDNN linears stay), those small ops fuse into a few
-loops and the step is one call. Measured on SmolLM2 at batch 1 on a 2-core AMX Xeon: bf16
-19.8 ms a step against 28.7 eager, int8 15.6 against 20.2 (``benchmarks/bench_quant.py``).
+loops and the step is one call. Measured on SmolLM2, one stream, on a 2-core AMX Xeon: bf16
+45.6 tok/s against 38.7 eager, int8 56.2 against 45.2, int4 69.8 against 57.3
+(``benchmarks/bench_quant.py --compile-max-batch 16``).
 
 Compiled graphs need fixed shapes, so a step is padded, as CUDA graphs' are
 (``surge.engine.cuda_graphs``), to a power-of-two batch bucket: padding rows decode token 0 at
 position 0 and write their K/V to a trash slot past the managed blocks. Attention stays
-outside the graph as the custom op ``surge::paged_attention``: block tables and lengths change
-every step, so the graph's shapes are the batch's only, and one compile serves every sequence
-length. Each bucket compiles once, at start-up (about 30 s on 2 cores), so no request waits on
-a compile; larger batches, prefill and mixed steps run eagerly, where the Python cost is shared
-by many tokens.
+outside the graph as the op ``surge::paged_attention``: block tables and lengths change every
+step, so the graph's shapes are the batch's only, and one compile serves every sequence length.
+(Inside the graph attention was faster, a batch-1 step 10% shorter, but each block-table
+length is then a graph of its own, 30-45 s to compile; made dynamic, that dimension made the
+graphs slower than eager.) Each bucket compiles once, at start-up (about 30 s on 2 cores),
+so no request waits on a compile; larger batches, prefill and mixed steps run eagerly, where
+the Python cost is shared by many tokens.
 """
 
 from __future__ import annotations
