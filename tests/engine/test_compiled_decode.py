@@ -74,13 +74,14 @@ def test_compiled_decode_gives_the_eager_tokens(tiny_checkpoint: Callable[[str],
 def test_engines_in_one_process_each_run_their_own_weights(
         tiny_checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
     """A compiled graph holds its model's weights as constants: a second engine of the same
-    shape (other weights, or the same checkpoint quantized) must run its own graph, not the
-    first one's."""
+    shape (other weights, the same checkpoint quantized, an int8 KV cache) must run its own
+    graph, not the first one's."""
     first = tiny_checkpoint("tiny-llama")
     other = write_checkpoint("tiny-llama", tmp_path / "other", seed=1)
     prompts = [[5, 9, 33, 2, 17]]
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    engines = [(first, {}), (other, {}), (first, {"dtype": "bfloat16", "quantization": "int8"})]
+    engines = [(first, {}), (other, {}), (first, {"dtype": "bfloat16", "quantization": "int8"}),
+               (first, {"kv_cache_dtype": "int8"})]
     for model, extra in engines:
         args = ENGINE_ARGS | extra
         compiled = LLM(model, compile_max_batch=1, **args)
