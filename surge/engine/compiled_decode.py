@@ -66,7 +66,6 @@ class CompiledDecode:
         self._forward = torch.compile(
             _with_own_code(forward), fullgraph=True, dynamic=False,
             options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-        self.compile_seconds = 0.0
 
     @property
     def max_batch(self) -> int:
@@ -79,11 +78,13 @@ class CompiledDecode:
     def compile(self) -> None:
         """Compile every bucket now (its first run), writing only to the trash slot."""
         started = time.perf_counter()
-        for bucket in self.buckets:
+        for done, bucket in enumerate(self.buckets):
+            # Progress: each bucket takes tens of seconds before the engine can serve.
+            logger.info("compiling decode steps for batches of %d (%d of %d)", bucket,
+                        done + 1, len(self.buckets))
             self.run([0] * bucket, [0] * bucket, [self._trash_slot] * bucket, [[0]] * bucket)
-        self.compile_seconds = time.perf_counter() - started
         logger.info("compiled decode steps for batches of %s in %.0f s",
-                    ", ".join(map(str, self.buckets)), self.compile_seconds)
+                    ", ".join(map(str, self.buckets)), time.perf_counter() - started)
 
     def run(self, token_ids: list[int], positions: list[int], slots: list[int],
             tables: list[list[int]]) -> torch.Tensor:
