@@ -37,6 +37,7 @@ from llama_cpp_peer import PEER_TYPES, LlamaCpp, find_llama_cpp
 from surge import LLM, SamplingParams
 from surge.models.layers import RMSNorm
 from surge.models.linear import Linear
+from surge.models.loader import resident_weight_bytes
 
 W1_REQUESTS, W1_PROMPT, W1_OUTPUT = 16, 128, 64
 W4_PROMPT, W4_OUTPUT = 128, 256
@@ -158,7 +159,7 @@ def bench_speed(model: str, mode: str, args: argparse.Namespace, w1_prompts: lis
                          if hasattr(m, "kernel_threshold")})
     return {"mode": mode, "w1_tok_s": w1, "w4_tok_s": w4, "w4_gb_s": step_bytes * w4 / 1e9,
             "step_weight_bytes": step_weight_bytes(loaded.model),
-            "resident_weight_bytes": resident_bytes(loaded.model),
+            "resident_weight_bytes": resident_weight_bytes(loaded.model),
             "load_seconds": load_seconds, "kernel_thresholds": thresholds}
 
 
@@ -184,25 +185,6 @@ def step_weight_bytes(model: torch.nn.Module) -> int:
             total += module.weight_bytes()
         elif isinstance(module, RMSNorm | torch.nn.LayerNorm):
             total += sum(p.nbytes for p in module.parameters(recurse=False))
-    return total
-
-
-def resident_bytes(model: torch.nn.Module) -> int:
-    """Bytes the weights hold in memory: every distinct tensor once (a tied head and embedding
-    share one), including oneDNN's packed copies."""
-    seen: set[int] = set()
-    total = 0
-    for module in model.modules():
-        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-        packed = getattr(module, "packed_weight", None)
-        if packed is not None:
-            tensors.append(packed)
-        for tensor in tensors:
-            key = tensor.untyped_storage().data_ptr() if not tensor.is_mkldnn else id(tensor)
-            if key in seen:
-                continue
-            seen.add(key)
-            total += tensor.numel() * tensor.element_size()
     return total
 
 

@@ -81,6 +81,8 @@ class EngineConfig:
     # Q4_0/Q4_1/Q4_K blocks as they are).
     quantization: str = "none"
     quantization_group_size: int = 32
+    # With int8/int4: the LM head (and an embedding tied to it) int8 too, one code copy.
+    quantize_lm_head: bool = True
     scheduling_policy: str = "priority"
     # Tenant name -> weight (> 0) for the fair policy; tenants not named weigh 1.
     tenant_weights: dict[str, float] = field(default_factory=dict)
@@ -166,6 +168,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization-group-size", type=int, default=d.quantization_group_size,
                         choices=INT4_GROUP_SIZES,
                         help="inputs per int4 scale (default: 32, GGUF's Q4 block)")
+    parser.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction,
+                        default=d.quantize_lm_head,
+                        help="with --quantization int8|int4, make the LM head (and an "
+                             "embedding tied to it) int8 too: less memory and faster one-"
+                             "stream decode (default: on; --no-quantize-lm-head keeps it in "
+                             "the serving dtype)")
     parser.add_argument("--scheduling-policy", default=d.scheduling_policy,
                         choices=SCHEDULING_POLICIES,
                         help="fcfs: arrival order; priority: by request priority, then "

@@ -60,7 +60,8 @@ class EngineCore:
         self.loaded: LoadedModel = load_model(
             model_dir, config.dtype, config.device, config.allow_pickle, config.max_model_len,
             quantization=config.quantization,
-            quantization_group_size=config.quantization_group_size)
+            quantization_group_size=config.quantization_group_size,
+            quantize_lm_head=config.quantize_lm_head)
         model_config = self.loaded.config
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings)

@@ -9,8 +9,10 @@ the sampling requests' settings.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from surge.engine.compiled_decode import CompiledDecode
 from surge.engine.cuda_graphs import DecodeGraphs
@@ -30,6 +32,21 @@ from surge.models.loader import LoadedModel
 from surge.outputs import TokenLogprobs
 
 __all__ = ["ModelRunner"]
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What a step's forward gives for logits: the hidden state of every scheduled token, or,
+    from a compiled decode step (whose graph includes the LM head), every row's logits."""
+
+    hidden: torch.Tensor | None = None
+    all_logits: torch.Tensor | None = None
+
+    def logits(self, model: nn.Module, rows: torch.Tensor | slice) -> torch.Tensor:
+        if self.all_logits is not None:
+            return self.all_logits[rows]
+        assert self.hidden is not None
+        return model.compute_logits(self.hidden[rows])
 
 
 class ModelRunner:
@@ -109,14 +126,14 @@ class ModelRunner:
             grammar_started = time.perf_counter()
             masks = self.structured.fill_bias([requests[row].grammar for row in grammar_rows])
             self.grammar_seconds += time.perf_counter() - grammar_started
-        hidden = self._forward(chunks)
-        self._record_prompt_logprobs(chunks, hidden)
+        step = self._forward(chunks)
+        self._record_prompt_logprobs(chunks, step)
         forward_done = time.perf_counter()
         self.last_step_seconds = (forward_done - started, 0.0)
         if not sampling:
             return {}
         rows = torch.tensor([row for row, _ in sampling], device=self.device)
-        logits = self.model.compute_logits(hidden[rows]).float()
+        logits = step.logits(self.model, rows).float()
         batch = self._sampling_batch(requests)
         if masks is not None:
             waited = time.perf_counter()
@@ -126,24 +143,25 @@ class ModelRunner:
         self.last_step_seconds = (forward_done - started, time.perf_counter() - forward_done)
         return {r.request_id: res for r, res in zip(requests, results, strict=True)}
 
-    def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Hidden states of every scheduled token: a captured CUDA graph or a compiled
-        forward for an all-decode step that fits one, the eager model otherwise."""
+    def _forward(self, chunks: list[ScheduledChunk]) -> StepOutput:
+        """Hidden states (or logits) of every scheduled token: a captured CUDA graph or a
+        compiled forward for an all-decode step that fits one, the eager model otherwise."""
         padded = self.graphs or self.compiled
         if padded is not None and all(c.num_tokens == 1 for c in chunks):
             tables = [self._block_table(c.request.block_ids, c.start + 1) for c in chunks]
             fits = (self.graphs.fits(len(chunks), max(len(t) for t in tables))
                     if self.graphs is not None else padded.fits(len(chunks)))
             if fits:
-                return padded.run(
+                out = padded.run(
                     [c.request.token_ids[c.start] for c in chunks], [c.start for c in chunks],
                     [self._slot(c.request.block_ids, c.start) for c in chunks], tables)
+                return (StepOutput(hidden=out) if self.graphs is not None
+                        else StepOutput(all_logits=out))
         input_ids, positions, metadata = self._prepare(chunks)
         with forward_context(metadata):
-            return self.model(input_ids, positions)
+            return StepOutput(hidden=self.model(input_ids, positions))
 
-    def _record_prompt_logprobs(self, chunks: list[ScheduledChunk], hidden: torch.Tensor
-                                ) -> None:
+    def _record_prompt_logprobs(self, chunks: list[ScheduledChunk], step: StepOutput) -> None:
         """Append the logprob of each prompt token this chunk's positions predict (position
         p predicts token p + 1), for requests that asked; a recomputed prefill (after a
         preemption) skips positions already recorded."""
@@ -159,7 +177,7 @@ class ModelRunner:
             if not chunk.start <= first < last:
                 continue
             offset = end - chunk.num_tokens - chunk.start
-            logits = self.model.compute_logits(hidden[offset + first:offset + last]).float()
+            logits = step.logits(self.model, slice(offset + first, offset + last)).float()
             raw = torch.log_softmax(logits, dim=-1)
             targets = request.token_ids[first + 1:last + 1]
             chosen = raw.gather(1, self._tensor(targets).unsqueeze(1)).squeeze(1).tolist()

@@ -36,11 +36,17 @@ from torch import nn
 from surge.models.checkpoint import open_checkpoint
 from surge.models.config import stored_dtype
 from surge.models.linear import Linear, LinearMethod, copy_checked
-from surge.models.quantization import checkpoint_tensors, quantization_method, stored_quantization
+from surge.models.quantization import (
+    WeightOnlyLinearMethod,
+    checkpoint_tensors,
+    quantization_method,
+    quantize_lm_head,
+    stored_quantization,
+)
 from surge.models.registry import Architecture, Task, find_architecture
 
 __all__ = ["DTYPES", "LoadedModel", "build_model", "load_model", "load_weights",
-           "resolve_device", "resolve_dtype"]
+           "resident_weight_bytes", "resolve_device", "resolve_dtype"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -88,13 +94,15 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto",
                device: str | torch.device = "auto", allow_pickle: bool = False,
                max_positions: int | None = None, task: Task | None = "generate",
                linear_method: LinearMethod | None = None, quantization: str = "none",
-               quantization_group_size: int = 32) -> LoadedModel:
+               quantization_group_size: int = 32, quantize_lm_head: bool = False
+               ) -> LoadedModel:
     """The model at ``path`` (a Hugging Face directory or a .gguf file), ready for inference.
 
     ``task`` refuses a checkpoint of another task (None: any); ``max_positions`` caps the rope
     tables a decoder precomputes; ``linear_method`` stores and applies a decoder's projections
     (None: unquantized, in the serving dtype); ``quantization`` ("int8", "int4" with
-    ``quantization_group_size``) chooses one of surge.models.quantization's instead.
+    ``quantization_group_size``) chooses one of surge.models.quantization's instead, and
+    ``quantize_lm_head`` makes a quantized decoder's LM head (and a tied embedding) int8 too.
     """
     checkpoint = open_checkpoint(path, allow_pickle)
     hf = checkpoint.read_config()
@@ -107,7 +115,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto",
     extra = {} if linear_method is None else {"linear_method": linear_method}
     model = build_model(arch.model_class, config, torch_dtype, target, **extra)
     load_weights(model, checkpoint_tensors(checkpoint, model))
-    _finish(model, target, max_positions)
+    quantize_head = quantize_lm_head and isinstance(linear_method, WeightOnlyLinearMethod)
+    _finish(model, target, max_positions, torch_dtype if quantize_head else None)
     return LoadedModel(model, config, torch_dtype, target, arch)
 
 
@@ -217,11 +226,36 @@ def _check_complete(model: nn.Module, missing: set[str]) -> None:
             state[name].data.zero_()
 
 
-def _finish(model: nn.Module, device: torch.device, max_positions: int | None) -> None:
+def _finish(model: nn.Module, device: torch.device, max_positions: int | None,
+            int8_head_dtype: torch.dtype | None = None) -> None:
+    """Derived state, then (``int8_head_dtype``: the serving dtype) an int8 LM head, then
+    each linear method's repacking."""
     finish_loading = getattr(model, "finish_loading", None)
     if finish_loading is not None:
         finish_loading(device, max_positions)
+    if int8_head_dtype is not None:
+        with _default_dtype(int8_head_dtype):
+            quantize_lm_head(model)
     model.eval().requires_grad_(False)
     for module in model.modules():
         if isinstance(module, Linear):
             module.method.process_weights_after_loading(module)
+
+
+def resident_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes the weights hold in memory: every distinct tensor once (a tied head and embedding
+    share one), including oneDNN's packed copies."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        packed = getattr(module, "packed_weight", None)
+        if packed is not None:
+            tensors.append(packed)
+        for tensor in tensors:
+            key = tensor.untyped_storage().data_ptr() if not tensor.is_mkldnn else id(tensor)
+            if key in seen:
+                continue
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total

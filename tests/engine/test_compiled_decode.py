@@ -80,7 +80,7 @@ def test_engines_in_one_process_each_run_their_own_weights(
     other = write_checkpoint("tiny-llama", tmp_path / "other", seed=1)
     prompts = [[5, 9, 33, 2, 17]]
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    engines = [(first, {}), (other, {}), (first, {"dtype": "bfloat16", "quantization": "int8"}),
+    engines = [(first, {}), (other, {}), (first, {"quantization": "int8"}),
                (first, {"kv_cache_dtype": "int8"})]
     for model, extra in engines:
         args = ENGINE_ARGS | extra
@@ -101,15 +101,17 @@ def test_without_a_cpp_compiler_compiling_is_refused_by_name(
 @pytest.mark.slow
 @needs_compiler
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
-def test_compiled_quantized_layers_on_both_kernel_paths(
+def test_compiled_quantized_layers_give_the_eager_dequantized_tokens(
         tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch,
         quantization: str) -> None:
-    """From 2 tokens on a quantized layer dequantizes into the shared scratch buffer and runs
-    the dense GEMM; compiled, that buffer must be written and read each step as eagerly."""
+    """Eagerly, from 2 tokens on a quantized layer dequantizes into the shared scratch buffer
+    and runs the dense GEMM; compiled, it runs inductor's weight-only GEMM template at every
+    batch size. Both compute the same products: the greedy tokens match. (float32: this random
+    model's next-token distribution is nearly flat, and bfloat16 rounding breaks its ties.)"""
     monkeypatch.setattr(WeightOnlyLinearMethod, "choose_threshold",
                         lambda self, layer: setattr(layer, "kernel_threshold", 2))
     model = tiny_checkpoint("tiny-llama")
-    args = ENGINE_ARGS | {"dtype": "bfloat16", "quantization": quantization}
+    args = ENGINE_ARGS | {"quantization": quantization}
     prompts = [[5, 9, 33, 2, 17], [40, 41, 42], list(range(3, 40))]
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     want = LLM(model, **args).generate(prompts, greedy, use_tqdm=False)

@@ -17,9 +17,10 @@ from surge import LLM, SamplingParams
 from surge.config import EngineConfig, add_engine_args
 from surge.models.gguf import GGUFCheckpoint
 from surge.models.linear import Linear, UnquantizedLinearMethod
-from surge.models.loader import build_model, load_model
+from surge.models.loader import build_model, load_model, resident_weight_bytes
 from surge.models.quantization import (
     Int4LinearMethod,
+    Int8Embedding,
     Int8LinearMethod,
     WeightOnlyLinearMethod,
     dequantized_weight,
@@ -210,10 +211,12 @@ def test_gguf_q4_under_int8_or_other_groups_loads_through_floats(tmp_path: Path)
 
 @pytest.mark.slow
 def test_int4_of_a_q4_0_gguf_answers_like_the_dequantized_file(tmp_path: Path) -> None:
-    """Q4_0 weights kept as blocks are the file's weights: float32 greedy answers agree."""
+    """Q4_0 weights kept as blocks are the file's weights: float32 greedy answers agree (with
+    the head in float32 as in the file, not re-quantized to int8)."""
     path = TinyGGUF(tensor_type=Q.Q4_0).write(tmp_path / "tiny.gguf")
     prompts = [[p % 260 for p in prompt] for prompt in PROMPTS]
-    assert greedy(path, prompts, quantization="int4") == greedy(path, prompts)
+    assert (greedy(path, prompts, quantization="int4", quantize_lm_head=False)
+            == greedy(path, prompts))
 
 
 # -- a whole model ---------------------------------------------------------------------------
@@ -224,7 +227,7 @@ PROMPTS = [[17, 99, 402, 8, 51, 3, 77, 1000, 12, 5, 65, 320, 43],
 
 def greedy(model_dir: Path, prompts: list[list[int]], **engine_args: object) -> list[list[int]]:
     # CPU: the weight-only kernels are PyTorch's CPU ones (a GPU machine must not pick cuda).
-    llm = LLM(model_dir, dtype="float32", device="cpu", seed=0, **engine_args)
+    llm = LLM(model_dir, **({"dtype": "float32", "device": "cpu", "seed": 0} | engine_args))
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     return [out.outputs[0].token_ids for out in llm.generate(prompts, params, use_tqdm=False)]
 
@@ -241,17 +244,74 @@ def test_quantized_model_greedy_is_stable_across_batching(
     assert together == alone == chunked
     llm = LLM(model_dir, dtype="float32", device="cpu", quantization=quantization)
     layers = [m for m in llm.engine.core.loaded.model.modules() if isinstance(m, Linear)]
-    assert sum(isinstance(m.method, UnquantizedLinearMethod) for m in layers) == 1  # the head
+    assert not any(isinstance(m.method, UnquantizedLinearMethod) for m in layers)
+
+
+# -- the LM head -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_int8_head_shares_its_codes_with_a_tied_embedding(
+        tiny_checkpoint: Callable[[str], Path], quantization: str) -> None:
+    model_dir = tiny_checkpoint("tiny-qwen2")  # tied
+    plain = load_model(model_dir, "bfloat16", "cpu").model
+    model = load_model(model_dir, "bfloat16", "cpu", quantization=quantization,
+                       quantize_lm_head=True).model
+    head, embedding = model.lm_head, model.input_embedding()
+    assert isinstance(head.method, Int8LinearMethod) and isinstance(embedding, Int8Embedding)
+    assert embedding.qweight.data_ptr() == head.qweight.data_ptr()  # one copy of the codes
+    reference = plain.input_embedding().weight.float()
+    dequantized = dequantized_weight(head).float()
+    # Each weight within half a step of its row's scale (max |row| / 127).
+    step = reference.abs().amax(dim=1, keepdim=True) / 127
+    assert ((dequantized - reference).abs() <= step * 0.51 + 1e-3).all()
+    ids = torch.tensor([0, 5, 2047, 5])
+    torch.testing.assert_close(embedding(ids).float(), dequantized[ids], rtol=1e-2, atol=1e-3)
+    hidden = torch.randn(3, 128, dtype=torch.bfloat16)
+    for tokens in (1, 3):  # the weight-only kernel, then dequantize + GEMM
+        head.kernel_threshold = 2
+        torch.testing.assert_close(model.compute_logits(hidden[:tokens]).float(),
+                                   hidden[:tokens].float() @ dequantized.t(),
+                                   rtol=2e-2, atol=2e-2)
+
+
+def test_an_untied_head_is_quantized_alone_and_the_flag_turns_it_off(
+        tiny_checkpoint: Callable[[str], Path]) -> None:
+    model_dir = tiny_checkpoint("tiny-llama")  # untied
+    model = load_model(model_dir, "bfloat16", "cpu", quantization="int8",
+                       quantize_lm_head=True).model
+    assert isinstance(model.lm_head.method, Int8LinearMethod)
+    assert type(model.input_embedding()) is torch.nn.Embedding
+    kept = load_model(model_dir, "bfloat16", "cpu", quantization="int8").model
+    assert isinstance(kept.lm_head.method, UnquantizedLinearMethod)
+    unquantized = load_model(model_dir, "bfloat16", "cpu", quantize_lm_head=True).model
+    assert isinstance(unquantized.lm_head.method, UnquantizedLinearMethod)  # needs int8/int4
+
+
+def test_the_int8_head_shrinks_a_tied_model_and_keeps_its_answers(
+        tiny_checkpoint: Callable[[str], Path]) -> None:
+    model_dir = tiny_checkpoint("tiny-qwen2")
+    tokens = {head: greedy(model_dir, PROMPTS, dtype="bfloat16", quantization="int8",
+                           quantize_lm_head=head) for head in (False, True)}
+    assert tokens[True] == tokens[False]
+    sizes = {head: resident_weight_bytes(load_model(
+        model_dir, "bfloat16", "cpu", quantization="int8", quantize_lm_head=head).model)
+        for head in (False, True)}
+    # The bf16 embedding and the head's packed copy (2 x 2 bytes a weight) become one int8
+    # copy and a bf16 scale per row.
+    vocab, hidden = 2048, 128
+    assert sizes[False] - sizes[True] == 3 * vocab * hidden - 2 * vocab
 
 
 def test_flags_reach_the_engine_config() -> None:
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
     config = EngineConfig.from_args(parser.parse_args(
-        ["--quantization", "int4", "--quantization-group-size", "64"]))
+        ["--quantization", "int4", "--quantization-group-size", "64", "--no-quantize-lm-head"]))
     assert (config.quantization, config.quantization_group_size) == ("int4", 64)
+    assert config.quantize_lm_head is False
     defaults = EngineConfig.from_args(parser.parse_args([]))
     assert (defaults.quantization, defaults.quantization_group_size) == ("none", 32)
+    assert defaults.quantize_lm_head is True
     with pytest.raises(SystemExit):
         parser.parse_args(["--quantization", "int2"])
 
