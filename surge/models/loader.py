@@ -94,7 +94,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto",
                device: str | torch.device = "auto", allow_pickle: bool = False,
                max_positions: int | None = None, task: Task | None = "generate",
                linear_method: LinearMethod | None = None, quantization: str = "none",
-               quantization_group_size: int = 32, quantize_lm_head: bool = False
+               quantization_group_size: int = 32, quantize_lm_head: bool = True
                ) -> LoadedModel:
     """The model at ``path`` (a Hugging Face directory or a .gguf file), ready for inference.
 
@@ -102,7 +102,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto",
     tables a decoder precomputes; ``linear_method`` stores and applies a decoder's projections
     (None: unquantized, in the serving dtype); ``quantization`` ("int8", "int4" with
     ``quantization_group_size``) chooses one of surge.models.quantization's instead, and
-    ``quantize_lm_head`` makes a quantized decoder's LM head (and a tied embedding) int8 too.
+    ``quantize_lm_head`` (as the engine's default) makes a quantized decoder's LM head (and a
+    tied embedding) int8 too.
     """
     checkpoint = open_checkpoint(path, allow_pickle)
     hf = checkpoint.read_config()

@@ -69,8 +69,10 @@ def quantize_checkpoint(source: Source, out: Path, method: str, group_size: int 
     from surge.models.checkpoint import open_checkpoint
     from surge.models.loader import load_model
 
+    # The head stays float in the file: loading quantizes it (--quantize-lm-head) or not.
     loaded = load_model(source.path, dtype=dtype, device="cpu", quantization=method,
-                        quantization_group_size=group_size, max_positions=16)
+                        quantization_group_size=group_size, max_positions=16,
+                        quantize_lm_head=False)
     layers = {name: m for name, m in loaded.model.named_modules() if isinstance(m, Linear)}
     packed: dict[str, tuple[str, int]] = getattr(loaded.model, "packed_modules", {})
     torch_dtype = loaded.dtype

@@ -235,10 +235,13 @@ def weight_stats(model: Any) -> tuple[int, int]:
     parameter counts once (a tied LM head is the embedding's parameters, though its packed
     copy is resident). Buffers computed at load (rope tables) are neither."""
     from surge.models.linear import Linear
+    from surge.models.quantization import Int8Embedding
 
-    tied_head = (getattr(model, "lm_head", None)
-                 if getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-                 else None)
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    # An int8 head's embedding (Int8Embedding) holds the head's codes as buffers: then the
+    # head counts them, once.
+    shared_codes = any(isinstance(m, Int8Embedding) for m in model.modules())
+    tied_head = getattr(model, "lm_head", None) if tied and not shared_codes else None
     params, resident, seen = 0, 0, set()
     for module in model.modules():
         if isinstance(module, Linear):
