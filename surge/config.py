@@ -153,9 +153,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-max-batch", type=int, default=d.compile_max_batch,
                         metavar="N",
                         help="on CPU, compile decode steps of up to N sequences with "
-                             "torch.compile at start-up (about 30 s per power-of-two batch "
-                             "size; needs a C++ compiler): single-stream decode ~1.2x faster "
-                             "on SmolLM2 (default: 0, eager)")
+                             "torch.compile at start-up (about 45 s per power-of-two batch "
+                             "size; needs a C++ compiler): single-stream decode 1.7-2.1x "
+                             "faster on SmolLM2 (default: 0, eager)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow loading pickle (.bin) weights; they can run arbitrary code")
     parser.add_argument("--num-threads", type=int, default=None,

@@ -1,8 +1,9 @@
 """Weight-only quantized linear layers (int8, int4) behind the linear-method seam.
 
-Only the decoder's projections are quantized; activations, the KV cache, embeddings and the LM
-head keep the serving dtype (bfloat16 or float32), and every product is computed in that dtype
-from weights dequantized on the fly, so the only error is the weights' rounding:
+The decoder's projections are quantized, and by default the LM head to int8 (with a token
+embedding tied to it: `quantize_lm_head`, off with ``--no-quantize-lm-head``); activations and
+the KV cache keep the serving dtype (bfloat16 or float32), and every product is computed in
+that dtype from weights dequantized on the fly, so the only error is the weights' rounding:
 
 - **int8** (`Int8LinearMethod`): one symmetric scale per output row,
   ``scale = max|w_row| / 127`` (rounded to the serving dtype), ``q = round(w / scale)`` in
@@ -315,8 +316,8 @@ class Int8LinearMethod(WeightOnlyLinearMethod):
 
     def dense(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         # The per-row scale applied to the output, as the weight-only kernel does: one pass
-        # over the weights (codes to x's dtype, exact) instead of two, and the same rounding
-        # as the kernel, so a sequence's tokens depend less on its step's size.
+        # over the weights (codes to x's dtype, exact) instead of two (3072x576 at 16 tokens:
+        # 131 us against 314), and rounding closer to the kernel's.
         codes = _scratch(layer.output_size * layer.input_size, x.dtype, layer.device)
         codes = codes.view(layer.output_size, layer.input_size)
         codes.copy_(layer.qweight)
