@@ -40,6 +40,8 @@ def native_decode_loaded() -> bool:
 def _build() -> bool:
     from torch.utils import cpp_extension
 
+    # Progress: the first build on a machine takes seconds to a minute; later loads are cached.
+    logger.info("loading the C++ decode attention op (built on first use)")
     try:
         cpp_extension.load(name="surge_decode_attention", sources=[str(_SOURCE)],
                            extra_cflags=["-O3"], is_python_module=False, verbose=False)
