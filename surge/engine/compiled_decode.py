@@ -15,10 +15,11 @@ Compiled graphs need fixed shapes, so a step is padded, as CUDA graphs' are
 position 0 and write their K/V to a trash slot past the managed blocks. The graph ends with
 the LM head (every decode row samples). Attention stays outside the graph as an opaque op:
 block tables and lengths change every step, so the graph's shapes are the batch's only, and
-one compile serves every sequence length. That op is ``surge::decode_attention``, C++
-(surge.models.native_attention), with the step's block table and mask set once per step; the
-Python ``surge::paged_attention`` serves where it cannot be built or the KV cache is int8/fp8.
-(Inside the graph attention was faster, a batch-1 step 10% shorter, but each block-table
+one compile serves every sequence length. That op is ``surge::decode_attention``, a C++
+kernel that attends straight from the cache blocks (surge.models.native_attention), with the
+step's block table and lengths set once per step; the Python ``surge::paged_attention``
+serves where it cannot be built or the KV cache is int8/fp8. (Inside the graph, inductor's
+attention was faster than the Python op, a batch-1 step 10% shorter, but each block-table
 length is then a graph of its own, 30-45 s to compile; made dynamic, that dimension made the
 graphs slower than eager.) Each bucket compiles once, at start-up (about a minute on 2 cores
 with max-autotune), so no request waits on a compile; larger batches, prefill and mixed steps
@@ -71,15 +72,17 @@ class CompiledDecode:
     """Decode steps of up to ``max_batch`` sequences through a compiled forward."""
 
     def __init__(self, model: DecoderLM, *, max_batch: int, block_size: int, trash_slot: int,
-                 num_kv_heads: int, sliding_window: int | None, dtype: torch.dtype):
+                 num_kv_heads: int, sliding_window: int | None, dtype: torch.dtype,
+                 kv_cache_dtype: torch.dtype):
         self._block_size = block_size
         self._trash_slot = trash_slot
         self._num_kv_heads = num_kv_heads
         self._window = sliding_window
         self._dtype = dtype
         self.buckets = batch_buckets(max_batch)
-        # Decided before the first trace: the graphs call whichever attention op was there.
-        self._native = load_native_decode()
+        # Decided before the first trace: the graphs call whichever attention op was there
+        # (the C++ op reads a KV cache of the model's dtype; int8 and fp8 caches keep Python).
+        self._native = kv_cache_dtype == dtype and load_native_decode()
 
         # The LM head is in the graph too: every row of a decode step samples, and there its
         # GEMM is autotuned like the others.
@@ -123,14 +126,17 @@ class CompiledDecode:
         pad = size - batch
         blocks = max(len(t) for t in tables)
         padded = [t + [0] * (blocks - len(t)) for t in tables] + [[0] * blocks] * pad
-        lengths = [p + 1 for p in positions] + [1] * pad
+        lengths = _tensor([p + 1 for p in positions] + [1] * pad)
         meta = AttentionMetadata(
             slot_mapping=_tensor(slots + [self._trash_slot] * pad), num_decodes=size,
-            decode_block_table=_tensor(padded),
-            decode_bias=decode_bias(_tensor(lengths), blocks * self._block_size, self._window,
-                                    self._num_kv_heads, self._dtype))
-        native = (decode_context(meta.slot_mapping, meta.decode_block_table, meta.decode_bias)
-                  if self._native else contextlib.nullcontext())
+            decode_block_table=_tensor(padded))
+        if self._native:  # the C++ op reads lengths, not a mask
+            native = decode_context(meta.slot_mapping, meta.decode_block_table, lengths,
+                                    self._window)
+        else:
+            meta.decode_bias = decode_bias(lengths, blocks * self._block_size, self._window,
+                                           self._num_kv_heads, self._dtype)
+            native = contextlib.nullcontext()
         # Inductor's settings are read only when a graph compiles, which after `compile`
         # happens only if a guard fails; set here, such a recompile is slow but still right.
         with forward_context(meta), native, inductor_config.patch(_INDUCTOR_SETTINGS):

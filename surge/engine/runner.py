@@ -88,7 +88,8 @@ class ModelRunner:
             self.compiled = CompiledDecode(
                 self.model, max_batch=compile_max_batch, block_size=block_size,
                 trash_slot=num_blocks * block_size, num_kv_heads=self.config.num_kv_heads,
-                sliding_window=self.config.sliding_window, dtype=self.dtype)
+                sliding_window=self.config.sliding_window, dtype=self.dtype,
+                kv_cache_dtype=self.kv_cache_dtype)
         self._allocate_kv_cache()
         if self.compiled is not None:
             self.compiled.compile()

@@ -1,6 +1,6 @@
-"""The C++ decode attention op of compiled steps computes what the Python op does (both of its
-paths: SDPA for small batches, two matmuls for large ones), and a machine that cannot build it
-keeps the Python op."""
+"""The C++ decode attention op of compiled steps computes what the Python op does (against both
+of the Python op's paths: SDPA for small batches, two matmuls for large ones; in each dtype a
+KV cache has), and a machine that cannot build it keeps the Python op."""
 
 from __future__ import annotations
 
@@ -21,27 +21,33 @@ needs_compiler = pytest.mark.skipif(cpp_compiler() is None,
 @needs_compiler
 @pytest.mark.parametrize("batch", [3, 20], ids=["sdpa", "matmuls"])
 @pytest.mark.parametrize("window", [None, 9])
-def test_native_decode_attention_equals_the_python_op(batch: int, window: int | None) -> None:
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5),
+                                                  (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("head_dim", [16, 20])  # 20: past the 16-lane loop
+def test_native_decode_attention_equals_the_python_op(batch: int, window: int | None,
+                                                      dtype: torch.dtype, tolerance: float,
+                                                      head_dim: int) -> None:
     assert load_native_decode()
     torch.manual_seed(0)
-    num_kv_heads, group, head_dim, block_size, blocks = 2, 3, 16, 4, 5
-    caches = [torch.randn(num_kv_heads, 128, block_size, head_dim) for _ in range(2)]
+    num_kv_heads, group, block_size, blocks = 2, 3, 4, 5
+    caches = [torch.randn(num_kv_heads, 128, block_size, head_dim, dtype=dtype)
+              for _ in range(2)]
     table = torch.randperm(127)[:batch * blocks].view(batch, blocks) + 1
     lengths = torch.randint(1, blocks * block_size + 1, (batch,))
     # Each row's new token goes to its last visible slot.
     last = (lengths - 1).div(block_size, rounding_mode="floor")
     slots = table.gather(1, last[:, None]).squeeze(1) * block_size + (lengths - 1) % block_size
-    bias = decode_bias(lengths, blocks * block_size, window, num_kv_heads, torch.float32)
+    bias = decode_bias(lengths, blocks * block_size, window, num_kv_heads, dtype)
     meta = AttentionMetadata(slot_mapping=slots, num_decodes=batch, decode_block_table=table,
                              decode_bias=bias)
-    q = torch.randn(batch, num_kv_heads * group, head_dim)
-    k, v = torch.randn(2, batch, num_kv_heads, head_dim)
+    q = torch.randn(batch, num_kv_heads * group, head_dim, dtype=dtype)
+    k, v = torch.randn(2, batch, num_kv_heads, head_dim, dtype=dtype)
     python_caches = [c.clone() for c in caches]
     with forward_context(meta):
         want = attention._paged_attention(q, k, v, *python_caches, 0.25)
-    with decode_context(slots, table, bias):
+    with decode_context(slots, table, lengths, window):
         got = torch.ops.surge.decode_attention(q, k, v, *caches, 0.25)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
     for native, python in zip(caches, python_caches, strict=True):
         assert torch.equal(native, python)  # the new K/V written at the same slots
 
