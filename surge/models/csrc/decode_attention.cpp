@@ -21,6 +21,14 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VL__) && !defined(CPU_CAPABILITY_AVX512)
+// ATen's 16-float vectors (their fast exp): built for this CPU, as inductor's kernels are.
+#define CPU_CAPABILITY_AVX512
+#endif
+#if defined(CPU_CAPABILITY_AVX512)
+#include <ATen/cpu/vec/vec.h>
+#endif
 
 namespace {
 
@@ -73,6 +81,20 @@ float dot(const float* q, const T* k, int64_t dim) {
   return sum;
 }
 
+// s[t] = exp(s[t] - top), t < count: the softmax's numerators (ATen's exp_u20 where built
+// for AVX-512, the one flash attention's CPU kernel uses; scalar exp elsewhere).
+void exp_shifted(float* s, int64_t count, float top) {
+  int64_t t = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  using Floats = at::vec::Vectorized<float>;
+  const Floats shift(top);
+  for (; t + Floats::size() <= count; t += Floats::size()) {
+    (Floats::loadu(s + t) - shift).exp_u20().store(s + t);
+  }
+#endif
+  for (; t < count; ++t) s[t] = std::exp(s[t] - top);
+}
+
 template <typename T>
 void add_scaled(float* out, float weight, const T* v, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) out[d] += weight * static_cast<float>(v[d]);
@@ -121,9 +143,11 @@ struct Attend {
     for (int64_t g = 0; g < group; ++g) {  // softmax, in place
       float* s = &scores[g * count];
       const float top = *std::max_element(s, s + count);
+      exp_shifted(s, count, top);
       float total = 0.f;
-      for (int64_t t = 0; t < count; ++t) total += (s[t] = std::exp(s[t] - top));
-      for (int64_t t = 0; t < count; ++t) s[t] /= total;
+      for (int64_t t = 0; t < count; ++t) total += s[t];
+      const float inverse = 1.f / total;
+      for (int64_t t = 0; t < count; ++t) s[t] *= inverse;
     }
     for_each_row(v_cache, head, seq, first, count, [&](int64_t t, const T* value) {
       for (int64_t g = 0; g < group; ++g) add_scaled(&acc[g * dim], scores[g * count + t], value, dim);
