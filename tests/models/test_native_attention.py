@@ -61,6 +61,21 @@ def test_the_op_outside_a_step_is_a_clear_error() -> None:
         torch.ops.surge.decode_attention(q, q[:, :1], q[:, :1], cache, cache.clone(), 1.0)
 
 
+@needs_compiler
+def test_a_block_or_length_outside_the_cache_is_refused_before_reading() -> None:
+    assert load_native_decode()
+    q = torch.randn(1, 2, 8)
+    k = v = q[:, :1]
+    cache = torch.zeros(1, 3, 4, 8)  # 3 blocks of 4 slots
+    slots = torch.tensor([1])
+    with decode_context(slots, torch.tensor([[3]]), torch.tensor([2]), None), pytest.raises(
+            RuntimeError, match="block 3 is outside the KV cache's 3 blocks"):
+        torch.ops.surge.decode_attention(q, k, v, cache, cache.clone(), 1.0)
+    with decode_context(slots, torch.tensor([[1]]), torch.tensor([5]), None), pytest.raises(
+            RuntimeError, match=r"length 5 of row 0 is outside 1\.\.4"):
+        torch.ops.surge.decode_attention(q, k, v, cache, cache.clone(), 1.0)
+
+
 def test_without_the_op_compiled_steps_keep_python_attention(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     from torch.utils import cpp_extension

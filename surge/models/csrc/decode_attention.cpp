@@ -177,6 +177,27 @@ void write_rows(at::Tensor& cache, const at::Tensor& rows, const at::Tensor& slo
   }
 }
 
+// The kernel reads the cache through raw pointers: a block id or length out of range would
+// read outside it, so the step's context is checked first (B x blocks integers: cheap).
+void check_context(int64_t batch, int64_t cache_blocks, int64_t block_size) {
+  TORCH_CHECK(context.table.size(0) == batch && context.lengths.numel() == batch &&
+                  context.slots.numel() == batch,
+              "surge::decode_attention: the decode context has ", context.table.size(0),
+              " rows; the step has ", batch);
+  const int64_t width = context.table.size(1);
+  const int64_t* table = context.table.data_ptr<int64_t>();
+  const int64_t* lengths = context.lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(lengths[b] >= 1 && lengths[b] <= width * block_size,
+                "surge::decode_attention: length ", lengths[b], " of row ", b,
+                " is outside 1..", width * block_size);
+  }
+  for (int64_t i = 0; i < batch * width; ++i) {
+    TORCH_CHECK(table[i] >= 0 && table[i] < cache_blocks, "surge::decode_attention: block ",
+                table[i], " is outside the KV cache's ", cache_blocks, " blocks");
+  }
+}
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             at::Tensor& k_cache, at::Tensor& v_cache, double scale) {
   TORCH_CHECK(context.slots.defined(),
@@ -190,6 +211,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
               "surge::decode_attention: slots must be int64");
   const auto batch = q.size(0), heads = q.size(1), dim = q.size(2);
   const auto kv_heads = k_cache.size(0);
+  check_context(batch, k_cache.size(1), k_cache.size(2));
   write_rows(k_cache, k.contiguous(), context.slots);
   write_rows(v_cache, v.contiguous(), context.slots);
   const auto query = q.contiguous();
