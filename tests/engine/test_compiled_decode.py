@@ -11,7 +11,7 @@ import pytest
 
 from surge import LLM, SamplingParams
 from surge.config import EngineConfig, add_engine_args
-from surge.engine.compiled_decode import batch_buckets, cpp_compiler
+from surge.engine.compiled_decode import _reuse_inductor_templates, batch_buckets, cpp_compiler
 from surge.models.quantization import WeightOnlyLinearMethod
 from surge.testing.make_model import write_checkpoint
 
@@ -26,6 +26,19 @@ def test_batch_buckets_are_powers_of_two_then_the_limit() -> None:
     assert batch_buckets(2) == [1, 2]
     assert batch_buckets(4) == [1, 2, 4]
     assert batch_buckets(6) == [1, 2, 4, 6]
+
+
+def test_inductor_templates_are_parsed_once_and_render_any_arguments() -> None:
+    from torch._inductor.codegen.common import KernelTemplate
+
+    _reuse_inductor_templates()
+    _reuse_inductor_templates()  # idempotent: one cache, not a cache of a cache
+    source = "void {{name}}() { return {{value}}; }"
+    parsed = KernelTemplate._template_from_string(source)
+    assert KernelTemplate._template_from_string(source) is parsed
+    assert parsed.render(name="f", value=1) == "void f() { return 1; }"
+    assert parsed.render(name="g", value=2) == "void g() { return 2; }"
+    assert KernelTemplate._template_from_string.cache_info().currsize >= 1
 
 
 def test_compile_max_batch_is_validated_by_name() -> None:

@@ -37,6 +37,10 @@ struct DecodeContext {
   at::Tensor table;    // [B, blocks] block ids, padded with block 0
   at::Tensor lengths;  // [B] positions each row's query sees: 0 .. length - 1
   int64_t window = 0;  // sliding window (the last `window` positions), 0: none
+  // The cache shape (blocks, block size) the context was last checked against: every layer of
+  // a step has the same, so the check runs once a step, not once a layer.
+  int64_t checked_blocks = -1;
+  int64_t checked_block_size = -1;
 };
 
 DecodeContext context;
@@ -178,12 +182,14 @@ void write_rows(at::Tensor& cache, const at::Tensor& rows, const at::Tensor& slo
 }
 
 // The kernel reads the cache through raw pointers: a block id or length out of range would
-// read outside it, so the step's context is checked first (B x blocks integers: cheap).
+// read outside it, so the step's context is checked first (B x blocks integers), once per
+// cache shape.
 void check_context(int64_t batch, int64_t cache_blocks, int64_t block_size) {
   TORCH_CHECK(context.table.size(0) == batch && context.lengths.numel() == batch &&
                   context.slots.numel() == batch,
               "surge::decode_attention: the decode context has ", context.table.size(0),
               " rows; the step has ", batch);
+  if (cache_blocks == context.checked_blocks && block_size == context.checked_block_size) return;
   const int64_t width = context.table.size(1);
   const int64_t* table = context.table.data_ptr<int64_t>();
   const int64_t* lengths = context.lengths.data_ptr<int64_t>();
@@ -196,6 +202,8 @@ void check_context(int64_t batch, int64_t cache_blocks, int64_t block_size) {
     TORCH_CHECK(table[i] >= 0 && table[i] < cache_blocks, "surge::decode_attention: block ",
                 table[i], " is outside the KV cache's ", cache_blocks, " blocks");
   }
+  context.checked_blocks = cache_blocks;
+  context.checked_block_size = block_size;
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
