@@ -42,7 +42,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 from surge.models.attention import AttentionMetadata, decode_bias, forward_context
-from surge.models.native_attention import decode_context, load_native_decode
+from surge.models.native_attention import decode_context, load_native_ops
 
 __all__ = ["CompiledDecode", "batch_buckets", "cpp_compiler"]
 
@@ -84,7 +84,7 @@ class CompiledDecode:
         _reuse_inductor_templates()
         # Decided before the first trace: the graphs call whichever attention op was there
         # (the C++ op reads a KV cache of the model's dtype; int8 and fp8 caches keep Python).
-        self._native = kv_cache_dtype == dtype and load_native_decode()
+        self._native = kv_cache_dtype == dtype and load_native_ops()
 
         # The LM head is in the graph too: every row of a decode step samples, and there its
         # GEMM is autotuned like the others.

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from surge.models.native_attention import native_decode_loaded
+from surge.models.native_attention import native_ops_loaded
 
 __all__ = ["AttentionMetadata", "PrefillChunk", "allocate_kv_cache", "decode_bias",
            "dequantize_kv", "forward_context", "gather_blocks", "get_forward_context",
@@ -110,7 +110,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # Opaque to torch.compile: what it reads (block tables, lengths) changes shape every
         # step, and a graph that saw them would recompile for each. Compiled steps are decode
         # steps; the C++ op (surge.models.native_attention) saves the Python dispatch.
-        if k_cache.dtype == q.dtype and native_decode_loaded():
+        if k_cache.dtype == q.dtype and native_ops_loaded():
             return torch.ops.surge.decode_attention(q, k, v, k_cache, v_cache, scale)
         return torch.ops.surge.paged_attention(q, k, v, k_cache, v_cache, scale)
     return _paged_attention(q, k, v, k_cache, v_cache, scale)

@@ -1,4 +1,6 @@
-"""The C++ decode attention op of compiled decode steps (``csrc/decode_attention.cpp``).
+"""Surge's C++ CPU ops, built together as one extension: the decode attention op of compiled
+decode steps (``csrc/decode_attention.cpp``) and the int4 dequantize of quantized layers'
+many-token path (``csrc/int4_dequantize.cpp``, used by surge.models.quantization).
 
 A compiled step (surge.engine.compiled_decode) is one C++ call, except attention. The Python
 op ``surge::paged_attention`` gathers each sequence's blocks into a copy and runs SDPA: ~100 us
@@ -8,7 +10,7 @@ value row read once for all the query heads that share it; the step's slots, blo
 lengths are set once per step with ``decode_context``. It is built for this machine's CPU
 (``-march=native``) with PyTorch's extension builder on first use (seconds to a minute on 2
 cores, then cached under ``$TORCH_EXTENSIONS_DIR``, per CPU model); where it cannot build,
-compiled steps keep the Python op.
+compiled steps keep the Python op and int4 layers dequantize with torch ops.
 """
 
 from __future__ import annotations
@@ -22,22 +24,23 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["decode_context", "load_native_decode", "native_decode_loaded"]
+__all__ = ["decode_context", "load_native_ops", "native_ops_loaded"]
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / name
+            for name in ("decode_attention.cpp", "int4_dequantize.cpp")]
 _state: dict[str, bool] = {}
 
 
-def load_native_decode() -> bool:
-    """Build (once per machine) and load the op; False, with a warning, where it cannot."""
+def load_native_ops() -> bool:
+    """Build (once per machine) and load the ops; False, with a warning, where they cannot."""
     if "loaded" not in _state:
         _state["loaded"] = _build()
     return _state["loaded"]
 
 
-def native_decode_loaded() -> bool:
+def native_ops_loaded() -> bool:
     return _state.get("loaded", False)
 
 
@@ -45,14 +48,16 @@ def _build() -> bool:
     from torch.utils import cpp_extension
 
     # Progress: the first build on a machine takes seconds to a minute; later loads are cached.
-    logger.info("loading the C++ decode attention op (built on first use)")
+    logger.info("loading Surge's C++ CPU ops (built on first use)")
     try:
-        cpp_extension.load(name=f"surge_decode_attention_{_cpu_tag()}", sources=[str(_SOURCE)],
+        cpp_extension.load(name=f"surge_cpu_ops_{_cpu_tag()}",
+                           sources=[str(source) for source in _SOURCES],
                            extra_cflags=["-O3", "-march=native", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except (OSError, RuntimeError, ImportError) as error:
-        logger.warning("compiled decode steps keep Python attention: the C++ op did not "
-                       "build (%s)", str(error).splitlines()[0] if str(error) else error)
+        logger.warning("compiled decode steps keep Python attention and int4 layers torch's "
+                       "dequantize: the C++ ops did not build (%s)",
+                       str(error).splitlines()[0] if str(error) else error)
         return False
     torch.library.register_fake("surge::decode_attention", _output_shape)
     return True

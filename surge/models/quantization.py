@@ -62,6 +62,7 @@ from torch import nn
 
 from surge.config import INT4_GROUP_SIZES, QUANTIZATIONS
 from surge.models.linear import Linear, LinearMethod, copy_checked
+from surge.models.native_attention import load_native_ops
 
 if TYPE_CHECKING:
     from surge.models.gguf import RawTensor
@@ -455,6 +456,12 @@ class Int4LinearMethod(WeightOnlyLinearMethod):
                                                           layer.scale_zeros)
 
     def dequantize_into(self, layer: Linear, out: torch.Tensor) -> None:
+        if (out.device.type == "cpu" and out.dtype == layer.scale_zeros.dtype
+                and load_native_ops()):
+            # One pass in C++ (3072x576: 1.7 ms in the torch ops below, on 2 cores).
+            torch.ops.surge.dequantize_int4pack(layer.qweight, layer.scale_zeros,
+                                                self.group_size, out)
+            return
         rows, groups = self.stored_rows(layer), layer.input_size // self.group_size
         grouped = out.view(rows, groups, self.group_size)
         grouped.copy_(unpack_int4(layer.qweight, rows, layer.input_size)

@@ -12,7 +12,7 @@ import torch
 from surge.engine.compiled_decode import cpp_compiler
 from surge.models import attention, native_attention
 from surge.models.attention import AttentionMetadata, decode_bias, forward_context
-from surge.models.native_attention import decode_context, load_native_decode
+from surge.models.native_attention import decode_context, load_native_ops
 
 needs_compiler = pytest.mark.skipif(cpp_compiler() is None,
                                     reason="the op is built with a C++ compiler")
@@ -27,7 +27,7 @@ needs_compiler = pytest.mark.skipif(cpp_compiler() is None,
 def test_native_decode_attention_equals_the_python_op(batch: int, window: int | None,
                                                       dtype: torch.dtype, tolerance: float,
                                                       head_dim: int) -> None:
-    assert load_native_decode()
+    assert load_native_ops()
     torch.manual_seed(0)
     num_kv_heads, group, block_size, blocks = 2, 3, 4, 5
     caches = [torch.randn(num_kv_heads, 128, block_size, head_dim, dtype=dtype)
@@ -54,7 +54,7 @@ def test_native_decode_attention_equals_the_python_op(batch: int, window: int | 
 
 @needs_compiler
 def test_the_op_outside_a_step_is_a_clear_error() -> None:
-    assert load_native_decode()
+    assert load_native_ops()
     q = torch.randn(1, 2, 8)
     cache = torch.zeros(1, 2, 4, 8)
     with pytest.raises(RuntimeError, match="outside a decode context"):
@@ -63,7 +63,7 @@ def test_the_op_outside_a_step_is_a_clear_error() -> None:
 
 @needs_compiler
 def test_a_block_or_length_outside_the_cache_is_refused_before_reading() -> None:
-    assert load_native_decode()
+    assert load_native_ops()
     q = torch.randn(1, 2, 8)
     k = v = q[:, :1]
     cache = torch.zeros(1, 3, 4, 8)  # 3 blocks of 4 slots
@@ -86,7 +86,7 @@ def test_without_the_op_compiled_steps_keep_python_attention(
     monkeypatch.setattr(cpp_extension, "load", fail)
     monkeypatch.setattr(native_attention, "_state", {})
     with caplog.at_level(logging.WARNING):
-        assert not load_native_decode()
-    assert not native_attention.native_decode_loaded()
-    assert "keep Python attention: the C++ op did not build (Error building extension" in (
-        caplog.text)
+        assert not load_native_ops()
+    assert not native_attention.native_ops_loaded()
+    assert ("keep Python attention and int4 layers torch's dequantize: the C++ ops did not build "
+            "(Error building extension") in caplog.text

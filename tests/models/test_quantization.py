@@ -78,6 +78,29 @@ def test_quantized_linear_equals_its_dequantized_reference(name: str, path: str,
         torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=0)
 
 
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_dequantize_in_cpp_equals_the_torch_ops_bit_for_bit(group: int) -> None:
+    from surge.models.native_attention import load_native_ops
+
+    if not load_native_ops():
+        pytest.skip("Surge's C++ CPU ops did not build here")
+    torch.manual_seed(2)
+    # 200 rows: four row blocks of the int4 layout, the last padded; 512 columns: 4-16 groups.
+    weight = torch.randn(200, 512) * 0.05
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        method = Int4LinearMethod(group, ALWAYS_KERNEL)
+        layer = quantized_layer(method, weight, None, torch.float32, [200])
+        layer.scale_zeros = layer.scale_zeros.to(dtype)
+        # The torch ops in float64 (exact: 4-bit codes times scales of <= 24 bits, plus zeros),
+        # then one rounding to dtype; the C++ op rounds its float FMA once, to nearest even.
+        exact = torch.empty(method.stored_rows(layer), 512, dtype=torch.float64)
+        method.dequantize_into(layer, exact)
+        out = torch.full_like(exact, float("nan"), dtype=dtype)
+        method.dequantize_into(layer, out)
+        assert torch.equal(out, exact.to(dtype)), dtype
+        assert torch.equal(out.float()[:200], dequantized_weight(layer).to(dtype).float())
+
+
 def test_rounding_error_is_within_the_documented_bound() -> None:
     torch.manual_seed(1)
     weight = torch.randn(64, 256) * 0.05
