@@ -6,9 +6,9 @@ rope, residual adds, views, casts) cost ~7 us each in dispatch and allocation. C
 ``torch.compile`` (inductor, ``cpp_wrapper``: the wrapper is C++ too, not Python; freezing: the
 prepacked weights are constants, so their oneDNN linears stay), those small ops fuse into a few
 loops and the step is one call. Measured on SmolLM2, one stream, on a 2-core AMX Xeon: bf16
-68.1 tok/s against 36.2 eager, int8 96.0 against 45.6, int4 98.7 against 58.6
+73.1 tok/s against 30.0 eager, int8 102.7 against 40.2, int4 130.2 against 59.9
 (``benchmarks/bench_quant.py --compile-max-batch 16``; llama.cpp on the same GGUF precisions:
-60.1, 82.1 and 111.4).
+60.7, 78.5 and 98.7).
 
 Compiled graphs need fixed shapes, so a step is padded, as CUDA graphs' are
 (``surge.engine.cuda_graphs``), to a power-of-two batch bucket: padding rows decode token 0 at
@@ -23,7 +23,12 @@ attention was faster than the Python op, a batch-1 step 10% shorter, but each bl
 length is then a graph of its own, 30-45 s to compile; made dynamic, that dimension made the
 graphs slower than eager.) Each bucket compiles once, at start-up (about a minute on 2 cores
 with max-autotune), so no request waits on a compile; larger batches, prefill and mixed steps
-run eagerly, where the Python cost is shared by many tokens.
+run eagerly, where the Python cost is shared by many tokens. Inductor's on-disk graph cache
+makes a restart's compile short only for graphs without oneDNN-packed constants: int4's (5
+buckets of SmolLM2 in 41 s); bf16's and int8's hold packed weights, which that cache refuses
+("mkldnn tensors unpickleable"), so they compile again (226 and 293 s). Turning the packing
+off (``cpp.weight_prepack``) made them cacheable but also turned off the GEMM templates:
+45 tok/s against 77 on one bf16 stream.
 """
 
 from __future__ import annotations
