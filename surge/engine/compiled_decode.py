@@ -24,11 +24,11 @@ length is then a graph of its own, 30-45 s to compile; made dynamic, that dimens
 graphs slower than eager.) Each bucket compiles once, at start-up (about a minute on 2 cores
 with max-autotune), so no request waits on a compile; larger batches, prefill and mixed steps
 run eagerly, where the Python cost is shared by many tokens. Inductor's on-disk graph cache
-makes a restart's compile short only for graphs without oneDNN-packed constants: int4's (5
-buckets of SmolLM2 in 41 s); bf16's and int8's hold packed weights, which that cache refuses
-("mkldnn tensors unpickleable"), so they compile again (226 and 293 s). Turning the packing
-off (``cpp.weight_prepack``) made them cacheable but also turned off the GEMM templates:
-45 tok/s against 77 on one bf16 stream.
+makes a restart's compile short (int4 SmolLM2, 5 buckets: 41 s against about 4 minutes cold;
+int8's graphs hit it too), except for bf16's: they hold oneDNN-packed weights, which that
+cache refuses ("mkldnn tensors unpickleable"), so bf16 compiles again at every start-up.
+Turning the packing off (``cpp.weight_prepack``) made them cacheable but also turned off the
+GEMM templates: 45 tok/s against 77 on one bf16 stream.
 """
 
 from __future__ import annotations
