@@ -15,8 +15,10 @@ from tests.server._helpers import metric_value
 
 API = "/api/apps"
 # Sampled with this seed, the tiny checkpoint answers "tell me a long story" with well over a
-# thousand tokens before its end-of-text token, so a test can stop it mid-answer.
-LONG_ANSWER = {"content": "tell me a long story", "temperature": 1.0, "seed": 4}
+# thousand tokens before its end-of-text token, so a test can stop it mid-answer (the server's
+# limit of 256 tokens once let it finish before the stop, on an AMX Xeon).
+LONG_ANSWER = {"content": "tell me a long story", "temperature": 1.0, "seed": 4,
+               "max_tokens": 1024}
 
 
 def new_user() -> dict[str, str]:

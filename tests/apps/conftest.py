@@ -34,7 +34,8 @@ def apps_server(apps_model_dir: Path, tiny_checkpoint: Callable[[str], Path],
     proc = start_server(apps_model_dir, root, "--served-model-name", "tiny",
                         "--extra-model", f"classifier={tiny_checkpoint('tiny-resnet')}",
                         "--database-url", f"sqlite:///{root / 'apps.db'}",
-                        "--chat-max-tokens", "256", "--max-queued-requests", "512",
+                        # Room for LONG_ANSWER, which tests stop mid-answer.
+                        "--chat-max-tokens", "1024", "--max-queued-requests", "512",
                         # The writing assistant's repeats are answered from this cache.
                         "--response-cache", "--response-cache-keep-length",
                         env={"SURGE_DATA_DIR": str(root / "data")})

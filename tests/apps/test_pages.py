@@ -38,6 +38,9 @@ def _open(page: Any, path: str) -> None:
 
 def test_chat_streams_an_answer_and_shows_it_again_after_reload(
         page: Any, screenshot_dir: Path) -> None:
+    # The page asks for the deployment's limit (1024 here, for the stop test): 64 is plenty.
+    page.route("**/messages", lambda route: route.continue_(post_data=json.dumps(
+        {**json.loads(route.request.post_data), "max_tokens": 64})))
     _open(page, "/ui/chat.html")
     page.fill("#input", "Hello, I need help with my order")
     page.press("#input", "Enter")  # Enter submits
